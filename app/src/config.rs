@@ -1,0 +1,278 @@
+//! The configuration model: one TOML file, every key optional, defaults that
+//! run a working receiver, and validation that names the key and line of
+//! every problem.
+//!
+//! The documented default file `hal-config/minipacs.toml` is embedded in the
+//! binary and must parse to exactly [`Config::default`] (a unit test holds
+//! the two together), so the file a technician reads is the truth.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::Layout;
+
+/// The documented default configuration, as shipped.
+pub const DEFAULT_TOML: &str = include_str!("../../hal-config/minipacs.toml");
+
+/// The receiver's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Our AE title: the called AE title an SCU must use.
+    pub aetitle: String,
+    /// Address to listen on.
+    pub bind: IpAddr,
+    /// TCP port for plain DICOM.
+    pub port: u16,
+    /// The store's root folder.
+    pub output_directory: PathBuf,
+    /// How stored files are named.
+    pub layout: Layout,
+    /// Make every object durable (fdatasync + folder fsync) before success.
+    pub fsync: bool,
+    /// Replace an object that has the same SOP Instance UID (default: keep both).
+    pub overwrite: bool,
+    /// Refuse objects (A700) while free space is below this percentage.
+    pub free_space_reserve_percent: u8,
+    /// Concurrent associations; one more is answered with A-ASSOCIATE-RJ (transient).
+    pub max_associations: usize,
+    /// Connections that have not yet sent an A-ASSOCIATE-RQ; past this the
+    /// oldest of them is dropped to make room.
+    pub max_pending_connections: usize,
+    /// Largest PDU we receive (bytes); also the per-association buffer size.
+    pub max_pdu: u32,
+    /// Seconds a connection has to complete association negotiation.
+    pub acse_timeout: u64,
+    /// Seconds an association may stay silent before it is aborted.
+    pub dimse_timeout: u64,
+    /// Seconds objects in flight get to finish after SIGTERM/SIGINT.
+    pub shutdown_timeout: u64,
+    /// Accept SOP classes outside the DICOM root (vendors' private storage).
+    pub accept_private_sop_classes: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            aetitle: "MINIPACS".into(),
+            bind: IpAddr::from([0, 0, 0, 0]),
+            port: 11112,
+            output_directory: PathBuf::from("./pacs"),
+            layout: Layout::Flat,
+            fsync: true,
+            overwrite: false,
+            free_space_reserve_percent: 5,
+            max_associations: 16,
+            max_pending_connections: 64,
+            max_pdu: 262_144,
+            acse_timeout: 30,
+            dimse_timeout: 60,
+            shutdown_timeout: 10,
+            accept_private_sop_classes: true,
+        }
+    }
+}
+
+/// The smallest max PDU PS3.8 lets a receiver announce... in practice.
+pub const MIN_PDU: u32 = 4096;
+/// Our upper bound for the receive buffer of one association.
+pub const MAX_PDU: u32 = 16 << 20;
+
+/// One problem with a configuration, located where possible.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// the key at fault, if known
+    pub key: Option<String>,
+    /// 1-based line in the file, if known
+    pub line: Option<usize>,
+    /// what is wrong
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.line, &self.key) {
+            (Some(line), Some(key)) => write!(f, "line {line}: {key}: {}", self.message),
+            (None, Some(key)) => write!(f, "{key}: {}", self.message),
+            (Some(line), None) => write!(f, "line {line}: {}", self.message),
+            (None, None) => f.write_str(&self.message),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    /// the file, when the configuration came from one
+    pub source_name: String,
+    /// the problems, in file order where known
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: invalid configuration", self.source_name)?;
+        for p in &self.problems {
+            write!(f, "\n  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML text; `name` labels errors.
+    pub fn from_toml(text: &str, name: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
+            source_name: name.to_string(),
+            problems: vec![Problem {
+                key: None,
+                line: e.span().map(|s| line_of(text, s.start)),
+                message: e.message().to_string(),
+            }],
+        })?;
+        config.validate_in(text, name)?;
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a TOML file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![Problem {
+                key: None,
+                line: None,
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        Self::from_toml(&text, &name)
+    }
+
+    /// Validates values (after command-line overrides, too).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_in("", "configuration")
+    }
+
+    fn validate_in(&self, text: &str, name: &str) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            problems.push(Problem {
+                key: Some(key.to_string()),
+                line: line_of_key(text, key),
+                message,
+            })
+        };
+        if let Err(m) = check_ae_title(&self.aetitle) {
+            bad("aetitle", m);
+        }
+        if self.port == 0 {
+            bad("port", "must be 1 to 65535".into());
+        }
+        if self.output_directory.as_os_str().is_empty() {
+            bad("output_directory", "must not be empty".into());
+        }
+        if self.free_space_reserve_percent > 90 {
+            bad(
+                "free_space_reserve_percent",
+                format!("{} is over 90", self.free_space_reserve_percent),
+            );
+        }
+        if self.max_associations == 0 || self.max_associations > 1024 {
+            bad("max_associations", "must be 1 to 1024".into());
+        }
+        if self.max_pending_connections == 0 || self.max_pending_connections > 4096 {
+            bad("max_pending_connections", "must be 1 to 4096".into());
+        }
+        if !(MIN_PDU..=MAX_PDU).contains(&self.max_pdu) {
+            bad(
+                "max_pdu",
+                format!("{} is outside {MIN_PDU} to {MAX_PDU}", self.max_pdu),
+            );
+        }
+        for (key, value) in [
+            ("acse_timeout", self.acse_timeout),
+            ("dimse_timeout", self.dimse_timeout),
+        ] {
+            if value == 0 || value > 3600 {
+                bad(key, format!("{value} s is outside 1 to 3600"));
+            }
+        }
+        if self.shutdown_timeout > 3600 {
+            bad("shutdown_timeout", "must be at most 3600 s".into());
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+            Err(ConfigError {
+                source_name: name.to_string(),
+                problems,
+            })
+        }
+    }
+}
+
+/// Checks an AE title: 1 to 16 characters of the default repertoire, not
+/// all spaces, no backslash or control characters (PS3.5 Table 6.2-1).
+pub fn check_ae_title(ae: &str) -> Result<(), String> {
+    if ae.trim().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if ae.len() > 16 {
+        return Err(format!("\"{ae}\" is longer than 16 characters"));
+    }
+    if !ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') {
+        return Err(format!(
+            "\"{ae}\" may hold only printable ASCII without backslash"
+        ));
+    }
+    Ok(())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|l| {
+            l.trim_start()
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_file_is_the_default() {
+        let parsed = Config::from_toml(DEFAULT_TOML, "minipacs.toml").expect("valid");
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = "port = 0\naetitle = \"THIS-IS-FAR-TOO-LONG\"\nmax_pdu = 12\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("invalid");
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![Some(1), Some(2), Some(3)]);
+        let shown = err.to_string();
+        assert!(shown.contains("line 2: aetitle"), "{shown}");
+    }
+
+    #[test]
+    fn syntax_errors_and_unknown_keys_are_located() {
+        let err = Config::from_toml("port = 104\nprot = 5\n", "x.toml").expect_err("unknown key");
+        assert_eq!(err.problems[0].line, Some(2));
+        let err = Config::from_toml("port = \n", "x.toml").expect_err("bad syntax");
+        assert_eq!(err.problems[0].line, Some(1));
+        let err = Config::from_toml("layout = \"tree\"\n", "x.toml").expect_err("bad value");
+        assert!(err.problems[0].message.contains("flat"), "{err}");
+    }
+}

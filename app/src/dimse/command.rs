@@ -1,0 +1,316 @@
+//! DIMSE command sets (PS3.7 §9.3 and §E): the small implicit-VR
+//! little-endian data sets that announce each C-ECHO and C-STORE.
+//!
+//! Command sets are decoded from and encoded into fixed-size buffers; the
+//! UIDs they carry live in `heapless` strings, so a command costs no heap
+//! allocation on the receive path.
+
+use heapless::Vec as HVec;
+
+use super::uid::Uid;
+
+/// The command field values (0000,0100) this appliance speaks.
+pub mod field {
+    /// C-STORE-RQ
+    pub const C_STORE_RQ: u16 = 0x0001;
+    /// C-STORE-RSP
+    pub const C_STORE_RSP: u16 = 0x8001;
+    /// C-ECHO-RQ
+    pub const C_ECHO_RQ: u16 = 0x0030;
+    /// C-ECHO-RSP
+    pub const C_ECHO_RSP: u16 = 0x8030;
+}
+
+/// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) that this appliance sends.
+pub mod status {
+    /// Success
+    pub const SUCCESS: u16 = 0x0000;
+    /// Refused: SOP class not supported
+    pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: Out of Resources (storage)
+    pub const OUT_OF_RESOURCES: u16 = 0xA700;
+    /// Error: Data Set does not match SOP Class
+    pub const DATA_SET_MISMATCH: u16 = 0xA900;
+    /// Error: Cannot understand (used for an unusable SOP Instance UID)
+    pub const CANNOT_UNDERSTAND: u16 = 0xC000;
+    /// Warning: Coercion of Data Elements (the first warning status)
+    pub const WARNING_FIRST: u16 = 0xB000;
+
+    /// True for success and for the warning statuses, which mean "stored".
+    pub fn is_stored(code: u16) -> bool {
+        code == SUCCESS || (code & 0xF000) == 0xB000 || code == 0x0107 || code == 0x0116
+    }
+}
+
+/// (0000,0800) Command Data Set Type value meaning "no data set follows".
+pub const NO_DATA_SET: u16 = 0x0101;
+
+const TAG_AFFECTED_SOP_CLASS: u32 = 0x0000_0002;
+const TAG_COMMAND_FIELD: u32 = 0x0000_0100;
+const TAG_MESSAGE_ID: u32 = 0x0000_0110;
+const TAG_MESSAGE_ID_RESPONDED: u32 = 0x0000_0120;
+const TAG_PRIORITY: u32 = 0x0000_0700;
+const TAG_DATA_SET_TYPE: u32 = 0x0000_0800;
+const TAG_STATUS: u32 = 0x0000_0900;
+const TAG_ERROR_COMMENT: u32 = 0x0000_0902;
+const TAG_AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+
+/// Why a command set could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    /// An element header or value runs past the end of the command set.
+    #[error("command set truncated")]
+    Truncated,
+    /// A required element is missing.
+    #[error("command set lacks {0}")]
+    Missing(&'static str),
+    /// An element has the wrong length for its VR.
+    #[error("command element ({0:04X},{1:04X}) has a bad length")]
+    BadLength(u16, u16),
+}
+
+/// The fields of a command set that C-ECHO and C-STORE use.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Command {
+    /// (0000,0100) Command Field
+    pub command_field: u16,
+    /// (0000,0110) Message ID, or for a response (0000,0120) Message ID Being Responded To
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID; `None` when absent or too long to be a UID
+    pub sop_class: Option<Uid>,
+    /// (0000,1000) Affected SOP Instance UID; `None` when absent or too long to be a UID
+    pub sop_instance: Option<Uid>,
+    /// True when the raw (0000,1000) value was present but is not a usable UID
+    pub sop_instance_unusable: bool,
+    /// (0000,0800) true when a data set follows the command
+    pub has_data_set: bool,
+    /// (0000,0900) Status, for responses
+    pub status: Option<u16>,
+}
+
+impl Command {
+    /// Decodes an implicit-VR little-endian command set.
+    pub fn decode(bytes: &[u8]) -> Result<Self, CommandError> {
+        let mut cmd = Command::default();
+        let mut seen_field = false;
+        let mut seen_data_set_type = false;
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let Some((head, tail)) = rest.split_first_chunk::<8>() else {
+                return Err(CommandError::Truncated);
+            };
+            let group = u16::from_le_bytes([head[0], head[1]]);
+            let element = u16::from_le_bytes([head[2], head[3]]);
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+            if len > tail.len() {
+                return Err(CommandError::Truncated);
+            }
+            let (value, tail) = tail.split_at(len);
+            rest = tail;
+            let tag = (u32::from(group) << 16) | u32::from(element);
+            let us = || -> Result<u16, CommandError> {
+                value
+                    .get(..2)
+                    .map(|v| u16::from_le_bytes([v[0], v[1]]))
+                    .ok_or(CommandError::BadLength(group, element))
+            };
+            match tag {
+                TAG_COMMAND_FIELD => {
+                    cmd.command_field = us()?;
+                    seen_field = true;
+                }
+                TAG_MESSAGE_ID | TAG_MESSAGE_ID_RESPONDED => cmd.message_id = us()?,
+                TAG_DATA_SET_TYPE => {
+                    cmd.has_data_set = us()? != NO_DATA_SET;
+                    seen_data_set_type = true;
+                }
+                TAG_STATUS => cmd.status = Some(us()?),
+                TAG_AFFECTED_SOP_CLASS => cmd.sop_class = Uid::from_padded(value),
+                TAG_AFFECTED_SOP_INSTANCE => {
+                    cmd.sop_instance = Uid::from_padded(value);
+                    cmd.sop_instance_unusable = cmd.sop_instance.is_none();
+                }
+                _ => {}
+            }
+        }
+        if !seen_field {
+            return Err(CommandError::Missing("Command Field (0000,0100)"));
+        }
+        if !seen_data_set_type {
+            return Err(CommandError::Missing("Command Data Set Type (0000,0800)"));
+        }
+        Ok(cmd)
+    }
+}
+
+/// An encoded command set: the largest we build is well under 512 bytes
+/// (two 64-byte UIDs, a 64-byte comment and fixed fields).
+pub type EncodedCommand = HVec<u8, 512>;
+
+/// Builds command sets in the fixed buffer, group length first.
+struct Encoder {
+    out: EncodedCommand,
+}
+
+impl Encoder {
+    fn new() -> Self {
+        let mut out = EncodedCommand::new();
+        // Placeholder for (0000,0000) UL, patched in `finish`.
+        let _ = out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+        Encoder { out }
+    }
+
+    fn element(&mut self, tag: u32, value: &[u8]) {
+        let pad = value.len() % 2;
+        let len = (value.len() + pad) as u32;
+        let _ = self
+            .out
+            .extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
+        let _ = self.out.extend_from_slice(&(tag as u16).to_le_bytes());
+        let _ = self.out.extend_from_slice(&len.to_le_bytes());
+        let _ = self.out.extend_from_slice(value);
+        if pad == 1 {
+            // UIDs are padded with NUL, text with a space.
+            let fill = if tag == TAG_ERROR_COMMENT { b' ' } else { 0 };
+            let _ = self.out.push(fill);
+        }
+    }
+
+    fn us(&mut self, tag: u32, value: u16) {
+        self.element(tag, &value.to_le_bytes());
+    }
+
+    fn finish(mut self) -> EncodedCommand {
+        let group_len = (self.out.len() - 12) as u32;
+        self.out[8..12].copy_from_slice(&group_len.to_le_bytes());
+        self.out
+    }
+}
+
+/// Encodes a C-ECHO-RQ.
+pub fn echo_rq(message_id: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.element(TAG_AFFECTED_SOP_CLASS, super::uid::VERIFICATION.as_bytes());
+    e.us(TAG_COMMAND_FIELD, field::C_ECHO_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+    e.finish()
+}
+
+/// Encodes a C-ECHO-RSP.
+pub fn echo_rsp(message_id: u16, status_code: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.element(TAG_AFFECTED_SOP_CLASS, super::uid::VERIFICATION.as_bytes());
+    e.us(TAG_COMMAND_FIELD, field::C_ECHO_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+    e.us(TAG_STATUS, status_code);
+    e.finish()
+}
+
+/// Encodes a C-STORE-RQ (medium priority, a data set follows).
+pub fn store_rq(message_id: u16, sop_class: &str, sop_instance: &str) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.element(TAG_AFFECTED_SOP_CLASS, sop_class.as_bytes());
+    e.us(TAG_COMMAND_FIELD, field::C_STORE_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, 0);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.element(TAG_AFFECTED_SOP_INSTANCE, sop_instance.as_bytes());
+    e.finish()
+}
+
+/// Encodes a C-STORE-RSP. `comment` becomes the Error Comment (0000,0902)
+/// of a failure status, cut to the 64 characters its VR (LO) allows.
+pub fn store_rsp(
+    message_id: u16,
+    sop_class: &str,
+    sop_instance: &str,
+    status_code: u16,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.element(TAG_AFFECTED_SOP_CLASS, sop_class.as_bytes());
+    e.us(TAG_COMMAND_FIELD, field::C_STORE_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        let cut = comment.len().min(64);
+        let cut = (0..=cut)
+            .rev()
+            .find(|&i| comment.is_char_boundary(i))
+            .unwrap_or(0);
+        e.element(TAG_ERROR_COMMENT, &comment.as_bytes()[..cut]);
+    }
+    e.element(TAG_AFFECTED_SOP_INSTANCE, sop_instance.as_bytes());
+    e.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_round_trip() {
+        let rq = store_rq(7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5");
+        let cmd = Command::decode(&rq).expect("decodes");
+        assert_eq!(cmd.command_field, field::C_STORE_RQ);
+        assert_eq!(cmd.message_id, 7);
+        assert!(cmd.has_data_set);
+        assert_eq!(
+            cmd.sop_class.as_ref().map(|u| u.as_str()),
+            Some("1.2.840.10008.5.1.4.1.1.2")
+        );
+        assert_eq!(
+            cmd.sop_instance.as_ref().map(|u| u.as_str()),
+            Some("1.2.3.4.5")
+        );
+        // The group length counts every byte after its own element.
+        let group_len = u32::from_le_bytes([rq[8], rq[9], rq[10], rq[11]]) as usize;
+        assert_eq!(group_len, rq.len() - 12);
+
+        let rsp = store_rsp(7, "1.2.3", "1.2.3.4", 0xA700, Some("disk full"));
+        let cmd = Command::decode(&rsp).expect("decodes");
+        assert_eq!(cmd.command_field, field::C_STORE_RSP);
+        assert_eq!(cmd.status, Some(0xA700));
+        assert!(!cmd.has_data_set);
+    }
+
+    #[test]
+    fn echo_round_trip() {
+        let cmd = Command::decode(&echo_rq(1)).expect("decodes");
+        assert_eq!(cmd.command_field, field::C_ECHO_RQ);
+        assert!(!cmd.has_data_set);
+        let cmd = Command::decode(&echo_rsp(1, 0)).expect("decodes");
+        assert_eq!(cmd.status, Some(0));
+    }
+
+    #[test]
+    fn malformed_commands_are_errors() {
+        assert_eq!(Command::decode(&[1, 2, 3]), Err(CommandError::Truncated));
+        let mut rq = store_rq(1, "1.2", "1.2");
+        rq.truncate(rq.len() - 1);
+        assert_eq!(Command::decode(&rq), Err(CommandError::Truncated));
+        // A command without a command field.
+        assert!(matches!(
+            Command::decode(&[0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]),
+            Err(CommandError::Missing(_))
+        ));
+    }
+
+    #[test]
+    fn hostile_instance_uid_is_flagged() {
+        let rq = store_rq(1, "1.2.840.10008.5.1.4.1.1.2", "../../etc/passwd");
+        let cmd = Command::decode(&rq).expect("decodes");
+        assert!(cmd.sop_instance.is_none());
+        assert!(cmd.sop_instance_unusable);
+    }
+
+    #[test]
+    fn long_comment_is_cut_to_lo_length() {
+        let long = "x".repeat(200);
+        let rsp = store_rsp(1, "1.2", "1.2", 0xA700, Some(&long));
+        assert!(rsp.len() < 300);
+    }
+}

@@ -1,0 +1,311 @@
+//! Association negotiation for the storage SCP: which A-ASSOCIATE-RQ to
+//! accept, which presentation contexts to accept in it, and with which
+//! transfer syntax.
+//!
+//! Because every data set is stored exactly as received, the SCP never has
+//! to understand a transfer syntax: it accepts the first one the SCU proposes
+//! for each storage context (dcmtk's `+xa`, private and unknown syntaxes
+//! included), which is the one the SCU prefers.
+
+use dicom_ul::pdu::{
+    AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
+    AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
+    AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
+    UserVariableItem,
+};
+
+use super::uid::{self, Uid};
+
+/// A presentation context accepted for the life of an association.
+#[derive(Debug, Clone)]
+pub struct AcceptedContext {
+    /// the presentation context ID (odd, 1..=255)
+    pub id: u8,
+    /// the abstract syntax (SOP class) it was proposed for
+    pub abstract_syntax: Uid,
+    /// the transfer syntax we accepted for it
+    pub transfer_syntax: Uid,
+}
+
+/// The contexts of one association, bounded by the 128 a PDU can propose.
+pub type ContextTable = heapless::Vec<AcceptedContext, 128>;
+
+/// Looks up an accepted presentation context by ID.
+pub fn find_context(table: &ContextTable, id: u8) -> Option<&AcceptedContext> {
+    table.iter().find(|c| c.id == id)
+}
+
+/// What the SCP accepts.
+#[derive(Debug, Clone)]
+pub struct AcceptPolicy {
+    /// our AE title; a request calling another is rejected
+    pub ae_title: String,
+    /// the largest PDU body we will receive
+    pub max_pdu: u32,
+    /// accept SOP classes outside the DICOM root (vendors' private storage)
+    pub accept_private_sop_classes: bool,
+}
+
+/// The outcome of negotiation.
+#[derive(Debug)]
+pub enum Negotiated {
+    /// Accept: the A-ASSOCIATE-AC to send and the accepted contexts.
+    Accept {
+        /// the response PDU
+        ac: AssociationAC,
+        /// the contexts the association may use (boxed: 128 entries of
+        /// two UIDs each are too large to move around on the stack)
+        contexts: Box<ContextTable>,
+        /// the largest PDU body the peer accepts from us (0 = no limit)
+        peer_max_pdu: u32,
+    },
+    /// Reject with this A-ASSOCIATE-RJ; the reason is for the log.
+    Reject(AssociationRJ, &'static str),
+}
+
+/// The A-ASSOCIATE-RJ sent when the association cap is reached: transient,
+/// so that the SCU may retry later.
+pub fn reject_busy() -> AssociationRJ {
+    AssociationRJ {
+        result: AssociationRJResult::Transient,
+        source: AssociationRJSource::ServiceProviderPresentation(
+            AssociationRJServiceProviderPresentationReason::LocalLimitExceeded,
+        ),
+    }
+}
+
+/// Decides on an A-ASSOCIATE-RQ.
+pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy) -> Negotiated {
+    if rq.protocol_version & 1 == 0 {
+        return Negotiated::Reject(
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceProviderASCE(
+                    AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
+                ),
+            },
+            "protocol version not supported",
+        );
+    }
+    if rq.application_context_name.trim_end_matches(['\0', ' ']) != uid::APPLICATION_CONTEXT {
+        return Negotiated::Reject(
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
+                ),
+            },
+            "application context name not supported",
+        );
+    }
+    if rq.called_ae_title.trim() != policy.ae_title {
+        return Negotiated::Reject(
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CalledAETitleNotRecognized,
+                ),
+            },
+            "called AE title not recognized",
+        );
+    }
+
+    let mut contexts = Box::new(ContextTable::new());
+    let mut results = Vec::with_capacity(rq.presentation_contexts.len());
+    for pc in &rq.presentation_contexts {
+        let abstract_syntax = pc.abstract_syntax.trim_end_matches(['\0', ' ']);
+        let is_verification = abstract_syntax == uid::VERIFICATION;
+        let supported = is_verification
+            || uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes);
+        let valid_id = pc.id % 2 == 1 && contexts.iter().all(|c| c.id != pc.id);
+        let proposed = pc
+            .transfer_syntaxes
+            .iter()
+            .filter_map(|ts| Uid::new(ts.trim_end_matches(['\0', ' '])));
+        // For Verification no data set travels: any syntax will do, the
+        // default one is the polite choice.
+        let chosen = if is_verification {
+            let all: Vec<Uid> = proposed.collect();
+            all.iter()
+                .find(|ts| ts.as_str() == uid::IMPLICIT_VR_LE)
+                .or(all.first())
+                .cloned()
+        } else {
+            proposed.into_iter().next()
+        };
+        let (reason, ts) = match (supported && valid_id, chosen, Uid::new(abstract_syntax)) {
+            (false, _, _) | (_, _, None) => (
+                PresentationContextResultReason::AbstractSyntaxNotSupported,
+                pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
+            ),
+            (true, None, _) => (
+                PresentationContextResultReason::TransferSyntaxesNotSupported,
+                pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
+            ),
+            (true, Some(ts), Some(abstract_syntax)) => {
+                let text = ts.to_string();
+                // Cannot overflow: a PDU proposes at most 128 odd IDs and
+                // duplicates were refused above.
+                let _ = contexts.push(AcceptedContext {
+                    id: pc.id,
+                    abstract_syntax,
+                    transfer_syntax: ts,
+                });
+                (PresentationContextResultReason::Acceptance, text)
+            }
+        };
+        results.push(PresentationContextResult {
+            id: pc.id,
+            reason,
+            transfer_syntax: ts,
+        });
+    }
+
+    let peer_max_pdu = rq
+        .user_variables
+        .iter()
+        .find_map(|v| match v {
+            UserVariableItem::MaxLength(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0);
+
+    let ac = AssociationAC {
+        protocol_version: 1,
+        calling_ae_title: rq.calling_ae_title.clone(),
+        called_ae_title: rq.called_ae_title.clone(),
+        application_context_name: uid::APPLICATION_CONTEXT.to_string(),
+        presentation_contexts: results,
+        user_variables: vec![
+            UserVariableItem::MaxLength(policy.max_pdu),
+            UserVariableItem::ImplementationClassUID(uid::IMPLEMENTATION_CLASS_UID.to_string()),
+            UserVariableItem::ImplementationVersionName(
+                uid::IMPLEMENTATION_VERSION_NAME.to_string(),
+            ),
+        ],
+    };
+    Negotiated::Accept {
+        ac,
+        contexts,
+        peer_max_pdu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dicom_ul::pdu::PresentationContextProposed;
+
+    fn policy() -> AcceptPolicy {
+        AcceptPolicy {
+            ae_title: "MINIPACS".into(),
+            max_pdu: 65536,
+            accept_private_sop_classes: true,
+        }
+    }
+
+    fn rq(called: &str, pcs: Vec<PresentationContextProposed>) -> AssociationRQ {
+        AssociationRQ {
+            protocol_version: 1,
+            calling_ae_title: "SCU".into(),
+            called_ae_title: called.into(),
+            application_context_name: uid::APPLICATION_CONTEXT.into(),
+            presentation_contexts: pcs,
+            user_variables: vec![UserVariableItem::MaxLength(16384)],
+        }
+    }
+
+    fn pc(id: u8, abs: &str, ts: &[&str]) -> PresentationContextProposed {
+        PresentationContextProposed {
+            id,
+            abstract_syntax: abs.into(),
+            transfer_syntaxes: ts.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn wrong_called_ae_is_rejected() {
+        match negotiate(&rq("OTHER", vec![]), &policy()) {
+            Negotiated::Reject(rj, _) => {
+                assert_eq!(rj.result, AssociationRJResult::Permanent);
+                assert_eq!(
+                    rj.source,
+                    AssociationRJSource::ServiceUser(
+                        AssociationRJServiceUserReason::CalledAETitleNotRecognized
+                    )
+                );
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn contexts_are_accepted_per_policy() {
+        let request = rq(
+            "MINIPACS",
+            vec![
+                pc(
+                    1,
+                    uid::VERIFICATION,
+                    &[uid::EXPLICIT_VR_LE, uid::IMPLICIT_VR_LE],
+                ),
+                pc(3, "1.2.840.10008.5.1.4.1.1.2", &["1.2.840.10008.1.2.4.50"]),
+                pc(5, "1.2.840.10008.5.1.4.1.2.2.1", &[uid::IMPLICIT_VR_LE]),
+                pc(7, "1.2.840.10008.5.1.4.1.1.4", &["1.2.3.4.5.6.7"]),
+                pc(9, "1.2.840.10008.5.1.4.1.1.4", &["not a uid"]),
+                pc(9, "1.2.840.10008.5.1.4.1.1.4", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let Negotiated::Accept {
+            ac,
+            contexts,
+            peer_max_pdu,
+        } = negotiate(&request, &policy())
+        else {
+            panic!("expected acceptance");
+        };
+        assert_eq!(peer_max_pdu, 16384);
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| r.reason.clone())
+            .collect();
+        use PresentationContextResultReason::*;
+        assert_eq!(
+            reasons,
+            vec![
+                Acceptance,
+                Acceptance,
+                AbstractSyntaxNotSupported,
+                Acceptance,
+                TransferSyntaxesNotSupported,
+                Acceptance
+            ]
+        );
+        assert_eq!(
+            ac.presentation_contexts[0].transfer_syntax,
+            uid::IMPLICIT_VR_LE
+        );
+        assert_eq!(
+            ac.presentation_contexts[1].transfer_syntax,
+            "1.2.840.10008.1.2.4.50"
+        );
+        assert_eq!(contexts.len(), 4);
+        assert_eq!(
+            find_context(&contexts, 7).map(|c| c.transfer_syntax.as_str()),
+            Some("1.2.3.4.5.6.7")
+        );
+    }
+
+    #[test]
+    fn even_context_ids_are_refused() {
+        let request = rq(
+            "MINIPACS",
+            vec![pc(2, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE])],
+        );
+        let Negotiated::Accept { contexts, .. } = negotiate(&request, &policy()) else {
+            panic!("expected acceptance");
+        };
+        assert!(contexts.is_empty());
+    }
+}

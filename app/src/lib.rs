@@ -1,0 +1,14 @@
+//! minipacs: a bedside mini PACS. It receives DICOM objects with C-STORE,
+//! streams each one to disk with bounded memory, and acknowledges it only
+//! once it is durable; it can also send (C-STORE) and verify (C-ECHO).
+//!
+//! The crate is a library with one binary. `dimse` is the protocol, `store`
+//! the durable writer, `net` the listener and its bounds, `config` the
+//! configuration model, `send` the SCU commands.
+
+pub mod config;
+pub mod dimse;
+pub mod net;
+pub mod part10;
+pub mod send;
+pub mod store;

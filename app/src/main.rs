@@ -1,0 +1,308 @@
+//! The `minipacs` command line: `serve`, `send`, `echo`, `dump` and
+//! `config check`. Option names follow dcmtk's long names where dcmtk has one.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use minipacs::config::{self, Config};
+use minipacs::dimse::scu::ScuOptions;
+use minipacs::send::{self, Peer};
+use minipacs::store::Layout;
+
+#[derive(Parser)]
+#[command(
+    name = "minipacs",
+    version,
+    about = "A bedside mini PACS: DICOM C-STORE receiver and sender"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Receive objects (C-STORE SCP) and answer C-ECHO.
+    Serve(ServeArgs),
+    /// Send DICOM files and folders (C-STORE SCU), like storescu.
+    Send(SendArgs),
+    /// Verify a peer (C-ECHO SCU), like echoscu.
+    Echo(EchoArgs),
+    /// Parse DICOM files with dicom-object and print their meta group.
+    Dump {
+        /// files to parse
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file; print every problem with its line.
+    Check {
+        /// the TOML file
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file (TOML); options given here win over it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// TCP port to listen on.
+    #[arg(long, short = 'p')]
+    port: Option<u16>,
+    /// Our AE title.
+    #[arg(long, visible_alias = "aet")]
+    aetitle: Option<String>,
+    /// Where to store received objects.
+    #[arg(long, visible_alias = "od")]
+    output_directory: Option<PathBuf>,
+    /// Naming of stored files.
+    #[arg(long, value_enum)]
+    layout: Option<Layout>,
+    /// Concurrent associations.
+    #[arg(long)]
+    max_associations: Option<usize>,
+    /// Largest PDU we receive, in bytes.
+    #[arg(long, visible_alias = "pdu")]
+    max_pdu: Option<u32>,
+    /// Seconds to complete association negotiation.
+    #[arg(long)]
+    acse_timeout: Option<u64>,
+    /// Seconds of silence before an association is aborted.
+    #[arg(long)]
+    dimse_timeout: Option<u64>,
+    /// Skip fdatasync and folder fsync (durability from elsewhere, or to measure its cost).
+    #[arg(long)]
+    no_fsync: bool,
+    /// Replace an object with the same SOP Instance UID instead of keeping both.
+    #[arg(long)]
+    overwrite: bool,
+    /// Free-space reserve in percent; below it objects are refused with A700.
+    #[arg(long)]
+    free_space_reserve: Option<u8>,
+}
+
+#[derive(Args)]
+struct PeerArgs {
+    /// Our (calling) AE title.
+    #[arg(long, visible_alias = "aet", default_value = "MINIPACS-SCU")]
+    aetitle: String,
+    /// The peer's (called) AE title.
+    #[arg(long, visible_alias = "aec", default_value = "MINIPACS")]
+    call: String,
+    /// Seconds to wait for the peer at each step.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Peer host name or address.
+    host: String,
+    /// Peer TCP port.
+    port: u16,
+}
+
+impl PeerArgs {
+    fn peer(&self) -> anyhow::Result<Peer> {
+        config::check_ae_title(&self.aetitle).map_err(|m| anyhow::anyhow!("--aetitle: {m}"))?;
+        config::check_ae_title(&self.call).map_err(|m| anyhow::anyhow!("--call: {m}"))?;
+        Ok(Peer {
+            host: self.host.clone(),
+            port: self.port,
+            scu: ScuOptions {
+                calling_ae: self.aetitle.clone(),
+                called_ae: self.call.clone(),
+                timeout: Duration::from_secs(self.timeout),
+            },
+        })
+    }
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+    /// Files and folders (searched recursively).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct EchoArgs {
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("minipacs: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = serve_config(args)?;
+            runtime()?.block_on(minipacs::net::run(&config, stop_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(args) => {
+            let peer = args.peer.peer()?;
+            let report = runtime()?.block_on(send::send(&peer, &args.paths))?;
+            for (path, why) in &report.skipped {
+                eprintln!("skipped {}: {why}", path.display());
+            }
+            for (path, why) in &report.failed {
+                eprintln!("FAILED {}: {why}", path.display());
+            }
+            println!("{}", send::summary_line(&report));
+            Ok(if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Echo(args) => {
+            let peer = args.peer.peer()?;
+            let code = runtime()?.block_on(send::echo(&peer))?;
+            println!("C-ECHO {}:{} status {code:04X}", peer.host, peer.port);
+            Ok(if code == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Dump { files } => {
+            let mut ok = true;
+            for f in &files {
+                match dicom_object::open_file(f) {
+                    Ok(obj) => {
+                        let meta = obj.meta();
+                        println!(
+                            "{}: sop_class={} sop_instance={} transfer_syntax={} elements={}",
+                            f.display(),
+                            meta.media_storage_sop_class_uid(),
+                            meta.media_storage_sop_instance_uid(),
+                            meta.transfer_syntax(),
+                            obj.iter().count()
+                        );
+                    }
+                    Err(e) => {
+                        ok = false;
+                        eprintln!("{}: {e}", f.display());
+                    }
+                }
+            }
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => match Config::load(&file) {
+            Ok(_) => {
+                println!("{}: valid", file.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}
+
+/// The file configuration (or the embedded defaults) with command-line
+/// options applied, validated.
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = args.port {
+        config.port = v;
+    }
+    if let Some(v) = args.aetitle {
+        config.aetitle = v;
+    }
+    if let Some(v) = args.output_directory {
+        config.output_directory = v;
+    }
+    if let Some(v) = args.layout {
+        config.layout = v;
+    }
+    if let Some(v) = args.max_associations {
+        config.max_associations = v;
+    }
+    if let Some(v) = args.max_pdu {
+        config.max_pdu = v;
+    }
+    if let Some(v) = args.acse_timeout {
+        config.acse_timeout = v;
+    }
+    if let Some(v) = args.dimse_timeout {
+        config.dimse_timeout = v;
+    }
+    if let Some(v) = args.free_space_reserve {
+        config.free_space_reserve_percent = v;
+    }
+    if args.no_fsync {
+        config.fsync = false;
+    }
+    if args.overwrite {
+        config.overwrite = true;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stop requested");
+}
