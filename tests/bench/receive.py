@@ -1,0 +1,951 @@
+#!/usr/bin/env python3
+"""Receive-path benchmark: minipacs against dcmtk storescp, with floors.
+
+This is a script that prints figures, not a test. Run it from anywhere:
+
+    python3 tests/bench/receive.py                 # full run, N=5
+    python3 tests/bench/receive.py --quick         # smoke run, N=1, small data
+    python3 tests/bench/receive.py --only w1 --runs 3 --workdir /tmp/mpbench
+
+Workloads (generated once into the work dir, reused when it is given again):
+  W1  400 CT Image Storage objects of ~512 KiB (512x512 16-bit pixels),
+      Explicit VR Little Endian, one folder.
+  W2  one 512 MiB object (16-bit OW PixelData), written in chunks so the
+      script never holds it in memory.
+
+Receivers, each a fresh process with a fresh empty output folder per run:
+  1. minipacs serve              (durable: fdatasync + rename + folder fsync)
+  2. minipacs serve --no-fsync
+  3. dcmtk storescp +B +xa -dhl  (bit-preserving, no fsync)
+  4. dcmtk storescp --ignore     (stores nothing: the sender's own floor)
+Senders: dcmtk storescu first, then minipacs send, each against all four.
+
+Method
+  * Wall time is that of the sender process, from start to exit, so it covers
+    association set-up, every C-STORE and its response, and release. The
+    response to the last object is only sent once the receiver has stored it,
+    so the sender's wall time is the receiver's time to store everything.
+  * Receivers are interleaved within each round (round r runs receiver 1, 2,
+    3, 4 and the floors in turn) because the machine is noisy: a slow spell
+    then hits every receiver about equally instead of one of them wholly.
+  * Best of N: noise (other tenants, writeback of earlier runs, scheduling)
+    only ever adds time, so the minimum over N runs is the figure closest to
+    what each receiver itself costs. CPU time is likewise the minimum over
+    runs; peak RSS is the maximum over runs.
+  * Receiver CPU is utime+stime of the receiver process (all its threads)
+    from /proc/PID/stat, read right after the sender exits and before the
+    receiver is stopped; peak RSS is VmHWM from /proc/PID/status.
+  * Between runs the output folder is removed and os.sync() is called
+    (outside any timing), so no run pays for writeback left by the one
+    before it.
+  * Floors, measured interleaved in the same rounds, say how far from "free"
+    each figure is:
+      - storescp --ignore: what the sender costs when nothing is stored;
+      - W1: a bare Python durability loop (write the object's bytes to a
+        temp file, fdatasync, rename into place, fsync the folder, once per
+        object), and the same loop without the fsyncs: what the disk charges
+        for durability with no DICOM at all;
+      - W2: a raw socket-to-file copy in Python (socket.sendfile on one side,
+        recv_into a 1 MiB buffer + os.write on the other, then fdatasync, and
+        once without it): what moving the bytes through loopback TCP onto
+        the disk costs with no protocol.
+
+The PASS/FAIL lines at the end are informational: the exit status is 0 unless
+something broke (a sender failed, objects did not land, a process would not
+start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+REPO = Path(__file__).resolve().parents[2]
+MINIPACS = REPO / "target" / "release" / "minipacs"
+# Absolute paths on purpose: pynetdicom installs shims with the same names
+# earlier on PATH.
+STORESCP = "/usr/bin/storescp"
+STORESCU = "/usr/bin/storescu"
+
+PORT_RANGE = range(12000, 12100)
+RECEIVER_AE = "PACS"
+SENDER_AE = "BENCHSCU"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+KIB = 1024
+MIB = 1024 * 1024
+MB = 1_000_000
+COPY_BUFFER = 1 * MIB
+SENDER_TIMEOUT_S = 1800
+START_TIMEOUT_S = 20
+STOP_TIMEOUT_S = 20
+MINIPACS_FREE_SPACE_RESERVE = 0.05  # its default reserve: 5 % of the filesystem
+
+
+class BenchError(Exception):
+    """Something broke: the benchmark cannot go on."""
+
+
+# --------------------------------------------------------------------------
+# Child processes
+# --------------------------------------------------------------------------
+
+
+class Children:
+    """Every process this script starts, so that all of them can be ended."""
+
+    def __init__(self) -> None:
+        self._live: list[subprocess.Popen] = []
+
+    def start(self, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [str(a) for a in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self._live.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        """SIGTERM, then SIGKILL if it is still there after a while."""
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self._live:
+            self._live.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(self._live):
+            self.stop(proc)
+
+
+def dcmtk_env() -> dict[str, str]:
+    env = os.environ.copy()
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+def plain_env() -> dict[str, str]:
+    return os.environ.copy()
+
+
+class Ports:
+    """Hands out ports in 12000-12099, a different one each time, skipping
+    any that are in use (a fresh port per run also sidesteps TIME_WAIT)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self) -> int:
+        for _ in PORT_RANGE:
+            port = PORT_RANGE[self._next % len(PORT_RANGE)]
+            self._next += 1
+            if port_is_free(port):
+                return port
+        raise BenchError("no free port in 12000-12099")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def listening_ports() -> set[int]:
+    """Local ports in LISTEN state, from /proc/net/tcp and tcp6."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if state == "0A":  # TCP_LISTEN
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def wait_until_listening(proc: subprocess.Popen, port: int, name: str, log: Path) -> None:
+    """Waits until the kernel accepts connections on the port. Checked in
+    /proc/net/tcp rather than by connecting, so the receiver never sees a
+    stray empty connection."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while port not in listening_ports():
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited ({proc.returncode}) before listening\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise BenchError(f"{name} not listening on {port} after {START_TIMEOUT_S}s\n{tail(log)}")
+        time.sleep(0.005)
+
+
+def tail(log: Path, lines: int = 15) -> str:
+    try:
+        text = log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "    (no log)"
+    return "\n".join("    | " + line for line in text[-lines:])
+
+
+# --------------------------------------------------------------------------
+# /proc readings
+# --------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name (field 2) may hold spaces; fields after it start at 3.
+    after_name = stat[stat.rindex(")") + 2 :].split()
+    utime, stime = int(after_name[11]), int(after_name[12])  # fields 14, 15
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / KIB  # the value is in kB
+    return float("nan")
+
+
+# --------------------------------------------------------------------------
+# Data generation
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    key: str  # "w1" or "w2"
+    title: str
+    folder: Path
+    files: list[Path]
+
+    @property
+    def count(self) -> int:
+        return len(self.files)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def unit(self) -> str:
+        return "objects/s" if self.key == "w1" else "MB/s"
+
+    def rate(self, wall: float) -> float:
+        if self.key == "w1":
+            return self.count / wall
+        return self.total_bytes / MB / wall
+
+
+def pixel_pattern(size: int) -> bytes:
+    """Deterministic noise, so no layer on the way can compress it away."""
+    return random.Random(1234).randbytes(size)
+
+
+def header_dataset(rows: int, columns: int, study: str, series: str, number: int) -> Dataset:
+    """A CT image data set without its PixelData, which the caller appends."""
+    sop_instance = generate_uid()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CT_IMAGE_STORAGE
+    ds.SOPInstanceUID = sop_instance
+    ds.StudyDate = "20240101"
+    ds.Modality = "CT"
+    ds.PatientName = "BENCH^MINIPACS"
+    ds.PatientID = "BENCH0001"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    return ds
+
+
+def pixel_data_header(length: int) -> bytes:
+    """(7FE0,0010) OW in Explicit VR Little Endian: tag, VR, 2 reserved
+    bytes, 32-bit length."""
+    return struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, length)
+
+
+def write_object(path: Path, ds: Dataset, pixel_bytes: int, pattern: bytes) -> None:
+    """Writes the Part-10 header and data set with pydicom, then appends
+    PixelData (the last element) chunk by chunk."""
+    assert pixel_bytes % 2 == 0 and pixel_bytes % len(pattern) == 0
+    ds.save_as(path, enforce_file_format=True)
+    with open(path, "ab") as f:
+        f.write(pixel_data_header(pixel_bytes))
+        for _ in range(pixel_bytes // len(pattern)):
+            f.write(pattern)
+
+
+def make_w1(folder: Path, count: int) -> None:
+    rows = columns = 512
+    pixels = pixel_pattern(rows * columns * 2)
+    study, series = generate_uid(), generate_uid()
+    for i in range(count):
+        ds = header_dataset(rows, columns, study, series, i + 1)
+        write_object(folder / f"ct{i + 1:04d}.dcm", ds, len(pixels), pixels)
+
+
+def make_w2(folder: Path, size: int) -> None:
+    columns = 16384
+    rows = size // (columns * 2)
+    assert rows * columns * 2 == size and rows <= 0xFFFF
+    ds = header_dataset(rows, columns, generate_uid(), generate_uid(), 1)
+    write_object(folder / "big.dcm", ds, size, pixel_pattern(1 * MIB))
+
+
+def check_object(path: Path, pixel_bytes: int) -> None:
+    """Reads the header back with pydicom and checks that the file ends with
+    the PixelData element of the expected length."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    with open(path, "rb") as f:
+        f.seek(-(pixel_bytes + 12), os.SEEK_END)
+        element_header = f.read(12)
+    if ds.SOPClassUID != CT_IMAGE_STORAGE or element_header != pixel_data_header(pixel_bytes):
+        raise BenchError(f"generated {path} does not read back as expected")
+
+
+def prepare(workdir: Path, key: str, name: str, build, pixel_bytes: int) -> Path:
+    """Builds a workload folder once: into <name>.partial, renamed when done,
+    so an interrupted generation is never mistaken for a finished one."""
+    final = workdir / name
+    if final.is_dir():
+        print(f"  {key}: reusing {final}")
+        return final
+    partial = workdir / f"{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    started = time.perf_counter()
+    build(partial)
+    check_object(sorted(partial.iterdir())[0], pixel_bytes)
+    partial.rename(final)
+    print(f"  {key}: generated {final} in {time.perf_counter() - started:.1f}s")
+    return final
+
+
+def workload_from(key: str, title: str, folder: Path) -> Workload:
+    files = sorted(folder.iterdir())
+    return Workload(key, title, folder, files)
+
+
+# --------------------------------------------------------------------------
+# Receivers and senders
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Receiver:
+    name: str
+    argv: tuple[str, ...]  # with {port} and {out} placeholders
+    dcmtk: bool
+    stores: bool  # False for storescp --ignore
+
+    def command(self, port: int, out: Path) -> list[str]:
+        return [a.format(port=port, out=out) for a in self.argv]
+
+
+MINIPACS_SERVE = (str(MINIPACS), "serve", "--port", "{port}", "--aetitle", RECEIVER_AE,
+                  "--output-directory", "{out}")
+DURABLE = Receiver("minipacs durable", MINIPACS_SERVE, dcmtk=False, stores=True)
+NO_FSYNC = Receiver("minipacs --no-fsync", MINIPACS_SERVE + ("--no-fsync",), dcmtk=False, stores=True)
+DCMTK = Receiver("dcmtk storescp +B", (STORESCP, "+B", "+xa", "-dhl", "-aet", RECEIVER_AE,
+                                        "-od", "{out}", "{port}"), dcmtk=True, stores=True)
+IGNORE = Receiver("floor: storescp --ignore", (STORESCP, "--ignore", "+xa", "-aet", RECEIVER_AE,
+                                              "{port}"), dcmtk=True, stores=False)
+RECEIVERS = (DURABLE, NO_FSYNC, DCMTK, IGNORE)
+MINIPACS_ROWS = (DURABLE.name, NO_FSYNC.name)
+
+
+@dataclass(frozen=True)
+class Sender:
+    name: str
+    dcmtk: bool
+
+    def command(self, port: int, workload: Workload) -> list[str]:
+        if self.dcmtk:
+            return [STORESCU, "-aec", RECEIVER_AE, "localhost", str(port),
+                    *map(str, workload.files)]
+        return [str(MINIPACS), "send", "--aetitle", SENDER_AE, "--call", RECEIVER_AE,
+                "localhost", str(port), str(workload.folder)]
+
+    def env(self) -> dict[str, str]:
+        return dcmtk_env() if self.dcmtk else plain_env()
+
+
+SENDERS = (Sender("dcmtk storescu", dcmtk=True), Sender("minipacs send", dcmtk=False))
+
+
+# --------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    wall: float
+    cpu: float | None = None
+    rss_mib: float | None = None
+
+
+@dataclass
+class Row:
+    """All runs of one receiver (or floor) for one workload and sender."""
+
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+    failures: int = 0
+
+    def best_wall(self) -> float | None:
+        return min((s.wall for s in self.samples), default=None)
+
+    def best_cpu(self) -> float | None:
+        return min((s.cpu for s in self.samples if s.cpu is not None), default=None)
+
+    def peak_rss(self) -> float | None:
+        return max((s.rss_mib for s in self.samples if s.rss_mib is not None), default=None)
+
+
+def count_files(folder: Path) -> int:
+    """Regular files under folder, skipping hidden entries (minipacs keeps
+    its in-flight temp files in .incoming and a .lock file)."""
+    total = 0
+    for _root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        total += sum(1 for f in files if not f.startswith("."))
+    return total
+
+
+def fresh_folder(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def clean_up(path: Path) -> None:
+    """Removes a run's output and flushes what is left dirty, so the next run
+    does not pay for this one's writeback."""
+    shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+
+
+class Bench:
+    def __init__(self, workdir: Path, children: Children, ports: Ports) -> None:
+        self.workdir = workdir
+        self.children = children
+        self.ports = ports
+        self.errors: list[str] = []
+        (workdir / "logs").mkdir(exist_ok=True)
+
+    def error(self, message: str) -> None:
+        banner = "!" * 78
+        print(f"\n{banner}\n!!! ERROR: {message}\n{banner}\n", flush=True)
+        self.errors.append(message.splitlines()[0])
+
+    # -- one DICOM run ------------------------------------------------------
+
+    def dicom_run(self, workload: Workload, sender: Sender, receiver: Receiver,
+                  label: str) -> Sample | None:
+        out = fresh_folder(self.workdir / "runs" / "out")
+        port = self.ports.take()
+        recv_log = self.workdir / "logs" / f"{label}.receiver.log"
+        send_log = self.workdir / "logs" / f"{label}.sender.log"
+        env = dcmtk_env() if receiver.dcmtk else plain_env()
+        proc = self.children.start(receiver.command(port, out), recv_log, env)
+        try:
+            wait_until_listening(proc, port, receiver.name, recv_log)
+            wall, code = self.timed_send(sender.command(port, workload), send_log, sender.env())
+            if proc.poll() is not None:
+                self.error(f"{label}: receiver exited ({proc.returncode}) during the run\n"
+                           f"{tail(recv_log)}")
+                return None
+            sample = Sample(wall, cpu_seconds(proc.pid), peak_rss_mib(proc.pid))
+            landed = count_files(out)
+        finally:
+            self.children.stop(proc)
+            clean_up(out)
+        if code != 0:
+            self.error(f"{label}: sender exited with {code}\n{tail(send_log)}\n"
+                       f"  receiver log:\n{tail(recv_log)}")
+            return None
+        if receiver.stores and landed != workload.count:
+            self.error(f"{label}: {landed} files landed, expected {workload.count}\n"
+                       f"{tail(recv_log)}")
+            return None
+        return sample
+
+    def timed_send(self, argv: list[str], log: Path, env: dict[str, str]) -> tuple[float, int]:
+        started = time.perf_counter()
+        proc = self.children.start(argv, log, env)
+        try:
+            code = proc.wait(timeout=SENDER_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.children.stop(proc)
+            return time.perf_counter() - started, -1
+        wall = time.perf_counter() - started
+        self.children.stop(proc)  # already exited: only forgets it
+        return wall, code
+
+    # -- floor (b): bare durability loop -------------------------------------
+
+    def durability_loop(self, payload: bytes, count: int, fsync: bool) -> float:
+        folder = fresh_folder(self.workdir / "runs" / "loop")
+        try:
+            return durability_loop(folder, payload, count, fsync)
+        finally:
+            clean_up(folder)
+
+    # -- floor (c): raw socket-to-file copy ----------------------------------
+
+    def raw_copy(self, source: Path, fsync: bool) -> float:
+        folder = fresh_folder(self.workdir / "runs" / "raw")
+        try:
+            wall, received = raw_copy(source, folder / "copy.bin", self.ports.take(), fsync)
+        finally:
+            clean_up(folder)
+        if received != source.stat().st_size:
+            raise BenchError(f"raw copy received {received} bytes of {source.stat().st_size}")
+        return wall
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def durability_loop(folder: Path, payload: bytes, count: int, fsync: bool) -> float:
+    """Per object: temp file, write, fdatasync, rename into place, fsync the
+    folder; the fsyncs are skipped when fsync is False."""
+    started = time.perf_counter()
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for i in range(count):
+            temp = folder / f".incoming-{i}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                write_all(fd, payload)
+                if fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, folder / f"object-{i:05d}")
+            if fsync:
+                os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return time.perf_counter() - started
+
+
+def raw_copy(source: Path, target: Path, port: int, fsync: bool) -> tuple[float, int]:
+    """Streams source over loopback TCP with socket.sendfile into a Python
+    sink thread (recv_into a 1 MiB buffer, os.write, then fdatasync), which
+    answers one byte when done, like a C-STORE response. Returns the
+    sender's wall time and the bytes the sink received."""
+    result: dict = {}
+    with socket.create_server(("127.0.0.1", port)) as listener:
+        sink = threading.Thread(target=socket_sink, args=(listener, target, fsync, result),
+                                daemon=True)
+        sink.start()
+        try:
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as conn, open(source, "rb") as f:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conn.sendfile(f)
+                conn.shutdown(socket.SHUT_WR)
+                answer = conn.recv(1)
+            wall = time.perf_counter() - started
+        finally:
+            sink.join(timeout=STOP_TIMEOUT_S)
+    if "error" in result:
+        raise BenchError(f"raw copy sink failed: {result['error']}")
+    if answer != b"k":
+        raise BenchError("raw copy sink did not answer")
+    return wall, result["received"]
+
+
+def socket_sink(listener: socket.socket, target: Path, fsync: bool, result: dict) -> None:
+    try:
+        conn, _ = listener.accept()
+        with conn:
+            buffer = bytearray(COPY_BUFFER)
+            view = memoryview(buffer)
+            received = 0
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                while n := conn.recv_into(view):
+                    write_all(fd, view[:n])
+                    received += n
+                if fsync:
+                    os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            result["received"] = received
+            conn.sendall(b"k")
+    except OSError as e:
+        result["error"] = e
+
+
+# --------------------------------------------------------------------------
+# Rounds
+# --------------------------------------------------------------------------
+
+
+def floor_names(key: str) -> tuple[str, str]:
+    """Row names of the two floors measured with a workload."""
+    if key == "w1":
+        return ("floor: py write+fdatasync+rename+dir fsync",
+                "floor: py write+rename, no fsync")
+    return ("floor: py socket->file copy + fdatasync",
+            "floor: py socket->file copy, no fsync")
+
+
+def measure(bench: Bench, workload: Workload, sender: Sender, runs: int) -> dict[str, Row]:
+    """N rounds; each round runs every receiver and then both floors once."""
+    rows = {r.name: Row(r.name) for r in RECEIVERS}
+    durable_floor, plain_floor = floor_names(workload.key)
+    rows[durable_floor] = Row(durable_floor)
+    rows[plain_floor] = Row(plain_floor)
+    payload = workload.files[0].read_bytes() if workload.key == "w1" else b""
+
+    for r in range(1, runs + 1):
+        for receiver in RECEIVERS:
+            label = f"{workload.key}-{slug(sender.name)}-r{r}-{slug(receiver.name)}"
+            sample = bench.dicom_run(workload, sender, receiver, label)
+            record(rows[receiver.name], sample)
+            show_progress(label, sample)
+        for fsync, name in ((True, durable_floor), (False, plain_floor)):
+            if workload.key == "w1":
+                wall = bench.durability_loop(payload, workload.count, fsync)
+            else:
+                wall = bench.raw_copy(workload.files[0], fsync)
+            rows[name].samples.append(Sample(wall))
+            show_progress(f"{workload.key}-{slug(sender.name)}-r{r}-{slug(name)}", Sample(wall))
+    return rows
+
+
+def record(row: Row, sample: Sample | None) -> None:
+    if sample is None:
+        row.failures += 1
+    else:
+        row.samples.append(sample)
+
+
+def slug(name: str) -> str:
+    """"minipacs --no-fsync" -> "minipacs-no-fsync", for log file names."""
+    words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
+    return "-".join(words)
+
+
+def show_progress(label: str, sample: Sample | None) -> None:
+    if sample is None:
+        print(f"    {label}: FAILED", flush=True)
+        return
+    extra = ""
+    if sample.cpu is not None:
+        extra = f"  cpu {sample.cpu:.2f}s  rss {sample.rss_mib:.1f} MiB"
+    print(f"    {label}: {sample.wall:.3f}s{extra}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------
+
+
+def fmt(value: float | None, width: int, decimals: int) -> str:
+    """A right-aligned number, or a dash when there is none."""
+    text = "-" if value is None else f"{value:.{decimals}f}"
+    return text.rjust(width)
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator == 0:
+        return None
+    return numerator / denominator
+
+
+def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: int) -> None:
+    dcmtk = rows[DCMTK.name]
+    print()
+    print(f"{workload.title} -- sender: {sender.name} -- best of {runs}")
+    header = (f"{'receiver':<44} {'best wall s':>11} {workload.unit:>10} {'recv CPU s':>10} "
+              f"{'peak RSS MiB':>12} {'wall ratio':>10} {'CPU ratio':>9}")
+    print(header)
+    print("-" * len(header))
+    for row in rows.values():
+        wall = row.best_wall()
+        rate = workload.rate(wall) if wall else None
+        is_minipacs = row.name in MINIPACS_ROWS
+        wall_ratio = ratio(dcmtk.best_wall(), wall) if is_minipacs else None
+        cpu_ratio = ratio(row.best_cpu(), dcmtk.best_cpu()) if is_minipacs else None
+        note = f"  ({row.failures} failed)" if row.failures else ""
+        print(f"{row.name:<44} {fmt(wall, 11, 3)} {fmt(rate, 10, 1)} "
+              f"{fmt(row.best_cpu(), 10, 2)} {fmt(row.peak_rss(), 12, 1)} "
+              f"{fmt(wall_ratio, 10, 2)} {fmt(cpu_ratio, 9, 2)}{note}")
+    print("  best wall: min over runs of the sender's wall time; recv CPU: min over runs of the")
+    print("  receiver's utime+stime read right after the sender exits; peak RSS: max VmHWM over")
+    print("  runs; wall ratio = dcmtk_wall / minipacs_wall (>1: minipacs faster); CPU ratio =")
+    print("  minipacs_cpu / dcmtk_cpu (<1: minipacs cheaper). Floors are Python, run in the same")
+    print("  rounds; they have no receiver process, hence no CPU/RSS figures. CPU is counted in")
+    print(f"  clock ticks of {1 / os.sysconf('SC_CLK_TCK') * 1000:.0f} ms.")
+    if workload.key == "w2":
+        print(f"  MB = 10^6 bytes; the object is {workload.total_bytes:,} bytes.")
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a " if ok is None else ("PASS" if ok else "FAIL")
+
+
+def print_checks(results: dict[tuple[str, str], dict[str, Row]]) -> None:
+    print()
+    print("Checks (informational)")
+    print("----------------------")
+    for sender in SENDERS:
+        w1 = results.get(("w1", sender.name))
+        w2 = results.get(("w2", sender.name))
+        print(f"sender: {sender.name}")
+        if w1:
+            check_durable_budget(w1)
+            check_wall_vs_dcmtk("W1 no-fsync", w1, NO_FSYNC)
+        if w2:
+            check_wall_vs_dcmtk("W2 durable", w2, DURABLE)
+        for key, rows in (("W1", w1), ("W2", w2)):
+            if rows:
+                for receiver in (DURABLE, NO_FSYNC):
+                    check_cpu(f"{key} {receiver.name}", rows, receiver)
+
+
+def check_durable_budget(w1: dict[str, Row]) -> None:
+    durable = w1[DURABLE.name].best_wall()
+    no_fsync = w1[NO_FSYNC.name].best_wall()
+    loop = w1[floor_names("w1")[0]].best_wall()
+    ok = None
+    budget = None
+    if None not in (durable, no_fsync, loop):
+        budget = (no_fsync + loop) * 1.1
+        ok = durable <= budget
+    print(f"  {verdict(ok)}  W1 durable <= (W1 no-fsync + bare durability loop) x 1.1: "
+          f"{fmt(durable, 0, 3)}s <= ({fmt(no_fsync, 0, 3)}s + {fmt(loop, 0, 3)}s) x 1.1 "
+          f"= {fmt(budget, 0, 3)}s")
+
+
+def check_wall_vs_dcmtk(label: str, rows: dict[str, Row], receiver: Receiver) -> None:
+    r = ratio(rows[DCMTK.name].best_wall(), rows[receiver.name].best_wall())
+    ok = None if r is None else r >= 1.0
+    print(f"  {verdict(ok)}  {label} >= 1.0x dcmtk: {fmt(r, 0, 2)}x "
+          f"(dcmtk {fmt(rows[DCMTK.name].best_wall(), 0, 3)}s, "
+          f"minipacs {fmt(rows[receiver.name].best_wall(), 0, 3)}s)")
+
+
+def check_cpu(label: str, rows: dict[str, Row], receiver: Receiver) -> None:
+    mine, theirs = rows[receiver.name].best_cpu(), rows[DCMTK.name].best_cpu()
+    ok = None if mine is None or theirs is None else mine <= theirs
+    print(f"  {verdict(ok)}  receiver CPU <= dcmtk, {label}: {fmt(mine, 0, 2)}s vs "
+          f"{fmt(theirs, 0, 2)}s")
+
+
+# --------------------------------------------------------------------------
+# Set-up
+# --------------------------------------------------------------------------
+
+
+def ensure_binary() -> None:
+    if MINIPACS.exists():
+        return
+    print(f"{MINIPACS} missing: cargo build --release", flush=True)
+    subprocess.run(["cargo", "build", "--release"], cwd=REPO, check=True)
+    if not MINIPACS.exists():
+        raise BenchError(f"cargo build did not produce {MINIPACS}")
+
+
+def check_tools() -> None:
+    for tool in (STORESCP, STORESCU):
+        if not os.access(tool, os.X_OK):
+            raise BenchError(f"{tool} not found (apt-get install dcmtk)")
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the mount that holds path, from /proc/mounts."""
+    best, kind = "", "?"
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        _dev, mount, fstype, *_ = line.split()
+        inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > len(best):
+            best, kind = mount, fstype
+    return kind
+
+
+def check_disk(workdir: Path, w1_count: int, w2_bytes: int, only: str | None) -> None:
+    """Free space must hold the workloads still to generate plus one run's
+    output (outputs are removed between runs), and leave minipacs's default
+    5 % reserve, below which it refuses objects."""
+    w1_bytes = w1_count * 530 * KIB if only != "w2" else 0
+    w2_total = w2_bytes if only != "w1" else 0
+    to_generate = 0
+    if only != "w2" and not (workdir / w1_name(w1_count)).is_dir():
+        to_generate += w1_bytes
+    if only != "w1" and not (workdir / w2_name(w2_bytes)).is_dir():
+        to_generate += w2_total
+    usage = shutil.disk_usage(workdir)
+    need = to_generate + max(w1_bytes, w2_total) + int(usage.total * MINIPACS_FREE_SPACE_RESERVE)
+    need = int(need * 1.1)
+    print(f"disk: {usage.free / 2**30:.1f} GiB free on {workdir} "
+          f"({filesystem_type(workdir)}); need about {need / 2**30:.1f} GiB "
+          f"(data + one run's output + minipacs's 5 % reserve)")
+    if usage.free < need:
+        raise BenchError(f"not enough free disk space: {usage.free / 2**30:.1f} GiB free, "
+                         f"need about {need / 2**30:.1f} GiB")
+    if filesystem_type(workdir) == "tmpfs":
+        print("WARNING: the work dir is on tmpfs: fsync is free there, durable figures mean nothing")
+
+
+def w1_name(count: int) -> str:
+    return f"w1-ct-{count}"
+
+
+def w2_name(size: int) -> str:
+    return f"w2-ct-{size // MIB}MiB"
+
+
+def describe_machine() -> None:
+    version = subprocess.run([str(MINIPACS), "--version"], capture_output=True, text=True)
+    dcmtk = subprocess.run([STORESCP, "--version"], capture_output=True, text=True)
+    first = dcmtk.stdout.splitlines()[0] if dcmtk.stdout else "?"
+    print(f"minipacs: {version.stdout.strip()} ({MINIPACS})")
+    print(f"dcmtk:    {first.strip()}")
+    print(f"machine:  {os.cpu_count()} CPUs, kernel {os.uname().release}, "
+          f"python {sys.version.split()[0]}")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=None,
+                   help="runs per receiver, best of N (default 5; 1 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: N=1, W1 with 40 objects, W2 of 64 MiB")
+    p.add_argument("--only", choices=("w1", "w2"), help="run one workload only")
+    p.add_argument("--workdir", type=Path,
+                   help="where data, outputs and logs go; kept and reused "
+                        "(default: a fresh temp dir under /tmp, removed at the end)")
+    args = p.parse_args()
+    if args.runs is None:
+        args.runs = 1 if args.quick else 5
+    if args.runs < 1:
+        p.error("--runs must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
+    w1_count = 40 if args.quick else 400
+    w2_bytes = (64 if args.quick else 512) * MIB
+    ensure_binary()
+    check_tools()
+    describe_machine()
+    check_disk(workdir, w1_count, w2_bytes, args.only)
+
+    print("data:")
+    workloads = []
+    if args.only != "w2":
+        folder = prepare(workdir, "W1", w1_name(w1_count),
+                         lambda d: make_w1(d, w1_count), 512 * 512 * 2)
+        workloads.append(workload_from(
+            "w1", f"W1: {w1_count} CT objects of ~512 KiB", folder))
+    if args.only != "w1":
+        folder = prepare(workdir, "W2", w2_name(w2_bytes),
+                         lambda d: make_w2(d, w2_bytes), w2_bytes)
+        workloads.append(workload_from(
+            "w2", f"W2: one {w2_bytes // MIB} MiB CT object", folder))
+
+    bench = Bench(workdir, children, Ports())
+    results: dict[tuple[str, str], dict[str, Row]] = {}
+    for workload in workloads:
+        for sender in SENDERS:
+            print(f"\nmeasuring {workload.title}, sender {sender.name}, {args.runs} round(s)",
+                  flush=True)
+            results[(workload.key, sender.name)] = measure(bench, workload, sender, args.runs)
+
+    print("\n" + "=" * 78)
+    for workload in workloads:
+        for sender in SENDERS:
+            print_table(workload, sender, results[(workload.key, sender.name)], args.runs)
+    print_checks(results)
+
+    if bench.errors:
+        print(f"\n!!! {len(bench.errors)} run(s) FAILED:")
+        for message in bench.errors:
+            print(f"!!!   {message}")
+        return 1
+    return 0
+
+
+def main() -> int:
+    args = parse_args()
+    # SIGTERM ends the script through the same finally as Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="minipacs-bench-")) if own_workdir else args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"work dir: {workdir}")
+    children = Children()
+    try:
+        return run(args, workdir, children)
+    except BenchError as e:
+        print(f"\n!!! ERROR: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        children.stop_all()
+        shutil.rmtree(workdir / "runs", ignore_errors=True)
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Shared fixtures: the minipacs binary, a server under test, real peers.
+
+Every test talks to a real `minipacs serve` process over loopback TCP and
+checks the files it leaves on a real filesystem. dcmtk is always called by
+absolute path: pip's pynetdicom installs its own `storescu`/`storescp` shims
+earlier on PATH.
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release" / "minipacs"
+DCMTK = pathlib.Path("/usr/bin")
+
+
+def dcmtk(tool):
+    return str(DCMTK / tool)
+
+
+def dcmtk_env():
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def minipacs():
+    """Builds the release binary once per session and returns its path."""
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    assert BIN.exists()
+    return str(BIN)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc=None, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise AssertionError(f"port {port} never opened")
+
+
+class Server:
+    """A `minipacs serve` process on a free port with its own store."""
+
+    def __init__(self, binary, store, extra=(), port=None, aetitle="MINIPACS"):
+        self.binary = binary
+        self.store = pathlib.Path(store)
+        self.port = port or free_port()
+        self.aetitle = aetitle
+        self.extra = list(extra)
+        self.log_path = self.store.parent / f"server-{self.port}.log"
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.log_path, "ab")
+        cmd = [
+            self.binary,
+            "serve",
+            "--port",
+            str(self.port),
+            "--aetitle",
+            self.aetitle,
+            "--output-directory",
+            str(self.store),
+            *self.extra,
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        wait_port(self.port, self.proc)
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    def status(self, field):
+        """A field of /proc/PID/status, e.g. VmHWM, in kB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise KeyError(field)
+
+    def logs(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stored_files(self):
+        """Final files in the store (no temp files, no lock)."""
+        out = []
+        for p in self.store.rglob("*"):
+            rel = p.relative_to(self.store)
+            if p.is_file() and rel.parts[0] not in (".incoming", ".lock"):
+                out.append(p)
+        return sorted(out)
+
+    def temp_files(self):
+        incoming = self.store / ".incoming"
+        return sorted(incoming.iterdir()) if incoming.exists() else []
+
+
+@pytest.fixture
+def server_factory(minipacs, tmp_path):
+    """Starts servers on demand; stops them all at the end of the test and
+    checks that each exited cleanly (status 0) unless the test killed it."""
+    servers = []
+
+    def make(extra=(), store=None, **kwargs):
+        srv = Server(minipacs, store or tmp_path / f"store{len(servers)}", extra, **kwargs)
+        servers.append(srv)
+        return srv.start()
+
+    yield make
+    for srv in servers:
+        if srv.alive():
+            code = srv.stop()
+            assert code == 0, f"server exited with {code}:\n{srv.logs()[-3000:]}"
+
+
+@pytest.fixture
+def server(server_factory):
+    return server_factory()
+
+
+def dataset_bytes(path):
+    """The data set bytes of a Part-10 file: everything after group 0002."""
+    data = pathlib.Path(path).read_bytes()
+    assert data[128:132] == b"DICM", path
+    pos = 132
+    while pos + 8 <= len(data):
+        group, _elem = struct.unpack_from("<HH", data, pos)
+        if group != 2:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+            length = struct.unpack_from("<I", data, pos + 8)[0]
+            pos += 12 + length
+        else:
+            length = struct.unpack_from("<H", data, pos + 6)[0]
+            pos += 8 + length
+    return data[pos:]
+
+
+def meta_of(path):
+    """The file meta group of a Part-10 file as {element: value bytes}."""
+    data = pathlib.Path(path).read_bytes()
+    pos = 132
+    out = {}
+    while pos + 8 <= len(data):
+        group, elem = struct.unpack_from("<HH", data, pos)
+        if group != 2:
+            break
+        vr = data[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+            length = struct.unpack_from("<I", data, pos + 8)[0]
+            start = pos + 12
+        else:
+            length = struct.unpack_from("<H", data, pos + 6)[0]
+            start = pos + 8
+        out[elem] = data[start : start + length]
+        pos = start + length
+    return out
+
+
+def uid_text(value):
+    return value.rstrip(b"\0 ").decode()
+
+
+def make_ct(path, sop_instance, size=4096, study="1.2.826.0.1.3680043.10.1", series=None):
+    """Writes a small but valid CT Part-10 file with pydicom."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = sop_instance
+    ds.Modality = "CT"
+    ds.PatientName = "Test^Minipacs"
+    ds.PatientID = "MP0001"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = series or study + ".1"
+    pixels = size // 2
+    ds.Columns = 512 if pixels >= 512 else pixels
+    ds.Rows = max(1, pixels // ds.Columns)
+    size = ds.Rows * ds.Columns * 2
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = os.urandom(size)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def pydicom_test_files():
+    """Every file shipped in pydicom's test data folder."""
+    import pydicom
+
+    root = pathlib.Path(pydicom.__file__).parent / "data" / "test_files"
+    return sorted(p for p in root.rglob("*") if p.is_file())
