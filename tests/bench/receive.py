@@ -499,8 +499,10 @@ class Bench:
             wait_until_listening(proc, port, receiver.name, recv_log)
             wall, code = self.timed_send(sender.command(port, workload), send_log, sender.env())
             if proc.poll() is not None:
-                self.error(f"{label}: receiver exited ({proc.returncode}) during the run\n"
-                           f"{tail(recv_log)}")
+                self.error(f"{label}: receiver exited ({exit_status(proc.returncode)}) during "
+                           f"the run; sender: {exit_status(code)}. This script only stops a "
+                           f"receiver after its sender has exited: was it signalled from "
+                           f"outside?\n{tail(recv_log)}")
                 return None
             sample = Sample(wall, cpu_seconds(proc.pid), peak_rss_mib(proc.pid))
             landed = count_files(out)
@@ -508,7 +510,7 @@ class Bench:
             self.children.stop(proc)
             clean_up(out)
         if code != 0:
-            self.error(f"{label}: sender exited with {code}\n{tail(send_log)}\n"
+            self.error(f"{label}: sender {exit_status(code)}\n{tail(send_log)}\n"
                        f"  receiver log:\n{tail(recv_log)}")
             return None
         if receiver.stores and landed != workload.count:
@@ -517,17 +519,29 @@ class Bench:
             return None
         return sample
 
-    def timed_send(self, argv: list[str], log: Path, env: dict[str, str]) -> tuple[float, int]:
+    def timed_send(self, argv: list[str], log: Path,
+                   env: dict[str, str]) -> tuple[float, int | None]:
+        """Runs the sender; returns its wall time and exit code (None: timed
+        out). The wait blocks in waitpid: Popen.wait(timeout=...) polls in
+        steps of up to 50 ms, which would round every wall time up to the
+        next step. A watchdog timer kills a sender that hangs instead."""
         started = time.perf_counter()
         proc = self.children.start(argv, log, env)
+        timed_out = threading.Event()
+
+        def kill_hung_sender() -> None:
+            timed_out.set()
+            proc.kill()
+
+        watchdog = threading.Timer(SENDER_TIMEOUT_S, kill_hung_sender)
+        watchdog.start()
         try:
-            code = proc.wait(timeout=SENDER_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.children.stop(proc)
-            return time.perf_counter() - started, -1
+            code = proc.wait()
+        finally:
+            watchdog.cancel()
         wall = time.perf_counter() - started
         self.children.stop(proc)  # already exited: only forgets it
-        return wall, code
+        return wall, None if timed_out.is_set() else code
 
     # -- floor (b): bare durability loop -------------------------------------
 
@@ -549,6 +563,14 @@ class Bench:
         if received != source.stat().st_size:
             raise BenchError(f"raw copy received {received} bytes of {source.stat().st_size}")
         return wall
+
+
+def exit_status(code: int | None) -> str:
+    if code is None:
+        return f"timed out after {SENDER_TIMEOUT_S}s"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit status {code}"
 
 
 def write_all(fd: int, data) -> None:
@@ -675,7 +697,7 @@ def record(row: Row, sample: Sample | None) -> None:
 
 
 def slug(name: str) -> str:
-    """"minipacs --no-fsync" -> "minipacs-no-fsync", for log file names."""
+    """For log file names: "minipacs --no-fsync" -> "minipacs-no-fsync"."""
     words = "".join(c if c.isalnum() else " " for c in name.lower()).split()
     return "-".join(words)
 

@@ -147,11 +147,7 @@ impl Server {
             debug!(peer = %addr, error = %e, "TCP_NODELAY");
         }
         let started = Instant::now();
-        let (pending_id, evicted) = self
-            .pending
-            .lock()
-            .map(|mut p| p.admit(self.limits.max_pending))
-            .unwrap_or_else(|p| p.into_inner().admit(self.limits.max_pending));
+        let (pending_id, evicted) = self.pending().admit(self.limits.max_pending);
         let rq = tokio::select! {
             _ = evicted => {
                 info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
@@ -159,7 +155,7 @@ impl Server {
             }
             rq = tokio::time::timeout(self.limits.acse_timeout, scp::read_associate_rq(&mut stream)) => rq,
         };
-        self.leave_pending(pending_id);
+        self.pending().leave(pending_id);
         let rq = match rq {
             Err(_) => {
                 info!(peer = %addr, secs = self.limits.acse_timeout.as_secs(), "no A-ASSOCIATE-RQ within the ACSE timeout");
@@ -227,11 +223,13 @@ impl Server {
         );
     }
 
-    fn leave_pending(&self, id: u64) {
-        match self.pending.lock() {
-            Ok(mut p) => p.leave(id),
-            Err(p) => p.into_inner().leave(id),
-        }
+    /// The pending set. A panic while holding the lock cannot leave it
+    /// inconsistent (each operation is one queue edit), so a poisoned lock
+    /// is simply taken over.
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingSet> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
