@@ -151,34 +151,14 @@ def server(server_factory):
     return server_factory()
 
 
-def dataset_bytes(path):
-    """The data set bytes of a Part-10 file: everything after group 0002."""
-    data = pathlib.Path(path).read_bytes()
-    assert data[128:132] == b"DICM", path
+def meta_elements(data):
+    """Yields (element, value, end offset) for each file meta element of the
+    Part-10 bytes `data` (explicit VR little endian, group 0002)."""
     pos = 132
-    while pos + 8 <= len(data):
-        group, _elem = struct.unpack_from("<HH", data, pos)
-        if group != 2:
-            break
-        vr = data[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
-            length = struct.unpack_from("<I", data, pos + 8)[0]
-            pos += 12 + length
-        else:
-            length = struct.unpack_from("<H", data, pos + 6)[0]
-            pos += 8 + length
-    return data[pos:]
-
-
-def meta_of(path):
-    """The file meta group of a Part-10 file as {element: value bytes}."""
-    data = pathlib.Path(path).read_bytes()
-    pos = 132
-    out = {}
     while pos + 8 <= len(data):
         group, elem = struct.unpack_from("<HH", data, pos)
         if group != 2:
-            break
+            return
         vr = data[pos + 4 : pos + 6]
         if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
             length = struct.unpack_from("<I", data, pos + 8)[0]
@@ -186,9 +166,30 @@ def meta_of(path):
         else:
             length = struct.unpack_from("<H", data, pos + 6)[0]
             start = pos + 8
-        out[elem] = data[start : start + length]
         pos = start + length
-    return out
+        yield elem, data[start:pos], pos
+
+
+def data_set_offset(path, head_bytes=None):
+    """Where the data set starts in a Part-10 file."""
+    data = head_bytes if head_bytes is not None else pathlib.Path(path).read_bytes()
+    assert data[128:132] == b"DICM", path
+    end = 132
+    for _elem, _value, end in meta_elements(data):
+        pass
+    return end
+
+
+def dataset_bytes(path):
+    """The data set bytes of a Part-10 file: everything after group 0002."""
+    data = pathlib.Path(path).read_bytes()
+    return data[data_set_offset(path, data) :]
+
+
+def meta_of(path):
+    """The file meta group of a Part-10 file as {element: value bytes}."""
+    data = pathlib.Path(path).read_bytes()
+    return {elem: value for elem, value, _end in meta_elements(data)}
 
 
 def uid_text(value):

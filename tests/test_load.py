@@ -7,7 +7,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import dul
-from conftest import dataset_bytes, dcmtk, dcmtk_env, make_ct
+from conftest import data_set_offset, dataset_bytes, dcmtk, dcmtk_env, make_ct
 
 
 def test_eight_dcmtk_senders_at_once(server, tmp_path):
@@ -127,17 +127,7 @@ def _sha256_of_dataset(path):
 def dataset_bytes_head_len(path):
     """Offset of the data set in a Part-10 file (reads only the header)."""
     with open(path, "rb") as f:
-        head = f.read(4096)
-    pos = 132
-    while True:
-        group = struct.unpack_from("<H", head, pos)[0]
-        if group != 2:
-            return pos
-        vr = head[pos + 4 : pos + 6]
-        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
-            pos += 12 + struct.unpack_from("<I", head, pos + 8)[0]
-        else:
-            pos += 8 + struct.unpack_from("<H", head, pos + 6)[0]
+        return data_set_offset(path, f.read(4096))
 
 
 def test_two_gib_object_in_bounded_memory(server, minipacs, tmp_path):

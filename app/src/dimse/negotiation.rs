@@ -74,6 +74,18 @@ pub fn reject_busy() -> AssociationRJ {
     }
 }
 
+/// The Maximum Length sub-item of an association PDU's user information:
+/// the largest PDU body the sender of that PDU accepts (0 = no limit).
+pub fn max_pdu_of(user_variables: &[UserVariableItem]) -> u32 {
+    user_variables
+        .iter()
+        .find_map(|v| match v {
+            UserVariableItem::MaxLength(n) => Some(*n),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 /// Decides on an A-ASSOCIATE-RQ.
 pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy) -> Negotiated {
     if rq.protocol_version & 1 == 0 {
@@ -161,14 +173,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy) -> Negotiated {
         });
     }
 
-    let peer_max_pdu = rq
-        .user_variables
-        .iter()
-        .find_map(|v| match v {
-            UserVariableItem::MaxLength(n) => Some(*n),
-            _ => None,
-        })
-        .unwrap_or(0);
+    let peer_max_pdu = max_pdu_of(&rq.user_variables);
 
     let ac = AssociationAC {
         protocol_version: 1,

@@ -162,14 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
                 }
             })
             .collect();
-        let peer_max = ac
-            .user_variables
-            .iter()
-            .find_map(|v| match v {
-                UserVariableItem::MaxLength(n) => Some(*n),
-                _ => None,
-            })
-            .unwrap_or(0);
+        let peer_max = super::negotiation::max_pdu_of(&ac.user_variables);
         let send_pdu = if peer_max == 0 {
             MAX_SEND_PDU
         } else {
