@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::store::Layout;
+use crate::tls::{CipherPreference, PeerCertPolicy, ServerTlsFiles};
 
 /// The documented default configuration, as shipped.
 pub const DEFAULT_TOML: &str = include_str!("../../hal-config/minipacs.toml");
@@ -52,6 +53,64 @@ pub struct Config {
     pub shutdown_timeout: u64,
     /// Accept SOP classes outside the DICOM root (vendors' private storage).
     pub accept_private_sop_classes: bool,
+    /// Serve plain (unencrypted) DICOM on `port`.
+    pub listen_plain: bool,
+    /// DICOM over TLS.
+    pub tls: TlsConfig,
+}
+
+/// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TCP port for DICOM over TLS (2762 is the registered one).
+    pub port: u16,
+    /// Private key (PEM: PKCS#8, SEC1 or PKCS#1), e.g. Let's Encrypt `privkey.pem`.
+    pub key: Option<PathBuf>,
+    /// Certificate chain, leaf first, e.g. Let's Encrypt `fullchain.pem`.
+    pub cert: Option<PathBuf>,
+    /// CA certificates that client certificates must chain to.
+    pub ca_files: Vec<PathBuf>,
+    /// Folders of CA certificates (`*.pem`, `*.crt`, `*.cer`).
+    pub ca_dirs: Vec<PathBuf>,
+    /// Client certificates: "require" (default), "verify" (if sent) or "ignore".
+    pub peer_cert: PeerCertPolicy,
+    /// "aes" (default) or "chacha20" (boards without AES instructions).
+    pub cipher_preference: CipherPreference,
+    /// AE title on the TLS port; unset: the same as the plain port's.
+    pub aetitle: Option<String>,
+    /// Seconds between checks of the certificate files for changes.
+    pub reload_check: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            port: 2762,
+            key: None,
+            cert: None,
+            ca_files: Vec::new(),
+            ca_dirs: Vec::new(),
+            peer_cert: PeerCertPolicy::Require,
+            cipher_preference: CipherPreference::Aes,
+            aetitle: None,
+            reload_check: 5,
+        }
+    }
+}
+
+impl TlsConfig {
+    /// The files of the TLS listener, if it is configured.
+    pub fn files(&self) -> Option<ServerTlsFiles> {
+        Some(ServerTlsFiles {
+            key: self.key.clone()?,
+            cert: self.cert.clone()?,
+            ca_files: self.ca_files.clone(),
+            ca_dirs: self.ca_dirs.clone(),
+            peer_cert: self.peer_cert,
+            cipher_preference: self.cipher_preference,
+        })
+    }
 }
 
 impl Default for Config {
@@ -72,6 +131,8 @@ impl Default for Config {
             dimse_timeout: 60,
             shutdown_timeout: 10,
             accept_private_sop_classes: true,
+            listen_plain: true,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -202,6 +263,34 @@ impl Config {
         }
         if self.shutdown_timeout > 3600 {
             bad("shutdown_timeout", "must be at most 3600 s".into());
+        }
+        let tls = &self.tls;
+        if tls.key.is_some() != tls.cert.is_some() {
+            bad("key", "[tls] needs both key and cert, or neither".into());
+        }
+        let tls_on = tls.key.is_some() && tls.cert.is_some();
+        if !self.listen_plain && !tls_on {
+            bad(
+                "listen_plain",
+                "false, and [tls] has no key and cert: nothing to serve".into(),
+            );
+        }
+        if tls_on && self.listen_plain && tls.port == self.port {
+            bad(
+                "port",
+                format!("plain and TLS listeners both on port {}", self.port),
+            );
+        }
+        if tls.port == 0 {
+            bad("port", "[tls] port must be 1 to 65535".into());
+        }
+        if let Some(ae) = &tls.aetitle {
+            if let Err(m) = check_ae_title(ae) {
+                bad("aetitle", format!("[tls] {m}"));
+            }
+        }
+        if tls.reload_check == 0 || tls.reload_check > 3600 {
+            bad("reload_check", "must be 1 to 3600 s".into());
         }
         if problems.is_empty() {
             Ok(())

@@ -6,9 +6,11 @@
 //! the durable writer, `net` the listener and its bounds, `config` the
 //! configuration model, `send` the SCU commands.
 
+pub mod ca;
 pub mod config;
 pub mod dimse;
 pub mod net;
 pub mod part10;
 pub mod send;
 pub mod store;
+pub mod tls;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -10,8 +11,9 @@ use clap::{Args, Parser, Subcommand};
 
 use minipacs::config::{self, Config};
 use minipacs::dimse::scu::ScuOptions;
-use minipacs::send::{self, Peer};
+use minipacs::send::{self, ClientTls, Peer};
 use minipacs::store::Layout;
+use minipacs::tls::{self, CipherPreference, ClientTlsFiles, PeerCertPolicy};
 
 #[derive(Parser)]
 #[command(
@@ -92,10 +94,45 @@ struct ServeArgs {
     /// Free-space reserve in percent; below it objects are refused with A700.
     #[arg(long)]
     free_space_reserve: Option<u8>,
+    /// Serve DICOM over TLS with this private key and certificate chain
+    /// (dcmtk's +tls order: key, then certificate).
+    #[arg(long, num_args = 2, value_names = ["KEY", "CERT"])]
+    tls: Option<Vec<PathBuf>>,
+    /// TCP port of the TLS listener (default 2762).
+    #[arg(long)]
+    tls_port: Option<u16>,
+    /// CA certificate that client certificates must chain to (repeatable).
+    #[arg(long)]
+    add_cert_file: Vec<PathBuf>,
+    /// Folder of CA certificates (repeatable).
+    #[arg(long)]
+    add_cert_dir: Vec<PathBuf>,
+    /// Client certificates: require (default), verify if sent, or ignore.
+    #[arg(long, value_enum)]
+    peer_cert: Option<PeerCertPolicy>,
+    /// Preferred AEAD: aes, or chacha20 on boards without AES instructions.
+    #[arg(long, value_enum)]
+    cipher_preference: Option<CipherPreference>,
+    /// Do not serve plain DICOM (TLS only).
+    #[arg(long)]
+    no_plain: bool,
 }
 
 #[derive(Args)]
 struct PeerArgs {
+    /// Use TLS with this private key and certificate chain (key first).
+    #[arg(long, num_args = 2, value_names = ["KEY", "CERT"])]
+    tls: Option<Vec<PathBuf>>,
+    /// Use TLS without a client certificate.
+    #[arg(long, conflicts_with = "tls")]
+    anonymous_tls: bool,
+    /// CA certificate the server's chain must end in (repeatable); default:
+    /// the system's public roots.
+    #[arg(long)]
+    add_cert_file: Vec<PathBuf>,
+    /// Name the server certificate must carry (default: HOST).
+    #[arg(long)]
+    tls_server_name: Option<String>,
     /// Our (calling) AE title.
     #[arg(long, visible_alias = "aet", default_value = "MINIPACS-SCU")]
     aetitle: String,
@@ -115,6 +152,20 @@ impl PeerArgs {
     fn peer(&self) -> anyhow::Result<Peer> {
         config::check_ae_title(&self.aetitle).map_err(|m| anyhow::anyhow!("--aetitle: {m}"))?;
         config::check_ae_title(&self.call).map_err(|m| anyhow::anyhow!("--call: {m}"))?;
+        let tls = if self.tls.is_some() || self.anonymous_tls {
+            let identity = self.tls.as_ref().map(|kc| (kc[0].clone(), kc[1].clone()));
+            let config = tls::client_config(&ClientTlsFiles {
+                identity,
+                ca_files: self.add_cert_file.clone(),
+            })?;
+            let name = self.tls_server_name.as_deref().unwrap_or(&self.host);
+            Some(ClientTls {
+                config: Arc::new(config),
+                server_name: tls::server_name(name)?,
+            })
+        } else {
+            None
+        };
         Ok(Peer {
             host: self.host.clone(),
             port: self.port,
@@ -123,6 +174,7 @@ impl PeerArgs {
                 called_ae: self.call.clone(),
                 timeout: Duration::from_secs(self.timeout),
             },
+            tls,
         })
     }
 }
@@ -285,6 +337,24 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     }
     if args.overwrite {
         config.overwrite = true;
+    }
+    if let Some(kc) = args.tls {
+        config.tls.key = Some(kc[0].clone());
+        config.tls.cert = Some(kc[1].clone());
+    }
+    if let Some(v) = args.tls_port {
+        config.tls.port = v;
+    }
+    config.tls.ca_files.extend(args.add_cert_file);
+    config.tls.ca_dirs.extend(args.add_cert_dir);
+    if let Some(v) = args.peer_cert {
+        config.tls.peer_cert = v;
+    }
+    if let Some(v) = args.cipher_preference {
+        config.tls.cipher_preference = v;
+    }
+    if args.no_plain {
+        config.listen_plain = false;
     }
     config.validate()?;
     Ok(config)

@@ -9,10 +9,12 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::dimse::command::status;
@@ -24,7 +26,7 @@ use crate::part10::{self, Part10Info};
 const MAX_CONTEXTS: usize = 128;
 
 /// Where to send and as whom.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Peer {
     /// host name or address
     pub host: String,
@@ -32,7 +34,26 @@ pub struct Peer {
     pub port: u16,
     /// AE titles and timeout
     pub scu: ScuOptions,
+    /// TLS, when the peer speaks DICOM over TLS
+    pub tls: Option<ClientTls>,
 }
+
+/// A sender's TLS: configuration and the name the server's certificate
+/// must carry.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// rustls configuration (roots, optional client certificate)
+    pub config: Arc<rustls::ClientConfig>,
+    /// name to verify the server certificate against
+    pub server_name: rustls_pki_types::ServerName<'static>,
+}
+
+/// A connection to the peer, plain or TLS.
+pub trait PeerStream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerStream for T {}
+
+/// The sender's connection type: one code path for plain and TLS.
+pub type Connection = Box<dyn PeerStream>;
 
 /// One file to send.
 #[derive(Debug)]
@@ -56,14 +77,31 @@ pub struct SendReport {
     pub elapsed: Duration,
 }
 
-async fn connect(peer: &Peer) -> anyhow::Result<TcpStream> {
+async fn connect(peer: &Peer) -> anyhow::Result<Connection> {
     let addr = format!("{}:{}", peer.host, peer.port);
     let stream = tokio::time::timeout(peer.scu.timeout, TcpStream::connect(&addr))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))?
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
-    Ok(stream)
+    let Some(tls) = &peer.tls else {
+        return Ok(Box::new(stream));
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+    let stream = tokio::time::timeout(
+        peer.scu.timeout,
+        connector.connect(tls.server_name.clone(), stream),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("TLS handshake with {addr}: timed out"))?
+    .with_context(|| format!("TLS handshake with {addr}"))?;
+    let session = stream.get_ref().1;
+    tracing::debug!(
+        version = ?session.protocol_version(),
+        suite = ?session.negotiated_cipher_suite().map(|s| s.suite()),
+        "TLS established"
+    );
+    Ok(Box::new(stream))
 }
 
 /// Sends a C-ECHO and returns its status.
@@ -207,7 +245,7 @@ enum SendOneError {
 }
 
 async fn send_one(
-    assoc: &mut ScuAssociation<TcpStream>,
+    assoc: &mut ScuAssociation<Connection>,
     item: &Item,
     bar: &ProgressBar,
 ) -> Result<(), SendOneError> {

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu};
@@ -90,14 +91,14 @@ pub struct Stats {
 
 /// What every association of a server shares.
 pub struct ScpShared {
-    /// where objects go
-    pub store: Store,
+    /// where objects go (shared by all listeners)
+    pub store: Arc<Store>,
     /// our AE title
     pub ae_title: String,
     /// silence allowed between PDUs
     pub dimse_timeout: Duration,
-    /// counters
-    pub stats: Stats,
+    /// counters (shared by all listeners)
+    pub stats: Arc<Stats>,
 }
 
 /// Reads the first PDU of a connection, which must be an A-ASSOCIATE-RQ.

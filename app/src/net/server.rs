@@ -12,10 +12,11 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::Pdu;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -23,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::dimse::negotiation::{self, AcceptPolicy, Negotiated};
 use crate::dimse::scp::{self, ActiveGuard, AssociationSummary, PeerInfo, ScpError, ScpShared};
+use crate::tls::TlsReloader;
 
 /// Limits and timeouts of the listener.
 #[derive(Debug, Clone)]
@@ -67,43 +69,64 @@ impl PendingSet {
     }
 }
 
-/// A running listener's shared state.
-struct Server {
-    shared: ScpShared,
-    policy: AcceptPolicy,
-    limits: ServerLimits,
+/// What all listeners of one receiver share: association slots and the
+/// pending set bound memory for the whole process, not per port.
+#[derive(Clone)]
+pub struct SharedBounds {
     slots: Arc<Semaphore>,
-    pending: Mutex<PendingSet>,
+    pending: Arc<Mutex<PendingSet>>,
+    limits: ServerLimits,
 }
 
-/// Serves associations on `listener` until `stop` resolves, then lets
+impl SharedBounds {
+    /// Bounds for a receiver with these limits.
+    pub fn new(limits: ServerLimits) -> Self {
+        SharedBounds {
+            slots: Arc::new(Semaphore::new(limits.max_associations)),
+            pending: Arc::new(Mutex::new(PendingSet::default())),
+            limits,
+        }
+    }
+
+    /// The pending set. A panic while holding the lock cannot leave it
+    /// inconsistent (each operation is one queue edit), so a poisoned lock
+    /// is simply taken over.
+    fn pending(&self) -> std::sync::MutexGuard<'_, PendingSet> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// One listener: its port's AE policy, optional TLS, the shared bounds.
+pub struct Listener {
+    /// what associations on this port share
+    pub shared: ScpShared,
+    /// negotiation policy of this port
+    pub policy: AcceptPolicy,
+    /// TLS, for a TLS port
+    pub tls: Option<Arc<TlsReloader>>,
+    /// process-wide bounds
+    pub bounds: SharedBounds,
+}
+
+/// Serves associations on `listener` until `stop` turns true, then lets
 /// objects in flight finish (within the shutdown timeout) and returns.
 pub async fn serve(
-    listener: TcpListener,
-    shared: ScpShared,
-    policy: AcceptPolicy,
-    limits: ServerLimits,
-    stop: impl std::future::Future<Output = ()>,
+    socket: TcpListener,
+    listener: Listener,
+    mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let server = Arc::new(Server {
-        slots: Arc::new(Semaphore::new(limits.max_associations)),
-        shared,
-        policy,
-        limits,
-        pending: Mutex::new(PendingSet::default()),
-    });
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let listener = Arc::new(listener);
+    let shutdown = stop.clone();
     let mut tasks = JoinSet::new();
-    tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = &mut stop => break,
+            _ = stopped(&mut stop) => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = listener.accept() => match accepted {
+            accepted = socket.accept() => match accepted {
                 Ok((stream, addr)) => {
-                    let server = Arc::clone(&server);
-                    let shutdown = shutdown_rx.clone();
-                    tasks.spawn(async move { server.connection(stream, addr, shutdown).await });
+                    let listener = Arc::clone(&listener);
+                    let shutdown = shutdown.clone();
+                    tasks.spawn(async move { listener.connection(stream, addr, shutdown).await });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off rather than spin.
@@ -113,14 +136,14 @@ pub async fn serve(
             },
         }
     }
-    drop(listener);
-    let in_flight = tasks.len();
-    info!(
-        connections = in_flight,
-        "stopping: no new connections; finishing objects in flight"
-    );
-    let _ = shutdown_tx.send(true);
-    let deadline = tokio::time::sleep(server.limits.shutdown_timeout);
+    drop(socket);
+    if !tasks.is_empty() {
+        info!(
+            connections = tasks.len(),
+            "stopping: no new connections; finishing objects in flight"
+        );
+    }
+    let deadline = tokio::time::sleep(listener.bounds.limits.shutdown_timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -136,29 +159,128 @@ pub async fn serve(
     Ok(())
 }
 
-impl Server {
+/// Resolves once `stop` is true (or its sender is gone).
+pub async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Ends the pending phase of a connection: dropped out of the pending set
+/// however the phase ends.
+struct PendingTicket<'a> {
+    bounds: &'a SharedBounds,
+    id: u64,
+}
+
+impl Drop for PendingTicket<'_> {
+    fn drop(&mut self) {
+        self.bounds.pending().leave(self.id);
+    }
+}
+
+impl Listener {
     async fn connection(
         self: Arc<Self>,
-        mut stream: TcpStream,
+        stream: TcpStream,
         addr: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(peer = %addr, error = %e, "TCP_NODELAY");
         }
+        let limits = &self.bounds.limits;
+        let deadline = tokio::time::Instant::now() + limits.acse_timeout;
+        let (id, mut evicted) = self.bounds.pending().admit(limits.max_pending);
+        let ticket = PendingTicket {
+            bounds: &self.bounds,
+            id,
+        };
+        let Some(tls) = &self.tls else {
+            return self
+                .session(stream, addr, None, ticket, evicted, deadline, shutdown)
+                .await;
+        };
+        // Plain DICOM on the TLS port shows as an A-ASSOCIATE-RQ (0x01)
+        // where a TLS record (0x16) should be: say so rather than report a
+        // failed handshake.
+        let mut first = [0u8; 1];
+        let peeked = tokio::select! {
+            _ = &mut evicted => return info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room"),
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
+        };
+        match peeked {
+            Ok(Ok(1..)) if first[0] == 0x01 => {
+                return warn!(peer = %addr, "plain DICOM (A-ASSOCIATE-RQ) received on a TLS port");
+            }
+            Ok(Ok(1..)) => {}
+            Ok(_) => return,
+            Err(_) => {
+                return info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no TLS handshake within the ACSE timeout")
+            }
+        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+        let handshake = tokio::select! {
+            _ = &mut evicted => return info!(peer = %addr, "dropped a connection in TLS handshake to make room"),
+            r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+        };
+        let stream = match handshake {
+            Err(_) => {
+                return info!(peer = %addr, "TLS handshake not finished within the ACSE timeout")
+            }
+            Ok(Err(e)) => return warn!(peer = %addr, error = %e, "TLS handshake failed"),
+            Ok(Ok(s)) => s,
+        };
+        let session = stream.get_ref().1;
+        let tls_info = TlsInfo {
+            version: session
+                .protocol_version()
+                .map(|v| format!("{v:?}"))
+                .unwrap_or_default(),
+            suite: session
+                .negotiated_cipher_suite()
+                .map(|s| format!("{:?}", s.suite()))
+                .unwrap_or_default(),
+            peer_subject: crate::tls::peer_subject(session.peer_certificates()),
+        };
+        self.session(
+            stream,
+            addr,
+            Some(tls_info),
+            ticket,
+            evicted,
+            deadline,
+            shutdown,
+        )
+        .await
+    }
+
+    /// Waits for the A-ASSOCIATE-RQ (still pending), then negotiates and
+    /// runs the association.
+    #[allow(clippy::too_many_arguments)]
+    async fn session<S>(
+        &self,
+        mut stream: S,
+        addr: SocketAddr,
+        tls: Option<TlsInfo>,
+        ticket: PendingTicket<'_>,
+        mut evicted: oneshot::Receiver<()>,
+        deadline: tokio::time::Instant,
+        shutdown: watch::Receiver<bool>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
         let started = Instant::now();
-        let (pending_id, evicted) = self.pending().admit(self.limits.max_pending);
+        let limits = &self.bounds.limits;
         let rq = tokio::select! {
-            _ = evicted => {
+            _ = &mut evicted => {
                 info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
                 return;
             }
-            rq = tokio::time::timeout(self.limits.acse_timeout, scp::read_associate_rq(&mut stream)) => rq,
+            rq = tokio::time::timeout_at(deadline, scp::read_associate_rq(&mut stream)) => rq,
         };
-        self.pending().leave(pending_id);
+        drop(ticket);
         let rq = match rq {
             Err(_) => {
-                info!(peer = %addr, secs = self.limits.acse_timeout.as_secs(), "no A-ASSOCIATE-RQ within the ACSE timeout");
+                info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no A-ASSOCIATE-RQ within the ACSE timeout");
                 return;
             }
             Ok(Err(e)) => {
@@ -173,8 +295,16 @@ impl Server {
         };
         let calling = rq.calling_ae_title.trim().to_string();
         let called = rq.called_ae_title.trim().to_string();
-        let Ok(_slot) = Arc::clone(&self.slots).try_acquire_owned() else {
-            warn!(peer = %addr, %calling, %called, max = self.limits.max_associations,
+        let tls_text = tls
+            .as_ref()
+            .map(|t| format!("{} {}", t.version, t.suite))
+            .unwrap_or_else(|| "none".into());
+        let peer_cert = tls
+            .as_ref()
+            .and_then(|t| t.peer_subject.clone())
+            .unwrap_or_default();
+        let Ok(_slot) = Arc::clone(&self.bounds.slots).try_acquire_owned() else {
+            warn!(peer = %addr, %calling, %called, max = limits.max_associations,
                 "association rejected (transient): association limit reached");
             let _ =
                 scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy())).await;
@@ -182,7 +312,7 @@ impl Server {
         };
         let (ac, contexts) = match negotiation::negotiate(&rq, &self.policy) {
             Negotiated::Reject(rj, why) => {
-                warn!(peer = %addr, %calling, %called, reason = why, "association rejected");
+                warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = why, "association rejected");
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
                 return;
             }
@@ -216,21 +346,20 @@ impl Server {
             Err(e) => e.to_string(),
         };
         info!(
-            peer = %addr, %calling, %called, proposed, accepted,
+            peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert,
+            proposed, accepted,
             stored = summary.stored, failed = summary.failed, bytes = summary.bytes,
             secs = format_args!("{secs:.3}"), outcome = %outcome,
             "association"
         );
     }
+}
 
-    /// The pending set. A panic while holding the lock cannot leave it
-    /// inconsistent (each operation is one queue edit), so a poisoned lock
-    /// is simply taken over.
-    fn pending(&self) -> std::sync::MutexGuard<'_, PendingSet> {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
+/// What a TLS session negotiated, for logs.
+struct TlsInfo {
+    version: String,
+    suite: String,
+    peer_subject: Option<String>,
 }
 
 #[cfg(test)]
