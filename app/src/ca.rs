@@ -253,7 +253,8 @@ pub fn new_ca(dir: &Path, opts: &CaOptions) -> Result<(), CaError> {
     validate_common_name(&opts.name)?;
     let (not_before, not_after) = validity(now_utc(), opts.days)?;
 
-    match fs::symlink_metadata(dir) {
+    // Follow a symlink here: DIR may well point at a mounted volume.
+    match fs::metadata(dir) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
             return Err(CaError::NotADirectory {
@@ -1209,6 +1210,56 @@ mod tests {
             let (ok, from_cert) = openssl(&["x509", "-in", &cert, "-noout", "-pubkey"]);
             assert!(ok, "openssl x509: {from_cert}");
             assert_eq!(from_key, from_cert);
+        }
+    }
+
+    #[test]
+    fn rustls_accepts_node_as_server_and_client() {
+        use rustls::client::danger::ServerCertVerifier;
+        use rustls::server::WebPkiClientVerifier;
+        use rustls_pki_types::{ServerName, UnixTime};
+        use std::sync::Arc;
+
+        for rsa in [false, true] {
+            let (tmp, ca) = make_ca(rsa);
+            let opts = IssueOptions {
+                rsa,
+                extra_sans: vec!["127.0.0.1".into()],
+                ..IssueOptions::new("pacs.local")
+            };
+            let (cert, _, _) = issue_into(&ca, tmp.path(), &opts);
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from(read_cert_der(&ca.join(CA_CERT_FILE))))
+                .expect("CA certificate is a valid trust anchor");
+            let roots = Arc::new(roots);
+            let node = CertificateDer::from(read_cert_der(&cert));
+            let now = UnixTime::now();
+
+            let server = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                roots.clone(),
+                provider.clone(),
+            )
+            .build()
+            .expect("server verifier");
+            for name in ["pacs.local", "127.0.0.1"] {
+                let name = ServerName::try_from(name).expect("server name");
+                server
+                    .verify_server_cert(&node, &[], &name, &[], now)
+                    .expect("rustls accepts the node as a TLS server");
+            }
+            let wrong = ServerName::try_from("other.local").expect("server name");
+            assert!(server
+                .verify_server_cert(&node, &[], &wrong, &[], now)
+                .is_err());
+
+            let client = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                .build()
+                .expect("client verifier");
+            client
+                .verify_client_cert(&node, &[], now)
+                .expect("rustls accepts the node as a TLS client");
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use minipacs::ca;
 use minipacs::config::{self, Config};
 use minipacs::dimse::scu::ScuOptions;
 use minipacs::send::{self, ClientTls, Peer};
@@ -44,6 +45,52 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// A private certificate authority for DICOM nodes (replaces dcmtk_ca.pl).
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a CA: DIR/cacert.pem and DIR/private/cakey.pem (mode 0600).
+    New {
+        /// the CA folder (created; an existing CA is never overwritten)
+        dir: PathBuf,
+        /// the CA's common name
+        #[arg(long, default_value = ca::DEFAULT_CA_NAME)]
+        name: String,
+        /// validity in days
+        #[arg(long, default_value_t = ca::DEFAULT_CA_DAYS)]
+        days: u32,
+        /// RSA 2048 instead of ECDSA P-256 (for peers limited to RSA profiles)
+        #[arg(long)]
+        rsa: bool,
+    },
+    /// Issue a node certificate (TLS server and client) signed by the CA.
+    Issue {
+        /// the CA folder
+        ca_dir: PathBuf,
+        /// where to write the certificate (PEM)
+        #[arg(long)]
+        cert: PathBuf,
+        /// where to write the private key (PKCS#8 PEM, mode 0600)
+        #[arg(long)]
+        key: PathBuf,
+        /// the node's host name or IP address (CN and subjectAltName)
+        #[arg(long)]
+        name: String,
+        /// more host names or addresses for subjectAltName (repeatable)
+        #[arg(long)]
+        san: Vec<String>,
+        /// validity in days
+        #[arg(long, default_value_t = ca::DEFAULT_CERT_DAYS)]
+        days: u32,
+        /// RSA 2048 instead of ECDSA P-256 (for peers limited to RSA profiles)
+        #[arg(long)]
+        rsa: bool,
     },
 }
 
@@ -282,6 +329,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Ca {
+            command:
+                CaCommand::New {
+                    dir,
+                    name,
+                    days,
+                    rsa,
+                },
+        } => {
+            ca::new_ca(&dir, &ca::CaOptions { name, days, rsa })
+                .with_context(|| format!("creating CA in {}", dir.display()))?;
+            println!(
+                "CA created: {} and {}",
+                dir.join(ca::CA_CERT_FILE).display(),
+                dir.join(ca::CA_KEY_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca {
+            command:
+                CaCommand::Issue {
+                    ca_dir,
+                    cert,
+                    key,
+                    name,
+                    san,
+                    days,
+                    rsa,
+                },
+        } => {
+            let issued = ca::issue(
+                &ca_dir,
+                &cert,
+                &key,
+                &ca::IssueOptions {
+                    name: name.clone(),
+                    days,
+                    rsa,
+                    extra_sans: san,
+                },
+            )
+            .with_context(|| format!("issuing a certificate for {name}"))?;
+            println!(
+                "issued {} (serial {}, valid until {}), key {}",
+                cert.display(),
+                issued.serial_hex,
+                issued.not_after,
+                key.display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config {
             command: ConfigCommand::Check { file },

@@ -6,6 +6,8 @@ This is a script that prints figures, not a test. Run it from anywhere:
     python3 tests/bench/receive.py                 # full run, N=5
     python3 tests/bench/receive.py --quick         # smoke run, N=1, small data
     python3 tests/bench/receive.py --only w1 --runs 3 --workdir /tmp/mpbench
+    python3 tests/bench/receive.py --tls           # plain DICOM, then DICOM over TLS
+    python3 tests/bench/receive.py --only-tls      # DICOM over TLS only
 
 Workloads (generated once into the work dir, reused when it is given again):
   W1  400 CT Image Storage objects of ~512 KiB (512x512 16-bit pixels),
@@ -19,6 +21,24 @@ Receivers, each a fresh process with a fresh empty output folder per run:
   3. dcmtk storescp +B +xa -dhl  (bit-preserving, no fsync)
   4. dcmtk storescp --ignore     (stores nothing: the sender's own floor)
 Senders: dcmtk storescu first, then minipacs send, each against all four.
+
+TLS (--tls adds these measurements after the plain ones, --only-tls runs
+only them; without either flag the script runs no TLS at all):
+  * A private CA and a server and a client certificate (ECDSA P-256; the
+    server's with SAN DNS:localhost and IP:127.0.0.1; both with extended key
+    usage serverAuth and clientAuth) are made once with the openssl command
+    line into <work dir>/certs and reused when the work dir is given again.
+    Both sides verify the peer against that CA (mutual TLS).
+  * Receivers: minipacs serve (durable) and serve --no-fsync, each with
+    --tls KEY CERT --tls-port P --add-cert-file CA --no-plain; dcmtk
+    storescp +tls +B +xa -dhl; and storescp +tls --ignore as the floor.
+  * Senders: dcmtk storescu +tls, then minipacs send --tls.
+  * No Python floors: the plain tables have them, and they carry no TLS.
+  * Ratios and checks are against dcmtk storescp +tls.
+  * Negotiated protocol and cipher suite: for minipacs serve, from the
+    `tls=...` field of its association log lines (every association of every
+    run); for dcmtk storescp, from storescp -d in one untimed probe
+    association per sender before the rounds.
 
 Method
   * Wall time is that of the sender process, from start to exit, so it covers
@@ -60,6 +80,8 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -81,6 +103,7 @@ MINIPACS = REPO / "target" / "release" / "minipacs"
 # earlier on PATH.
 STORESCP = "/usr/bin/storescp"
 STORESCU = "/usr/bin/storescu"
+OPENSSL = "/usr/bin/openssl"
 
 PORT_RANGE = range(12000, 12100)
 RECEIVER_AE = "PACS"
@@ -373,6 +396,98 @@ def workload_from(key: str, title: str, folder: Path) -> Workload:
 
 
 # --------------------------------------------------------------------------
+# TLS certificates
+# --------------------------------------------------------------------------
+
+CERT_DAYS = "3650"
+# Both end entities may act as either side: a receiver is also a sender
+# elsewhere, and the CA-signed pair is then usable for both.
+LEAF_EXTENSIONS = ("basicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature\n"
+                   "extendedKeyUsage=serverAuth,clientAuth\n")
+SERVER_NAMES = "subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The PEM files in the certificate folder: ca.pem, and a key and a
+    certificate for "server" and for "client"."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / "ca.pem"
+
+    def key(self, who: str) -> Path:
+        return self.folder / f"{who}.key"
+
+    def cert(self, who: str) -> Path:
+        return self.folder / f"{who}.pem"
+
+    def placeholders(self, who: str) -> dict[str, Path]:
+        """For the {key}, {cert} and {ca} placeholders of a command."""
+        return {"key": self.key(who), "cert": self.cert(who), "ca": self.ca}
+
+
+def openssl(folder: Path, *args: str) -> None:
+    """Runs the openssl command line in folder; its output is shown only
+    when it fails."""
+    done = subprocess.run([OPENSSL, *args], cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise BenchError(f"openssl {' '.join(args)} failed ({done.returncode}):\n"
+                         f"{done.stdout}{done.stderr}")
+
+
+def make_key(folder: Path, name: str) -> None:
+    openssl(folder, "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-out", name)
+
+
+def make_ca(folder: Path) -> None:
+    """A self-signed CA: its own key, CA:TRUE, may sign certificates."""
+    make_key(folder, "ca.key")
+    openssl(folder, "req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", CERT_DAYS,
+            "-subj", "/CN=minipacs bench CA",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+            "-out", "ca.pem")
+
+
+def make_leaf(folder: Path, who: str, extensions: str) -> None:
+    """A key, a signing request and a certificate signed by the CA with
+    exactly the given extensions (from an extension file, so nothing comes
+    from the system's openssl.cnf)."""
+    make_key(folder, f"{who}.key")
+    (folder / f"{who}.ext").write_text(extensions)
+    openssl(folder, "req", "-new", "-key", f"{who}.key", "-subj", f"/CN=minipacs bench {who}",
+            "-out", f"{who}.csr")
+    openssl(folder, "x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-set_serial", str(secrets.randbits(63)), "-sha256", "-days", CERT_DAYS,
+            "-extfile", f"{who}.ext", "-out", f"{who}.pem")
+
+
+def prepare_certificates(workdir: Path) -> TlsFiles:
+    """Makes the CA and both certificates once: into certs.partial, renamed
+    when done (as the workloads are), and checks that each certificate
+    verifies against the CA."""
+    final = workdir / "certs"
+    if final.is_dir():
+        print(f"  TLS: reusing {final}")
+        return TlsFiles(final)
+    partial = workdir / "certs.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    make_ca(partial)
+    make_leaf(partial, "server", LEAF_EXTENSIONS + SERVER_NAMES)
+    make_leaf(partial, "client", LEAF_EXTENSIONS)
+    openssl(partial, "verify", "-CAfile", "ca.pem", "server.pem", "client.pem")
+    partial.rename(final)
+    print(f"  TLS: made a private CA, a server and a client certificate (ECDSA P-256) in {final}")
+    return TlsFiles(final)
+
+
+# --------------------------------------------------------------------------
 # Receivers and senders
 # --------------------------------------------------------------------------
 
@@ -380,12 +495,14 @@ def workload_from(key: str, title: str, folder: Path) -> Workload:
 @dataclass(frozen=True)
 class Receiver:
     name: str
-    argv: tuple[str, ...]  # with {port} and {out} placeholders
+    argv: tuple[str, ...]  # with {port} and {out} placeholders; TLS: {key} {cert} {ca}
     dcmtk: bool
     stores: bool  # False for storescp --ignore
+    tls: bool = False
 
-    def command(self, port: int, out: Path) -> list[str]:
-        return [a.format(port=port, out=out) for a in self.argv]
+    def command(self, port: int, out: Path, tls: TlsFiles | None = None) -> list[str]:
+        files = tls.placeholders("server") if self.tls and tls else {}
+        return [a.format(port=port, out=out, **files) for a in self.argv]
 
 
 MINIPACS_SERVE = (str(MINIPACS), "serve", "--port", "{port}", "--aetitle", RECEIVER_AE,
@@ -399,24 +516,78 @@ IGNORE = Receiver("floor: storescp --ignore", (STORESCP, "--ignore", "+xa", "-ae
 RECEIVERS = (DURABLE, NO_FSYNC, DCMTK, IGNORE)
 MINIPACS_ROWS = (DURABLE.name, NO_FSYNC.name)
 
+# TLS only (--no-plain): the TLS listener is the one port minipacs binds.
+MINIPACS_SERVE_TLS = (str(MINIPACS), "serve", "--aetitle", RECEIVER_AE,
+                      "--output-directory", "{out}", "--tls", "{key}", "{cert}",
+                      "--tls-port", "{port}", "--add-cert-file", "{ca}", "--no-plain")
+DCMTK_TLS = ("+tls", "{key}", "{cert}", "--add-cert-file", "{ca}")
+TLS_DURABLE = Receiver("minipacs +tls durable", MINIPACS_SERVE_TLS, dcmtk=False, stores=True,
+                       tls=True)
+TLS_NO_FSYNC = Receiver("minipacs +tls --no-fsync", MINIPACS_SERVE_TLS + ("--no-fsync",),
+                        dcmtk=False, stores=True, tls=True)
+TLS_DCMTK = Receiver("dcmtk storescp +tls +B", (STORESCP, *DCMTK_TLS, "+B", "+xa", "-dhl",
+                                                 "-aet", RECEIVER_AE, "-od", "{out}", "{port}"),
+                     dcmtk=True, stores=True, tls=True)
+TLS_IGNORE = Receiver("floor: storescp +tls --ignore", (STORESCP, *DCMTK_TLS, "--ignore", "+xa",
+                                                        "-aet", RECEIVER_AE, "{port}"),
+                      dcmtk=True, stores=False, tls=True)
+TLS_RECEIVERS = (TLS_DURABLE, TLS_NO_FSYNC, TLS_DCMTK, TLS_IGNORE)
+
 
 @dataclass(frozen=True)
 class Sender:
     name: str
     dcmtk: bool
+    tls: bool = False
 
-    def command(self, port: int, workload: Workload) -> list[str]:
+    def command(self, port: int, paths: list[Path], tls: TlsFiles | None = None) -> list[str]:
+        """The sender's argv for these files or folders."""
         if self.dcmtk:
-            return [STORESCU, "-aec", RECEIVER_AE, "localhost", str(port),
-                    *map(str, workload.files)]
-        return [str(MINIPACS), "send", "--aetitle", SENDER_AE, "--call", RECEIVER_AE,
-                "localhost", str(port), str(workload.folder)]
+            return [STORESCU, *self.tls_options("+tls", tls), "-aec", RECEIVER_AE,
+                    "localhost", str(port), *map(str, paths)]
+        return [str(MINIPACS), "send", *self.tls_options("--tls", tls), "--aetitle", SENDER_AE,
+                "--call", RECEIVER_AE, "localhost", str(port), *map(str, paths)]
+
+    def tls_options(self, flag: str, tls: TlsFiles | None) -> list[str]:
+        """Client key and certificate, and the CA the receiver must chain to;
+        dcmtk and minipacs take them in the same order."""
+        if not self.tls:
+            return []
+        if tls is None:
+            raise BenchError(f"{self.name}: no TLS certificates")
+        return [flag, str(tls.key("client")), str(tls.cert("client")),
+                "--add-cert-file", str(tls.ca)]
 
     def env(self) -> dict[str, str]:
         return dcmtk_env() if self.dcmtk else plain_env()
 
 
 SENDERS = (Sender("dcmtk storescu", dcmtk=True), Sender("minipacs send", dcmtk=False))
+TLS_SENDERS = (Sender("dcmtk storescu +tls", dcmtk=True, tls=True),
+               Sender("minipacs send --tls", dcmtk=False, tls=True))
+
+
+@dataclass(frozen=True)
+class Suite:
+    """Receivers and senders measured together, and the rows that ratios
+    and checks compare: plain DICOM, or DICOM over TLS."""
+
+    name: str
+    receivers: tuple[Receiver, ...]
+    senders: tuple[Sender, ...]
+    durable: Receiver
+    no_fsync: Receiver
+    reference: Receiver  # dcmtk: the other side of every ratio
+    python_floors: bool
+
+    @property
+    def minipacs_rows(self) -> tuple[str, str]:
+        return (self.durable.name, self.no_fsync.name)
+
+
+PLAIN = Suite("plain", RECEIVERS, SENDERS, DURABLE, NO_FSYNC, DCMTK, python_floors=True)
+TLS = Suite("TLS", TLS_RECEIVERS, TLS_SENDERS, TLS_DURABLE, TLS_NO_FSYNC, TLS_DCMTK,
+            python_floors=False)
 
 
 # --------------------------------------------------------------------------
