@@ -197,6 +197,37 @@ def test_pynetdicom_tls_receiver(minipacs, pki, tmp_path):
     assert got == [dataset_bytes(src)]
 
 
+def test_sec1_ec_key_and_chacha20_preference(server_factory, pki, tmp_path):
+    """A SEC1 ("EC PRIVATE KEY") server key from openssl; with
+    --cipher-preference chacha20 the server picks ChaCha20-Poly1305 even
+    when the client lists AES first."""
+    server_id = openssl_cert(pki, "secserver", rsa=False)
+    assert "BEGIN EC PRIVATE KEY" in server_id[0].read_text()
+    srv = tls_server(server_factory, pki, identity=server_id, extra=["--cipher-preference", "chacha20"])
+    key, cert = pki["client"]
+    r = subprocess.run(
+        [OPENSSL, "s_client", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-CHACHA20-POLY1305",
+         "-connect", f"127.0.0.1:{srv.tls_port}", "-cert", str(cert), "-key", str(key), "-CAfile", str(pki["cacert"]), "-brief"],
+        input="", capture_output=True, text=True, timeout=20,
+    )
+    assert "Ciphersuite: ECDHE-ECDSA-CHACHA20-POLY1305" in r.stderr, r.stderr
+
+
+def test_anonymous_tls_when_client_certs_are_ignored(server_factory, minipacs, pki, tmp_path):
+    srv = tls_server(server_factory, pki, extra=["--peer-cert", "ignore"])
+    src = make_ct(tmp_path / "n.dcm", "1.2.826.0.1.3680043.10.58.1")
+    r = subprocess.run([minipacs, "send", "--anonymous-tls", "--add-cert-file", str(pki["cacert"]), "localhost", str(srv.tls_port), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (srv.store / "CT.1.2.826.0.1.3680043.10.58.1").exists()
+    # And the server certificate is verified: a sender trusting another CA refuses it.
+    other = pki["root"] / "other-ca" / "cacert.pem"
+    r = subprocess.run([minipacs, "send", "--anonymous-tls", "--add-cert-file", str(other), "localhost", str(srv.tls_port), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "certificate" in r.stderr.lower(), r.stderr
+
+
 def test_openssl_made_certificates_are_accepted(server_factory, pki, tmp_path):
     """Server and client certificates made with openssl the way dcmtk_ca.pl
     makes them (RSA 2048, traditional PKCS#1 key files)."""

@@ -514,7 +514,6 @@ DCMTK = Receiver("dcmtk storescp +B", (STORESCP, "+B", "+xa", "-dhl", "-aet", RE
 IGNORE = Receiver("floor: storescp --ignore", (STORESCP, "--ignore", "+xa", "-aet", RECEIVER_AE,
                                               "{port}"), dcmtk=True, stores=False)
 RECEIVERS = (DURABLE, NO_FSYNC, DCMTK, IGNORE)
-MINIPACS_ROWS = (DURABLE.name, NO_FSYNC.name)
 
 # TLS only (--no-plain): the TLS listener is the one port minipacs binds.
 MINIPACS_SERVE_TLS = (str(MINIPACS), "serve", "--aetitle", RECEIVER_AE,
@@ -547,6 +546,10 @@ class Sender:
                     "localhost", str(port), *map(str, paths)]
         return [str(MINIPACS), "send", *self.tls_options("--tls", tls), "--aetitle", SENDER_AE,
                 "--call", RECEIVER_AE, "localhost", str(port), *map(str, paths)]
+
+    def paths(self, workload: Workload) -> list[Path]:
+        """storescu is given the files, minipacs send the folder."""
+        return list(workload.files) if self.dcmtk else [workload.folder]
 
     def tls_options(self, flag: str, tls: TlsFiles | None) -> list[str]:
         """Client key and certificate, and the CA the receiver must chain to;
@@ -644,11 +647,15 @@ def clean_up(path: Path) -> None:
 
 
 class Bench:
-    def __init__(self, workdir: Path, children: Children, ports: Ports) -> None:
+    def __init__(self, workdir: Path, children: Children, ports: Ports,
+                 tls: TlsFiles | None = None) -> None:
         self.workdir = workdir
         self.children = children
         self.ports = ports
+        self.tls = tls
         self.errors: list[str] = []
+        # "sender -> receiver" -> {"<version> <suite>": associations seen}
+        self.negotiated: dict[str, dict[str, int]] = {}
         (workdir / "logs").mkdir(exist_ok=True)
 
     def error(self, message: str) -> None:
@@ -665,10 +672,11 @@ class Bench:
         recv_log = self.workdir / "logs" / f"{label}.receiver.log"
         send_log = self.workdir / "logs" / f"{label}.sender.log"
         env = dcmtk_env() if receiver.dcmtk else plain_env()
-        proc = self.children.start(receiver.command(port, out), recv_log, env)
+        proc = self.children.start(receiver.command(port, out, self.tls), recv_log, env)
         try:
             wait_until_listening(proc, port, receiver.name, recv_log)
-            wall, code = self.timed_send(sender.command(port, workload), send_log, sender.env())
+            wall, code = self.timed_send(sender.command(port, sender.paths(workload), self.tls),
+                                         send_log, sender.env())
             if proc.poll() is not None:
                 self.error(f"{label}: receiver exited ({exit_status(proc.returncode)}) during "
                            f"the run; sender: {exit_status(code)}. This script only stops a "
@@ -688,7 +696,14 @@ class Bench:
             self.error(f"{label}: {landed} files landed, expected {workload.count}\n"
                        f"{tail(recv_log)}")
             return None
+        if receiver.tls and not receiver.dcmtk:
+            self.note_negotiated(f"{sender.name} -> minipacs serve", minipacs_tls(recv_log))
         return sample
+
+    def note_negotiated(self, pair: str, sessions: list[str]) -> None:
+        counts = self.negotiated.setdefault(pair, {})
+        for session in sessions:
+            counts[session] = counts.get(session, 0) + 1
 
     def timed_send(self, argv: list[str], log: Path,
                    env: dict[str, str]) -> tuple[float, int | None]:
@@ -713,6 +728,39 @@ class Bench:
         wall = time.perf_counter() - started
         self.children.stop(proc)  # already exited: only forgets it
         return wall, None if timed_out.is_set() else code
+
+    # -- TLS: what dcmtk storescp negotiates ---------------------------------
+
+    def probe_storescp_tls(self, sample: Path) -> None:
+        """One untimed association from each TLS sender, with one object, to
+        storescp +tls -d, whose debug log shows each connection's protocol
+        and cipher suite. The connections come one after the other, so the
+        log's entries are the senders' in order."""
+        out = fresh_folder(self.workdir / "runs" / "probe")
+        port = self.ports.take()
+        recv_log = self.workdir / "logs" / "tls-probe.storescp.log"
+        argv = TLS_DCMTK.command(port, out, self.tls)
+        argv.insert(1, "-d")
+        proc = self.children.start(argv, recv_log, dcmtk_env())
+        try:
+            wait_until_listening(proc, port, TLS_DCMTK.name, recv_log)
+            for sender in TLS_SENDERS:
+                send_log = self.workdir / "logs" / f"tls-probe.{slug(sender.name)}.log"
+                _wall, code = self.timed_send(sender.command(port, [sample], self.tls),
+                                              send_log, sender.env())
+                if code != 0:
+                    raise BenchError(f"TLS probe: {sender.name} -> {TLS_DCMTK.name}: "
+                                     f"{exit_status(code)}\n{tail(send_log)}\n"
+                                     f"  receiver log:\n{tail(recv_log)}")
+        finally:
+            self.children.stop(proc)
+            clean_up(out)
+        sessions = storescp_tls(recv_log)
+        if len(sessions) != len(TLS_SENDERS):
+            raise BenchError(f"TLS probe: {len(sessions)} TLS connection(s) in {recv_log}, "
+                             f"expected {len(TLS_SENDERS)}")
+        for sender, session in zip(TLS_SENDERS, sessions):
+            self.note_negotiated(f"{sender.name} -> dcmtk storescp", [session])
 
     # -- floor (b): bare durability loop -------------------------------------
 
@@ -823,6 +871,32 @@ def socket_sink(listener: socket.socket, target: Path, fsync: bool, result: dict
 
 
 # --------------------------------------------------------------------------
+# TLS logs
+# --------------------------------------------------------------------------
+
+# minipacs serve, one association line each: ... tls=TLSv1_3 TLS13_AES_256_GCM_SHA384 ...
+MINIPACS_TLS = re.compile(r"\btls=(TLS\S+) (\S+)")
+# storescp -d, per connection: "D:   Protocol    : TLSv1.3" then
+# "D:   Ciphersuite : TLS_AES_256_GCM_SHA384, encryption: 256 bits"
+STORESCP_PROTOCOL = re.compile(r"^\w: +Protocol +: (\S+)", re.MULTILINE)
+STORESCP_SUITE = re.compile(r"^\w: +Ciphersuite +: ([^,\s]+)", re.MULTILINE)
+
+
+def minipacs_tls(log: Path) -> list[str]:
+    """'<version> <suite>' of every TLS association in a minipacs serve log."""
+    text = log.read_text(errors="replace")
+    return [f"{version} {suite}" for version, suite in MINIPACS_TLS.findall(text)]
+
+
+def storescp_tls(log: Path) -> list[str]:
+    """'<version> <suite>' of every TLS connection in a storescp -d log."""
+    text = log.read_text(errors="replace")
+    versions = STORESCP_PROTOCOL.findall(text)
+    suites = STORESCP_SUITE.findall(text)
+    return [f"{version} {suite}" for version, suite in zip(versions, suites)]
+
+
+# --------------------------------------------------------------------------
 # Rounds
 # --------------------------------------------------------------------------
 
@@ -836,20 +910,25 @@ def floor_names(key: str) -> tuple[str, str]:
             "floor: py socket->file copy, no fsync")
 
 
-def measure(bench: Bench, workload: Workload, sender: Sender, runs: int) -> dict[str, Row]:
-    """N rounds; each round runs every receiver and then both floors once."""
-    rows = {r.name: Row(r.name) for r in RECEIVERS}
+def measure(bench: Bench, workload: Workload, sender: Sender, runs: int,
+            suite: Suite = PLAIN) -> dict[str, Row]:
+    """N rounds; each round runs every receiver of the suite and then, for
+    plain DICOM, both Python floors once."""
+    rows = {r.name: Row(r.name) for r in suite.receivers}
     durable_floor, plain_floor = floor_names(workload.key)
-    rows[durable_floor] = Row(durable_floor)
-    rows[plain_floor] = Row(plain_floor)
+    if suite.python_floors:
+        rows[durable_floor] = Row(durable_floor)
+        rows[plain_floor] = Row(plain_floor)
     payload = workload.files[0].read_bytes() if workload.key == "w1" else b""
 
     for r in range(1, runs + 1):
-        for receiver in RECEIVERS:
+        for receiver in suite.receivers:
             label = f"{workload.key}-{slug(sender.name)}-r{r}-{slug(receiver.name)}"
             sample = bench.dicom_run(workload, sender, receiver, label)
             record(rows[receiver.name], sample)
             show_progress(label, sample)
+        if not suite.python_floors:
+            continue
         for fsync, name in ((True, durable_floor), (False, plain_floor)):
             if workload.key == "w1":
                 wall = bench.durability_loop(payload, workload.count, fsync)
@@ -900,10 +979,12 @@ def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: int) -> None:
-    dcmtk = rows[DCMTK.name]
+def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: int,
+                suite: Suite = PLAIN) -> None:
+    dcmtk = rows[suite.reference.name]
     print()
-    print(f"{workload.title} -- sender: {sender.name} -- best of {runs}")
+    tag = "" if suite is PLAIN else f"{suite.name}: "
+    print(f"{tag}{workload.title} -- sender: {sender.name} -- best of {runs}")
     header = (f"{'receiver':<44} {'best wall s':>11} {workload.unit:>10} {'recv CPU s':>10} "
               f"{'peak RSS MiB':>12} {'wall ratio':>10} {'CPU ratio':>9}")
     print(header)
@@ -911,7 +992,7 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
     for row in rows.values():
         wall = row.best_wall()
         rate = workload.rate(wall) if wall else None
-        is_minipacs = row.name in MINIPACS_ROWS
+        is_minipacs = row.name in suite.minipacs_rows
         wall_ratio = ratio(dcmtk.best_wall(), wall) if is_minipacs else None
         cpu_ratio = ratio(row.best_cpu(), dcmtk.best_cpu()) if is_minipacs else None
         note = f"  ({row.failures} failed)" if row.failures else ""
@@ -921,8 +1002,12 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
     print("  best wall: min over runs of the sender's wall time; recv CPU: min over runs of the")
     print("  receiver's utime+stime read right after the sender exits; peak RSS: max VmHWM over")
     print("  runs; wall ratio = dcmtk_wall / minipacs_wall (>1: minipacs faster); CPU ratio =")
-    print("  minipacs_cpu / dcmtk_cpu (<1: minipacs cheaper). Floors are Python, run in the same")
-    print("  rounds; they have no receiver process, hence no CPU/RSS figures. CPU is counted in")
+    if suite.python_floors:
+        print("  minipacs_cpu / dcmtk_cpu (<1: minipacs cheaper). Floors are Python, run in the same")
+        print("  rounds; they have no receiver process, hence no CPU/RSS figures. CPU is counted in")
+    else:
+        print(f"  minipacs_cpu / dcmtk_cpu (<1: minipacs cheaper); dcmtk is {suite.reference.name}.")
+        print("  Every receiver and sender does mutual TLS with the bench CA. CPU is counted in")
     print(f"  clock ticks of {1 / os.sysconf('SC_CLK_TCK') * 1000:.0f} ms.")
     if workload.key == "w2":
         print(f"  MB = 10^6 bytes; the object is {workload.total_bytes:,} bytes.")
@@ -965,12 +1050,61 @@ def check_durable_budget(w1: dict[str, Row]) -> None:
           f"= {fmt(budget, 0, 3)}s")
 
 
-def check_wall_vs_dcmtk(label: str, rows: dict[str, Row], receiver: Receiver) -> None:
-    r = ratio(rows[DCMTK.name].best_wall(), rows[receiver.name].best_wall())
-    ok = None if r is None else r >= 1.0
-    print(f"  {verdict(ok)}  {label} >= 1.0x dcmtk: {fmt(r, 0, 2)}x "
-          f"(dcmtk {fmt(rows[DCMTK.name].best_wall(), 0, 3)}s, "
+def check_wall_vs_dcmtk(label: str, rows: dict[str, Row], receiver: Receiver,
+                        reference: Receiver = DCMTK, at_least: float = 1.0,
+                        against: str = "dcmtk") -> None:
+    r = ratio(rows[reference.name].best_wall(), rows[receiver.name].best_wall())
+    ok = None if r is None else r >= at_least
+    print(f"  {verdict(ok)}  {label} >= {at_least:.1f}x {against}: {fmt(r, 0, 2)}x "
+          f"(dcmtk {fmt(rows[reference.name].best_wall(), 0, 3)}s, "
           f"minipacs {fmt(rows[receiver.name].best_wall(), 0, 3)}s)")
+
+
+TLS_W2_FLOOR = 1.5  # minipacs at least this many times as fast as dcmtk +tls on W2
+TLS_W1_FLOOR = 1.0
+TLS_RSS_CEILING_MIB = 16.0
+
+
+def print_tls_checks(results: dict[tuple[str, str], dict[str, Row]]) -> None:
+    """W1 compares minipacs --no-fsync (dcmtk does not fsync either), W2 both
+    minipacs receivers; peak RSS is the largest over both workloads."""
+    print()
+    print("TLS checks (informational)")
+    print("--------------------------")
+    for sender in TLS_SENDERS:
+        w1 = results.get(("w1", sender.name))
+        w2 = results.get(("w2", sender.name))
+        print(f"sender: {sender.name}")
+        if w1:
+            check_wall_vs_dcmtk(f"TLS W1: {TLS_NO_FSYNC.name}", w1, TLS_NO_FSYNC, TLS_DCMTK,
+                                TLS_W1_FLOOR, "dcmtk +tls")
+        if w2:
+            for receiver in (TLS_DURABLE, TLS_NO_FSYNC):
+                check_wall_vs_dcmtk(f"TLS W2: {receiver.name}", w2, receiver, TLS_DCMTK,
+                                    TLS_W2_FLOOR, "dcmtk +tls")
+        for receiver in (TLS_DURABLE, TLS_NO_FSYNC):
+            check_rss(receiver, [rows for rows in (w1, w2) if rows])
+
+
+def check_rss(receiver: Receiver, tables: list[dict[str, Row]]) -> None:
+    peaks = [rows[receiver.name].peak_rss() for rows in tables]
+    peak = max((p for p in peaks if p is not None), default=None)
+    ok = None if peak is None else peak <= TLS_RSS_CEILING_MIB
+    print(f"  {verdict(ok)}  TLS peak RSS <= {TLS_RSS_CEILING_MIB:.0f} MiB, {receiver.name}: "
+          f"{fmt(peak, 0, 1)} MiB")
+
+
+def print_negotiated(negotiated: dict[str, dict[str, int]]) -> None:
+    """Protocol and cipher suite per sender -> receiver pair, with how many
+    associations showed each."""
+    print()
+    print("TLS negotiated (protocol, cipher suite)")
+    print("---------------------------------------")
+    for pair, counts in negotiated.items():
+        seen = ", ".join(f"{session} (x{n})" for session, n in counts.items())
+        print(f"  {pair:<44} {seen or '- (not in the log)'}")
+    print("  minipacs serve: from its association log lines, every association of every run;")
+    print("  dcmtk storescp: from storescp -d, one probe association per sender before the rounds.")
 
 
 def check_cpu(label: str, rows: dict[str, Row], receiver: Receiver) -> None:
@@ -994,10 +1128,12 @@ def ensure_binary() -> None:
         raise BenchError(f"cargo build did not produce {MINIPACS}")
 
 
-def check_tools() -> None:
+def check_tools(tls: bool) -> None:
     for tool in (STORESCP, STORESCU):
         if not os.access(tool, os.X_OK):
             raise BenchError(f"{tool} not found (apt-get install dcmtk)")
+    if tls and not os.access(OPENSSL, os.X_OK):
+        raise BenchError(f"{OPENSSL} not found (apt-get install openssl)")
 
 
 def filesystem_type(path: Path) -> str:
@@ -1044,14 +1180,30 @@ def w2_name(size: int) -> str:
     return f"w2-ct-{size // MIB}MiB"
 
 
-def describe_machine() -> None:
+def describe_machine(tls: bool) -> None:
     version = subprocess.run([str(MINIPACS), "--version"], capture_output=True, text=True)
     dcmtk = subprocess.run([STORESCP, "--version"], capture_output=True, text=True)
     first = dcmtk.stdout.splitlines()[0] if dcmtk.stdout else "?"
     print(f"minipacs: {version.stdout.strip()} ({MINIPACS})")
     print(f"dcmtk:    {first.strip()}")
+    if tls:
+        linked = [line.strip("- ").strip() for line in dcmtk.stdout.splitlines()
+                  if "OpenSSL" in line]
+        openssl_version = subprocess.run([OPENSSL, "version"], capture_output=True, text=True)
+        print(f"openssl:  {openssl_version.stdout.strip()} (dcmtk links "
+              f"{linked[0] if linked else '?'}); cpu flags: {cpu_crypto_flags()}")
     print(f"machine:  {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"python {sys.version.split()[0]}")
+
+
+def cpu_crypto_flags() -> str:
+    """Which of the CPU features that AES-GCM and ChaCha20 lean on are there."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "?"
+    wanted = ("aes", "pclmulqdq", "avx2", "vaes", "vpclmulqdq", "sha_ni")
+    return " ".join(f for f in wanted if f in flags) or "none of aes/pclmulqdq/avx2"
 
 
 def parse_args() -> argparse.Namespace:
@@ -1062,6 +1214,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: N=1, W1 with 40 objects, W2 of 64 MiB")
     p.add_argument("--only", choices=("w1", "w2"), help="run one workload only")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--tls", action="store_true",
+                     help="after the plain measurements, measure DICOM over TLS too")
+    tls.add_argument("--only-tls", action="store_true",
+                     help="measure DICOM over TLS only")
     p.add_argument("--workdir", type=Path,
                    help="where data, outputs and logs go; kept and reused "
                         "(default: a fresh temp dir under /tmp, removed at the end)")
@@ -1070,15 +1227,31 @@ def parse_args() -> argparse.Namespace:
         args.runs = 1 if args.quick else 5
     if args.runs < 1:
         p.error("--runs must be at least 1")
+    args.suites = (TLS,) if args.only_tls else (PLAIN, TLS) if args.tls else (PLAIN,)
     return args
+
+
+def measure_suite(bench: Bench, suite: Suite, workloads: list[Workload],
+                  runs: int) -> dict[tuple[str, str], dict[str, Row]]:
+    """Every workload with every sender of the suite; keyed by (workload
+    key, sender name)."""
+    results = {}
+    for workload in workloads:
+        for sender in suite.senders:
+            tag = "" if suite is PLAIN else f" over {suite.name}"
+            print(f"\nmeasuring {workload.title}{tag}, sender {sender.name}, {runs} round(s)",
+                  flush=True)
+            results[(workload.key, sender.name)] = measure(bench, workload, sender, runs, suite)
+    return results
 
 
 def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
     w1_count = 40 if args.quick else 400
     w2_bytes = (64 if args.quick else 512) * MIB
+    with_tls = TLS in args.suites
     ensure_binary()
-    check_tools()
-    describe_machine()
+    check_tools(with_tls)
+    describe_machine(with_tls)
     check_disk(workdir, w1_count, w2_bytes, args.only)
 
     print("data:")
@@ -1094,19 +1267,28 @@ def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
         workloads.append(workload_from(
             "w2", f"W2: one {w2_bytes // MIB} MiB CT object", folder))
 
-    bench = Bench(workdir, children, Ports())
-    results: dict[tuple[str, str], dict[str, Row]] = {}
-    for workload in workloads:
-        for sender in SENDERS:
-            print(f"\nmeasuring {workload.title}, sender {sender.name}, {args.runs} round(s)",
-                  flush=True)
-            results[(workload.key, sender.name)] = measure(bench, workload, sender, args.runs)
+    tls_files = prepare_certificates(workdir) if with_tls else None
+
+    bench = Bench(workdir, children, Ports(), tls_files)
+    if with_tls:
+        sample = min((f for w in workloads for f in w.files), key=lambda f: f.stat().st_size)
+        print(f"\nTLS probe: one object from each TLS sender to {TLS_DCMTK.name} -d", flush=True)
+        bench.probe_storescp_tls(sample)
+    results: dict[str, dict[tuple[str, str], dict[str, Row]]] = {}
+    for suite in args.suites:
+        results[suite.name] = measure_suite(bench, suite, workloads, args.runs)
 
     print("\n" + "=" * 78)
-    for workload in workloads:
-        for sender in SENDERS:
-            print_table(workload, sender, results[(workload.key, sender.name)], args.runs)
-    print_checks(results)
+    for suite in args.suites:
+        for workload in workloads:
+            for sender in suite.senders:
+                print_table(workload, sender, results[suite.name][(workload.key, sender.name)],
+                            args.runs, suite)
+    if PLAIN in args.suites:
+        print_checks(results[PLAIN.name])
+    if with_tls:
+        print_tls_checks(results[TLS.name])
+        print_negotiated(bench.negotiated)
 
     if bench.errors:
         print(f"\n!!! {len(bench.errors)} run(s) FAILED:")
