@@ -12,6 +12,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -58,8 +59,20 @@ def wait_port(port, proc=None, timeout=10):
     raise AssertionError(f"port {port} never opened")
 
 
+def open_for_worker(store):
+    """Started as root, the server runs its network side as an unprivileged
+    user, which must be able to reach the store: pytest makes its temporary
+    folders 0700, so open the store's ancestors for traversal (not for
+    reading)."""
+    for folder in pathlib.Path(store).parents:
+        if str(folder).startswith(tempfile.gettempdir() + "/") and folder.stat().st_uid == os.getuid():
+            os.chmod(folder, folder.stat().st_mode | 0o711)
+
+
 class Server:
     """A `minipacs serve` process on a free port with its own store."""
+
+    started = 0
 
     def __init__(self, binary, store, extra=(), port=None, aetitle="MINIPACS"):
         self.binary = binary
@@ -67,10 +80,12 @@ class Server:
         self.port = port or free_port()
         self.aetitle = aetitle
         self.extra = list(extra)
-        self.log_path = self.store.parent / f"server-{self.port}.log"
+        Server.started += 1
+        self.log_path = self.store.parent / f"server-{self.port}-{Server.started}.log"
         self.proc = None
 
     def start(self):
+        open_for_worker(self.store)
         self.log = open(self.log_path, "ab")
         cmd = [
             self.binary,
@@ -85,6 +100,13 @@ class Server:
         ]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
         wait_port(self.port, self.proc)
+        # The port opens when it is bound (by the keeper, when root); the
+        # server is ready when its listeners run.
+        deadline = time.monotonic() + 10
+        while "listening" not in self.logs():
+            assert self.proc.poll() is None, f"server exited early:\n{self.logs()[-2000:]}"
+            assert time.monotonic() < deadline, "server never said it was listening"
+            time.sleep(0.01)
         return self
 
     def alive(self):
@@ -103,9 +125,18 @@ class Server:
         self.log.close()
         return self.proc.returncode
 
-    def status(self, field):
-        """A field of /proc/PID/status, e.g. VmHWM, in kB."""
-        with open(f"/proc/{self.proc.pid}/status") as f:
+    def worker_pid(self):
+        """The process that talks to the network: the keeper's child when
+        started as root (privilege separation), else the process itself."""
+        try:
+            children = pathlib.Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+        except FileNotFoundError:
+            return None
+        return int(children[0]) if children else self.proc.pid
+
+    def status(self, field, pid=None):
+        """A field of /proc/PID/status of the worker, e.g. VmHWM, in kB."""
+        with open(f"/proc/{pid or self.worker_pid()}/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])

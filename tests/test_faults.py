@@ -81,9 +81,13 @@ def test_kill_9_mid_object_then_restart_sweeps(minipacs, tmp_path):
         c.send(dul.pdata(3, True, True, dul.c_store_rq(1, dul.CT_IMAGE, "1.2.3.4.6")))
         c.send(dul.pdata(3, False, False, DATASET[:100000]))
         assert wait_until(lambda: len(srv.temp_files()) == 1)
+        worker = srv.worker_pid()
         srv.proc.kill()
         srv.proc.wait()
         c.close()
+        # The worker dies with its keeper (as systemd would kill the whole
+        # service); a restart comes after it is gone.
+        assert wait_until(lambda: not os.path.exists(f"/proc/{worker}"))
         # The crash leaves a temp file, and nothing under a final name.
         assert len(srv.temp_files()) == 1
         assert srv.stored_files() == []

@@ -55,6 +55,10 @@ pub struct Config {
     pub accept_private_sop_classes: bool,
     /// Serve plain (unencrypted) DICOM on `port`.
     pub listen_plain: bool,
+    /// When started as root: the user the network-facing worker runs as.
+    pub user: String,
+    /// When started as root: the worker's group (default: the user's group).
+    pub group: Option<String>,
     /// DICOM over TLS.
     pub tls: TlsConfig,
 }
@@ -132,10 +136,16 @@ impl Default for Config {
             shutdown_timeout: 10,
             accept_private_sop_classes: true,
             listen_plain: true,
+            user: DEFAULT_USER.into(),
+            group: None,
             tls: TlsConfig::default(),
         }
     }
 }
+
+/// The worker's user when none is configured (made by the package's
+/// sysusers.d file).
+pub const DEFAULT_USER: &str = "minipacs";
 
 /// The smallest max PDU PS3.8 lets a receiver announce... in practice.
 pub const MIN_PDU: u32 = 4096;
@@ -288,6 +298,9 @@ impl Config {
             if let Err(m) = check_ae_title(ae) {
                 bad("aetitle", format!("[tls] {m}"));
             }
+        }
+        if self.user.is_empty() || self.user == "root" {
+            bad("user", "must name an unprivileged user".into());
         }
         if tls.reload_check == 0 || tls.reload_check > 3600 {
             bad("reload_check", "must be 1 to 3600 s".into());

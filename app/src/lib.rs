@@ -11,6 +11,8 @@ pub mod config;
 pub mod dimse;
 pub mod net;
 pub mod part10;
+pub mod privsep;
 pub mod send;
+pub mod service;
 pub mod store;
 pub mod tls;

@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use minipacs::ca;
 use minipacs::config::{self, Config};
 use minipacs::dimse::scu::ScuOptions;
+use minipacs::privsep;
 use minipacs::send::{self, ClientTls, Peer};
+use minipacs::service;
 use minipacs::store::Layout;
 use minipacs::tls::{self, CipherPreference, ClientTlsFiles, PeerCertPolicy};
 
@@ -163,6 +165,12 @@ struct ServeArgs {
     /// Do not serve plain DICOM (TLS only).
     #[arg(long)]
     no_plain: bool,
+    /// When started as root: the user the network-facing worker runs as.
+    #[arg(long)]
+    user: Option<String>,
+    /// When started as root: the worker's group.
+    #[arg(long)]
+    group: Option<String>,
 }
 
 #[derive(Args)]
@@ -273,8 +281,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
+            if let Ok(spec) = std::env::var(privsep::WORKER_ENV) {
+                return privsep::run_worker(&spec);
+            }
             let config = serve_config(args)?;
-            runtime()?.block_on(minipacs::net::run(&config, stop_signal()))?;
+            if nix::unistd::geteuid().is_root() {
+                return privsep::run_keeper(config);
+            }
+            tracing::info!("running unprivileged as one process (privilege separation needs root)");
+            let sockets = minipacs::net::Sockets::bind(&config)?;
+            let tls = match config.tls.files() {
+                Some(files) => minipacs::net::TlsFeed::Files(files),
+                None => minipacs::net::TlsFeed::None,
+            };
+            runtime()?.block_on(async {
+                let (events, events_rx) = tokio::sync::mpsc::channel(64);
+                let notifier = tokio::spawn(service::notify_systemd(events_rx));
+                let result =
+                    minipacs::net::run(&config, sockets, tls, events, service::stop_signal()).await;
+                let _ = notifier.await;
+                result
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(args) => {
@@ -454,23 +481,12 @@ fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     if args.no_plain {
         config.listen_plain = false;
     }
+    if let Some(v) = args.user {
+        config.user = v;
+    }
+    if let Some(v) = args.group {
+        config.group = Some(v);
+    }
     config.validate()?;
     Ok(config)
-}
-
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("stop requested");
 }

@@ -15,7 +15,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::crypto::CryptoProvider;
@@ -132,56 +132,111 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// A PEM file's bytes and where they came from (for error messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PemFile {
+    /// the file it was read from
+    pub path: PathBuf,
+    /// its contents
+    pub pem: Vec<u8>,
+}
+
+impl PemFile {
+    fn read(path: &Path) -> Result<Self, TlsError> {
+        Ok(PemFile {
+            path: path.to_path_buf(),
+            pem: read(path)?,
+        })
+    }
+
+    /// Every certificate in the file.
+    pub fn certs(&self) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(&self.pem)
+            .collect::<Result<_, _>>()
+            .map_err(|e| TlsError::Pem {
+                path: self.path.clone(),
+                what: format!("bad PEM: {e}"),
+            })?;
+        if certs.is_empty() {
+            return Err(TlsError::Pem {
+                path: self.path.clone(),
+                what: "no CERTIFICATE in file".into(),
+            });
+        }
+        Ok(certs)
+    }
+
+    /// The private key in the file (PKCS#8, SEC1 or PKCS#1).
+    pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
+        PrivateKeyDer::from_pem_slice(&self.pem).map_err(|e| TlsError::Pem {
+            path: self.path.clone(),
+            what: format!("no usable private key ({e}); encrypted keys are not supported"),
+        })
+    }
+}
+
+/// The bytes of a receiver's TLS identity and trust, read by whoever may
+/// read them: the root keeper when privileges are separated, so that the
+/// network-facing worker never needs access to the key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsMaterial {
+    /// private key
+    pub key: PemFile,
+    /// certificate chain, leaf first
+    pub cert: PemFile,
+    /// CA certificates for client verification
+    pub cas: Vec<PemFile>,
+}
+
+impl TlsMaterial {
+    /// Reads the files (CA folders expanded to their `*.pem`, `*.crt`, `*.cer`).
+    pub fn read(files: &ServerTlsFiles) -> Result<Self, TlsError> {
+        let mut cas = Vec::new();
+        for path in &files.ca_files {
+            cas.push(PemFile::read(path)?);
+        }
+        for dir in &files.ca_dirs {
+            let entries = fs::read_dir(dir).map_err(|source| TlsError::Read {
+                path: dir.clone(),
+                source,
+            })?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .is_some_and(|x| x == "pem" || x == "crt" || x == "cer")
+                })
+                .collect();
+            found.sort();
+            for path in found {
+                cas.push(PemFile::read(&path)?);
+            }
+        }
+        Ok(TlsMaterial {
+            key: PemFile::read(&files.key)?,
+            cert: PemFile::read(&files.cert)?,
+            cas,
+        })
+    }
+}
+
 /// Reads every certificate of a PEM file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let bytes = read(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
-        .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::Pem {
-            path: path.to_path_buf(),
-            what: format!("bad PEM: {e}"),
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::Pem {
-            path: path.to_path_buf(),
-            what: "no CERTIFICATE in file".into(),
-        });
-    }
-    Ok(certs)
+    PemFile::read(path)?.certs()
 }
 
 /// Reads a private key (PKCS#8, SEC1 or PKCS#1).
 pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let bytes = read(path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| TlsError::Pem {
-        path: path.to_path_buf(),
-        what: format!("no usable private key ({e}); encrypted keys are not supported"),
-    })
+    PemFile::read(path)?.key()
 }
 
-/// Loads CA certificates from files and folders into a root store.
-pub fn read_roots(files: &[PathBuf], dirs: &[PathBuf]) -> Result<RootCertStore, TlsError> {
-    let mut all = files.to_vec();
-    for dir in dirs {
-        let entries = fs::read_dir(dir).map_err(|source| TlsError::Read {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut found: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.extension()
-                    .is_some_and(|x| x == "pem" || x == "crt" || x == "cer")
-            })
-            .collect();
-        found.sort();
-        all.extend(found);
-    }
+/// Puts CA certificates into a root store.
+fn roots_of(cas: &[PemFile]) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for path in &all {
-        for cert in read_certs(path)? {
+    for file in cas {
+        for cert in file.certs()? {
             roots.add(cert).map_err(|e| TlsError::Pem {
-                path: path.clone(),
+                path: file.path.clone(),
                 what: format!("not a usable CA certificate: {e}"),
             })?;
         }
@@ -210,19 +265,43 @@ pub fn check_leaf(path: &Path, der: &CertificateDer<'_>) -> Result<CertSummary, 
     })
 }
 
-/// Builds the receiver's configuration from its files.
-pub fn server_config(files: &ServerTlsFiles) -> Result<(ServerConfig, CertSummary), TlsError> {
-    let chain = read_certs(&files.cert)?;
-    let summary = check_leaf(&files.cert, &chain[0])?;
-    let key = read_key(&files.key)?;
-    let provider = Arc::new(provider(files.cipher_preference));
+/// How the receiver negotiates, apart from its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsPolicy {
+    /// client certificate policy
+    pub peer_cert: PeerCertPolicy,
+    /// cipher suite preference
+    pub cipher_preference: CipherPreference,
+}
+
+impl ServerTlsFiles {
+    /// The negotiation policy part of these settings.
+    pub fn policy(&self) -> TlsPolicy {
+        TlsPolicy {
+            peer_cert: self.peer_cert,
+            cipher_preference: self.cipher_preference,
+        }
+    }
+}
+
+/// Builds the receiver's configuration; fails on anything that would not
+/// serve: unreadable PEM, a certificate not valid now, a key that does not
+/// match the certificate, no CA while client certificates are verified.
+pub fn server_config(
+    material: &TlsMaterial,
+    policy: TlsPolicy,
+) -> Result<(ServerConfig, CertSummary), TlsError> {
+    let chain = material.cert.certs()?;
+    let summary = check_leaf(&material.cert.path, &chain[0])?;
+    let key = material.key.key()?;
+    let provider = Arc::new(provider(policy.cipher_preference));
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| TlsError::Rustls(e.to_string()))?;
-    let builder = match files.peer_cert {
+    let builder = match policy.peer_cert {
         PeerCertPolicy::Ignore => builder.with_no_client_auth(),
-        policy => {
-            let roots = read_roots(&files.ca_files, &files.ca_dirs)?;
+        peer_cert => {
+            let roots = roots_of(&material.cas)?;
             if roots.is_empty() {
                 return Err(TlsError::Rustls(
                     "client certificates are verified but no CA certificate was given \
@@ -232,7 +311,7 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<(ServerConfig, CertSummar
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
-            let verifier = if policy == PeerCertPolicy::Verify {
+            let verifier = if peer_cert == PeerCertPolicy::Verify {
                 verifier.allow_unauthenticated()
             } else {
                 verifier
@@ -246,11 +325,11 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<(ServerConfig, CertSummar
     let mut config = builder.with_single_cert(chain, key).map_err(|e| {
         TlsError::Rustls(format!(
             "{} and {}: {e}",
-            files.key.display(),
-            files.cert.display()
+            material.key.path.display(),
+            material.cert.path.display()
         ))
     })?;
-    config.ignore_client_order = files.cipher_preference == CipherPreference::Chacha20;
+    config.ignore_client_order = policy.cipher_preference == CipherPreference::Chacha20;
     Ok((config, summary))
 }
 
@@ -273,23 +352,20 @@ fn stamp(files: &ServerTlsFiles) -> Stamp {
         .collect()
 }
 
-/// The receiver's current TLS configuration, reloadable.
+/// The receiver's current TLS configuration, replaceable while serving.
 pub struct TlsReloader {
-    files: ServerTlsFiles,
+    policy: TlsPolicy,
     current: RwLock<Arc<ServerConfig>>,
-    last_stamp: Mutex<Stamp>,
 }
 
 impl TlsReloader {
-    /// Loads the files; fails if they do not make a working configuration.
-    pub fn new(files: ServerTlsFiles) -> Result<(Self, CertSummary), TlsError> {
-        let last_stamp = Mutex::new(stamp(&files));
-        let (config, summary) = server_config(&files)?;
+    /// Builds the first configuration; fails if it would not serve.
+    pub fn new(material: &TlsMaterial, policy: TlsPolicy) -> Result<(Self, CertSummary), TlsError> {
+        let (config, summary) = server_config(material, policy)?;
         Ok((
             TlsReloader {
-                files,
+                policy,
                 current: RwLock::new(Arc::new(config)),
-                last_stamp,
             },
             summary,
         ))
@@ -300,69 +376,64 @@ impl TlsReloader {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Reloads the files now. On failure the old configuration stays.
-    pub fn reload(&self) -> Result<CertSummary, TlsError> {
-        *self
-            .last_stamp
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = stamp(&self.files);
-        let (config, summary) = server_config(&self.files)?;
+    /// Switches new handshakes to `material`. On failure the old
+    /// configuration stays.
+    pub fn apply(&self, material: &TlsMaterial) -> Result<CertSummary, TlsError> {
+        let (config, summary) = server_config(material, self.policy)?;
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(config);
         Ok(summary)
     }
+}
 
-    /// Reloads if any file changed since the last load. Returns whether a
-    /// change was seen.
-    fn reload_if_changed(&self, why: &str) -> bool {
-        let now = stamp(&self.files);
-        {
-            let mut last = self
-                .last_stamp
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            if *last == now {
-                return false;
+/// Watches a receiver's TLS files: SIGHUP, or a change of any file (checked
+/// every `poll`; certbot replaces the symlinks in `live/`, which a change
+/// of inode shows), reads them again and hands the new material to
+/// `apply`, which logs and says whether it took.
+pub async fn watch_files(
+    files: ServerTlsFiles,
+    poll: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut apply: impl FnMut(TlsMaterial, &str),
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(poll);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = stamp(&files);
+    loop {
+        let why = tokio::select! {
+            _ = crate::net::server::stopped(&mut stop) => return,
+            Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = tick.tick() => {
+                if stamp(&files) == last {
+                    continue;
+                }
+                "files changed"
             }
-            *last = now;
-        }
-        self.reload_logged(why);
-        true
-    }
-
-    fn reload_logged(&self, why: &str) {
-        match self.reload() {
-            Ok(s) => info!(
-                why, subject = %s.subject, serial = %s.serial, not_after = %s.not_after,
-                "TLS certificate reloaded; new handshakes use it"
-            ),
+        };
+        last = stamp(&files);
+        match TlsMaterial::read(&files) {
+            Ok(material) => apply(material, why),
             Err(e) => {
                 warn!(why, error = %e, "TLS reload failed; the previous certificate keeps serving")
             }
         }
     }
+}
 
-    /// Reloads on SIGHUP and whenever the files change (checked every
-    /// `poll`; certbot replaces the symlinks in `live/`, which a change of
-    /// inode shows), until `stop` turns true.
-    pub async fn watch(
-        self: Arc<Self>,
-        poll: Duration,
-        mut stop: tokio::sync::watch::Receiver<bool>,
-    ) {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut hangup = signal(SignalKind::hangup()).ok();
-        let mut tick = tokio::time::interval(poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = crate::net::server::stopped(&mut stop) => return,
-                Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    self.reload_logged("SIGHUP");
-                }
-                _ = tick.tick() => {
-                    self.reload_if_changed("files changed");
-                }
-            }
+/// Applies new material to a reloader in this process, logging the outcome.
+pub fn apply_logged(reloader: &TlsReloader, material: &TlsMaterial, why: &str) -> bool {
+    match reloader.apply(material) {
+        Ok(s) => {
+            info!(
+                why, subject = %s.subject, serial = %s.serial, not_after = %s.not_after,
+                "TLS certificate reloaded; new handshakes use it"
+            );
+            true
+        }
+        Err(e) => {
+            warn!(why, error = %e, "TLS reload failed; the previous certificate keeps serving");
+            false
         }
     }
 }
@@ -387,7 +458,12 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
         }
         roots
     } else {
-        read_roots(&files.ca_files, &[])?
+        let cas = files
+            .ca_files
+            .iter()
+            .map(|p| PemFile::read(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        roots_of(&cas)?
     };
     let builder = ClientConfig::builder_with_provider(Arc::new(provider(CipherPreference::Aes)))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])

@@ -87,6 +87,30 @@ pub struct Stats {
     pub objects_failed: AtomicU64,
     /// data set bytes stored since start
     pub bytes_stored: AtomicU64,
+    /// the last failure, for status reports
+    pub last_error: std::sync::Mutex<String>,
+}
+
+impl Stats {
+    /// One line for systemd's STATUS and the log bundle.
+    pub fn summary(&self) -> String {
+        let last = self
+            .last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default();
+        format!(
+            "{} association(s); {} object(s) stored, {} failed{}",
+            self.active_associations.load(Ordering::Relaxed),
+            self.objects_stored.load(Ordering::Relaxed),
+            self.objects_failed.load(Ordering::Relaxed),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!("; last error: {last}")
+            }
+        )
+    }
 }
 
 /// What every association of a server shares.
@@ -466,6 +490,9 @@ async fn finish_object<W: AsyncWrite + Unpin>(
     } else {
         summary.failed += 1;
         stats.objects_failed.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = stats.last_error.lock() {
+            *last = format!("{code:04X} {}", comment.as_deref().unwrap_or(""));
+        }
         warn!(
             peer = %peer.addr,
             calling = %peer.calling_ae,

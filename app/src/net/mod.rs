@@ -8,19 +8,70 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::config::Config;
 use crate::dimse::negotiation::AcceptPolicy;
 use crate::dimse::scp::{ScpShared, Stats};
+use crate::service::ServiceEvent;
 use crate::store::{Store, StoreOptions};
-use crate::tls::TlsReloader;
+use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
 use server::{Listener, ServerLimits, SharedBounds};
 
-/// Opens the store, binds the ports and serves until `stop` resolves.
+/// The listening sockets, bound before privileges are dropped.
+#[derive(Debug, Default)]
+pub struct Sockets {
+    /// plain DICOM
+    pub plain: Option<std::net::TcpListener>,
+    /// DICOM over TLS
+    pub tls: Option<std::net::TcpListener>,
+}
+
+impl Sockets {
+    /// Binds the ports the configuration asks for.
+    pub fn bind(config: &Config) -> anyhow::Result<Self> {
+        let bind = |port: u16| -> anyhow::Result<std::net::TcpListener> {
+            let socket = std::net::TcpListener::bind((config.bind, port))
+                .with_context(|| format!("binding {}:{port}", config.bind))?;
+            socket.set_nonblocking(true)?;
+            Ok(socket)
+        };
+        Ok(Sockets {
+            plain: config.listen_plain.then(|| bind(config.port)).transpose()?,
+            tls: config
+                .tls
+                .files()
+                .map(|_| bind(config.tls.port))
+                .transpose()?,
+        })
+    }
+}
+
+/// Where the TLS listener's certificates come from.
+pub enum TlsFeed {
+    /// No TLS listener.
+    None,
+    /// This process reads the files itself and watches them.
+    Files(ServerTlsFiles),
+    /// The privileged keeper reads them and sends each new set.
+    Keeper {
+        /// the first set
+        first: TlsMaterial,
+        /// the files' policy
+        policy: TlsPolicy,
+        /// later sets
+        updates: mpsc::Receiver<TlsMaterial>,
+    },
+}
+
+/// Opens the store and serves on `sockets` until `stop` resolves, telling
+/// `events` how it goes.
 pub async fn run(
     config: &Config,
+    sockets: Sockets,
+    tls_feed: TlsFeed,
+    events: mpsc::Sender<ServiceEvent>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (store, swept) = Store::open(StoreOptions {
@@ -63,8 +114,8 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
-    if config.listen_plain {
-        let socket = bind(config, config.port).await?;
+    if let Some(socket) = sockets.plain {
+        let socket = TcpListener::from_std(socket)?;
         info!(
             aetitle = %config.aetitle, addr = %socket.local_addr()?, tls = false,
             store = %config.output_directory.display(), layout = ?config.layout,
@@ -76,27 +127,70 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    if let Some(files) = config.tls.files() {
-        let (reloader, cert) = TlsReloader::new(files).context("TLS configuration")?;
+    if let Some(socket) = sockets.tls {
+        let (first, policy, updates, files) = match tls_feed {
+            TlsFeed::None => anyhow::bail!("a TLS port without TLS material"),
+            TlsFeed::Files(files) => (
+                TlsMaterial::read(&files).context("TLS configuration")?,
+                files.policy(),
+                None,
+                Some(files),
+            ),
+            TlsFeed::Keeper {
+                first,
+                policy,
+                updates,
+            } => (first, policy, Some(updates), None),
+        };
+        let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
         let reloader = Arc::new(reloader);
-        let socket = bind(config, config.tls.port).await?;
+        let socket = TcpListener::from_std(socket)?;
         let aetitle = config.tls.aetitle.as_deref().unwrap_or(&config.aetitle);
         info!(
             %aetitle, addr = %socket.local_addr()?, tls = true,
             subject = %cert.subject, serial = %cert.serial, not_after = %cert.not_after,
-            peer_cert = ?config.tls.peer_cert, cipher_preference = ?config.tls.cipher_preference,
+            peer_cert = ?policy.peer_cert, cipher_preference = ?policy.cipher_preference,
             store = %config.output_directory.display(), free = %free, "listening"
         );
-        tokio::spawn(Arc::clone(&reloader).watch(
-            Duration::from_secs(config.tls.reload_check),
-            stop_rx.clone(),
-        ));
+        let target = Arc::clone(&reloader);
+        let notify = events.clone();
+        let apply = move |material: TlsMaterial, why: &str| {
+            let _ = notify.try_send(ServiceEvent::Reloading);
+            crate::tls::apply_logged(&target, &material, why);
+            let _ = notify.try_send(ServiceEvent::Reloaded);
+        };
+        match (files, updates) {
+            (Some(files), _) => {
+                tokio::spawn(crate::tls::watch_files(
+                    files,
+                    Duration::from_secs(config.tls.reload_check),
+                    stop_rx.clone(),
+                    apply,
+                ));
+            }
+            (None, Some(mut updates)) => {
+                let apply = apply;
+                tokio::spawn(async move {
+                    while let Some(material) = updates.recv().await {
+                        apply(material, "new certificate from the keeper");
+                    }
+                });
+            }
+            (None, None) => {}
+        }
         listeners.spawn(server::serve(
             socket,
             listener_for(aetitle, Some(reloader)),
             stop_rx.clone(),
         ));
     }
+    let _ = events.send(ServiceEvent::Ready).await;
+    tokio::spawn(crate::service::heartbeat(events.clone()));
+    tokio::spawn(report_status(
+        Arc::clone(&stats),
+        Arc::clone(&store),
+        events.clone(),
+    ));
     tokio::select! {
         _ = stop => {}
         Some(ended) = listeners.join_next() => {
@@ -104,6 +198,7 @@ pub async fn run(
             ended.context("listener task")??;
         }
     }
+    let _ = events.send(ServiceEvent::Stopping).await;
     let _ = stop_tx.send(true);
     while let Some(ended) = listeners.join_next().await {
         ended.context("listener task")??;
@@ -112,8 +207,26 @@ pub async fn run(
     Ok(())
 }
 
-async fn bind(config: &Config, port: u16) -> anyhow::Result<TcpListener> {
-    TcpListener::bind((config.bind, port))
-        .await
-        .with_context(|| format!("binding {}:{port}", config.bind))
+/// Sends a status line every few seconds (and at once when it changes).
+async fn report_status(stats: Arc<Stats>, store: Arc<Store>, events: mpsc::Sender<ServiceEvent>) {
+    let mut last = String::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let free = store
+            .free_space()
+            .map(|(bytes, pct)| format!("{:.1} GB free ({pct:.0} %)", bytes as f64 / 1e9))
+            .unwrap_or_else(|_| "free space unknown".into());
+        let line = format!("{}; {free}", stats.summary());
+        if line != last {
+            if events
+                .send(ServiceEvent::Status(line.clone()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            last = line;
+        }
+    }
 }

@@ -1,0 +1,565 @@
+//! Privilege separation: a root *keeper* and an unprivileged *worker*.
+//!
+//! Started as root, `minipacs serve` binds its ports (104 and 2762 need
+//! root), reads the TLS private key (Let's Encrypt keeps it root-only), and
+//! starts itself again as the worker, handing it the listening sockets and a
+//! control socket. Before it reads a single byte from the network the worker
+//! drops to the configured user and group (setgroups, setgid, setuid), sets
+//! no_new_privs, and asks to die with its keeper. Every byte a peer sends is
+//! parsed in the worker only.
+//!
+//! The keeper stays small: it sends the worker its configuration and TLS
+//! material, re-reads the certificate files on SIGHUP or when they change
+//! and sends the new set (after checking it), turns the worker's service
+//! events into sd_notify messages (it is the service's main PID), and passes
+//! SIGTERM on. When the worker dies, the keeper exits with its status.
+//!
+//! The control channel carries frames: a kind byte, a big-endian u32
+//! length, the payload.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::unistd::{Gid, Group, Uid, User};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::net::{Sockets, TlsFeed};
+use crate::service::{self, ServiceEvent};
+use crate::tls::{PemFile, TlsMaterial};
+
+/// Environment variable that makes a process the worker; it names the
+/// inherited file descriptors and the identity to drop to.
+pub const WORKER_ENV: &str = "MINIPACS_WORKER";
+
+/// Frame kinds of the control channel.
+const FRAME_CONFIG: u8 = 1;
+const FRAME_TLS: u8 = 2;
+const FRAME_EVENT: u8 = 3;
+/// The largest frame either side accepts (TLS material is a few KiB).
+const MAX_FRAME: u32 = 4 << 20;
+
+/// Who the worker runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// user ID
+    pub uid: Uid,
+    /// group ID
+    pub gid: Gid,
+}
+
+/// Resolves the configured user and group. The default user, `minipacs`,
+/// is made by the package's sysusers.d file; on a machine without it (a
+/// developer's), the worker runs as `nobody` and says so.
+pub fn resolve_identity(user: &str, group: Option<&str>) -> anyhow::Result<Identity> {
+    let found = User::from_name(user).with_context(|| format!("looking up user {user}"))?;
+    let user_entry = match found {
+        Some(u) => u,
+        None if user == crate::config::DEFAULT_USER => {
+            let nobody =
+                User::from_name("nobody")?.context("neither user minipacs nor nobody exists")?;
+            warn!(
+                "user {user} does not exist (the package's sysusers.d file makes it); \
+                 the worker runs as nobody"
+            );
+            nobody
+        }
+        None => bail!("user {user} does not exist"),
+    };
+    let gid = match group {
+        Some(name) => {
+            Group::from_name(name)
+                .with_context(|| format!("looking up group {name}"))?
+                .with_context(|| format!("group {name} does not exist"))?
+                .gid
+        }
+        None => user_entry.gid,
+    };
+    if user_entry.uid.is_root() {
+        bail!("the worker must not run as root (user = \"{user}\")");
+    }
+    Ok(Identity {
+        uid: user_entry.uid,
+        gid,
+    })
+}
+
+/// Gives `path` (created if missing) and its store housekeeping entries to
+/// the worker, so that it can write there after dropping privileges.
+fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
+    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    for p in [
+        path.to_path_buf(),
+        path.join(crate::store::INCOMING_DIR),
+        path.join(".lock"),
+    ] {
+        if p.exists() {
+            nix::unistd::chown(&p, Some(who.uid), Some(who.gid))
+                .with_context(|| format!("giving {} to the worker", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Lets `fd` survive the exec of the worker, and returns its number.
+fn inheritable(fd: &impl AsFd) -> anyhow::Result<RawFd> {
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).context("clearing FD_CLOEXEC")?;
+    Ok(fd.as_fd().as_raw_fd())
+}
+
+/// Runs the keeper: binds, reads keys, starts the worker, supervises it.
+/// Called only when running as root.
+pub fn run_keeper(config: Config) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the keeper's runtime")?;
+    // Take SIGTERM and SIGINT before anything else, so that a stop request
+    // during start-up is passed on rather than killing the keeper alone.
+    let stops = runtime.block_on(async { StopSignals::new() })?;
+    let who = resolve_identity(&config.user, config.group.as_deref())?;
+    hand_over_dir(&config.output_directory, who)?;
+    let sockets = Sockets::bind(&config)?;
+    let tls_files = config.tls.files();
+    let material = match &tls_files {
+        Some(files) => {
+            let material = TlsMaterial::read(files).context("TLS configuration")?;
+            crate::tls::server_config(&material, files.policy()).context("TLS configuration")?;
+            Some(material)
+        }
+        None => None,
+    };
+    let (keeper_end, worker_end) =
+        std::os::unix::net::UnixStream::pair().context("control socket")?;
+    let mut spec = format!(
+        "control={},uid={},gid={}",
+        inheritable(&worker_end)?,
+        who.uid,
+        who.gid
+    );
+    if let Some(s) = &sockets.plain {
+        spec.push_str(&format!(",plain={}", inheritable(s)?));
+    }
+    if let Some(s) = &sockets.tls {
+        spec.push_str(&format!(",tls={}", inheritable(s)?));
+    }
+    let exe = std::env::current_exe().context("finding our own executable")?;
+    let mut child = std::process::Command::new(exe)
+        .arg("serve")
+        .env(WORKER_ENV, &spec)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .context("starting the worker")?;
+    let worker = nix::unistd::Pid::from_raw(child.id() as i32);
+    info!(pid = child.id(), uid = %who.uid, gid = %who.gid, "worker started; keeper stays root to read certificates");
+    // The worker has its copies; the keeper keeps none of the network.
+    drop(worker_end);
+    drop(sockets);
+
+    let outcome = runtime.block_on(supervise(
+        config, tls_files, material, keeper_end, worker, stops,
+    ));
+    let status = child.wait().context("waiting for the worker")?;
+    outcome?;
+    info!(%status, "worker ended");
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        _ => ExitCode::FAILURE,
+    })
+}
+
+/// SIGTERM and SIGINT, taken over from their default (die at once).
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
+}
+
+async fn supervise(
+    config: Config,
+    tls_files: Option<crate::tls::ServerTlsFiles>,
+    material: Option<TlsMaterial>,
+    control: std::os::unix::net::UnixStream,
+    worker: nix::unistd::Pid,
+    mut stops: StopSignals,
+) -> anyhow::Result<()> {
+    control.set_nonblocking(true)?;
+    let control = tokio::net::UnixStream::from_std(control)?;
+    let (mut from_worker, mut to_worker) = tokio::io::split(control);
+    write_frame(
+        &mut to_worker,
+        FRAME_CONFIG,
+        toml::to_string(&config)?.as_bytes(),
+    )
+    .await?;
+    if let Some(material) = &material {
+        write_frame(&mut to_worker, FRAME_TLS, &encode_material(material)).await?;
+    }
+
+    let (events_tx, events_rx) = mpsc::channel(64);
+    tokio::spawn(service::notify_systemd(events_rx));
+    // Certificates: re-read on SIGHUP and on change, checked here, sent on.
+    let (tls_tx, mut tls_rx) = mpsc::channel::<TlsMaterial>(4);
+    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(files) = tls_files {
+        let policy = files.policy();
+        let poll = Duration::from_secs(config.tls.reload_check);
+        let notify = events_tx.clone();
+        tokio::spawn(crate::tls::watch_files(
+            files,
+            poll,
+            stop_rx,
+            move |m, why| {
+                let _ = notify.try_send(ServiceEvent::Reloading);
+                match crate::tls::server_config(&m, policy) {
+                    Ok((_, s)) => {
+                        info!(why, subject = %s.subject, serial = %s.serial, "new certificate; sending it to the worker");
+                        let _ = tls_tx.try_send(m);
+                    }
+                    Err(e) => {
+                        warn!(why, error = %e, "TLS reload failed; the previous certificate keeps serving");
+                        let _ = notify.try_send(ServiceEvent::Reloaded);
+                    }
+                }
+            },
+        ));
+    } else {
+        drop(tls_tx);
+    }
+    // The watchdog is pinged only while the worker's heartbeats arrive.
+    loop {
+        tokio::select! {
+            frame = read_frame(&mut from_worker) => match frame {
+                Ok((FRAME_EVENT, payload)) => {
+                    if let Some(event) = ServiceEvent::decode(&String::from_utf8_lossy(&payload)) {
+                        let _ = events_tx.send(event).await;
+                    }
+                }
+                Ok(_) => warn!("unexpected frame from the worker"),
+                // The worker closed its end: it is exiting.
+                Err(_) => return Ok(()),
+            },
+            Some(material) = tls_rx.recv() => {
+                write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await?;
+            }
+            _ = stops.recv() => forward_stop(worker, &events_tx).await,
+        }
+    }
+}
+
+async fn forward_stop(worker: nix::unistd::Pid, events: &mpsc::Sender<ServiceEvent>) {
+    info!("stop requested; passing it to the worker");
+    let _ = events.send(ServiceEvent::Stopping).await;
+    let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGTERM);
+}
+
+/// What the keeper handed the worker.
+struct Inherited {
+    control: OwnedFd,
+    plain: Option<OwnedFd>,
+    tls: Option<OwnedFd>,
+    who: Identity,
+}
+
+/// Takes ownership of an inherited file descriptor named in [`WORKER_ENV`].
+#[allow(unsafe_code)]
+fn take_inherited_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .with_context(|| format!("inherited descriptor {fd} is not open"))?;
+    if !target.to_string_lossy().starts_with("socket:") {
+        bail!("inherited descriptor {fd} is not a socket");
+    }
+    // SAFETY: `fd` was opened by our keeper and inherited across exec (it
+    // cleared FD_CLOEXEC for exactly these descriptors); /proc/self/fd just
+    // showed it is an open socket. Nothing else in this process owns it: the
+    // number was taken at exec time, so no later open() in this process can
+    // have returned it, and `parse_inherited` calls this once per distinct
+    // number, at start, before any other code could close it. The returned
+    // OwnedFd is therefore its only owner.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
+    let mut control = None;
+    let mut plain = None;
+    let mut tls = None;
+    let mut uid = None;
+    let mut gid = None;
+    let mut seen = Vec::new();
+    for part in spec.split(',') {
+        let (key, value) = part.split_once('=').context("malformed worker spec")?;
+        let n: i64 = value.parse().context("malformed worker spec")?;
+        match key {
+            "uid" => uid = Some(Uid::from_raw(u32::try_from(n)?)),
+            "gid" => gid = Some(Gid::from_raw(u32::try_from(n)?)),
+            "control" | "plain" | "tls" => {
+                let fd = RawFd::try_from(n)?;
+                if fd < 3 || seen.contains(&fd) {
+                    bail!("bad inherited descriptor {fd}");
+                }
+                seen.push(fd);
+                let owned = take_inherited_fd(fd)?;
+                match key {
+                    "control" => control = Some(owned),
+                    "plain" => plain = Some(owned),
+                    _ => tls = Some(owned),
+                }
+            }
+            _ => bail!("unknown key {key} in worker spec"),
+        }
+    }
+    Ok(Inherited {
+        control: control.context("no control socket")?,
+        plain,
+        tls,
+        who: Identity {
+            uid: uid.context("no uid")?,
+            gid: gid.context("no gid")?,
+        },
+    })
+}
+
+/// Drops to `who` for good: supplementary groups, group, user; then
+/// no_new_privs, so nothing executed later can gain privileges; then checks
+/// that root cannot be regained. Changing every user ID away from 0 clears
+/// the permitted and effective capability sets.
+pub fn drop_privileges(who: Identity) -> anyhow::Result<()> {
+    nix::unistd::setgroups(&[who.gid]).context("setgroups")?;
+    nix::unistd::setresgid(who.gid, who.gid, who.gid).context("setresgid")?;
+    nix::unistd::setresuid(who.uid, who.uid, who.uid).context("setresuid")?;
+    nix::sys::prctl::set_no_new_privs().context("no_new_privs")?;
+    if nix::unistd::setuid(Uid::from_raw(0)).is_ok() || nix::unistd::geteuid().is_root() {
+        bail!("privileges were not dropped");
+    }
+    Ok(())
+}
+
+/// Runs the worker: takes its sockets, drops privileges, then serves with
+/// the configuration and certificates the keeper sends.
+pub fn run_worker(spec: &str) -> anyhow::Result<ExitCode> {
+    let keeper = nix::unistd::getppid();
+    let inherited = parse_inherited(spec)?;
+    drop_privileges(inherited.who)?;
+    // Die with the keeper; if it is already gone, stop now.
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    if nix::unistd::getppid() != keeper {
+        bail!("the keeper is gone");
+    }
+    info!(uid = %inherited.who.uid, gid = %inherited.who.gid, "worker running unprivileged");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the worker's runtime")?;
+    runtime.block_on(async move {
+        let control = std::os::unix::net::UnixStream::from(inherited.control);
+        control.set_nonblocking(true)?;
+        let control = tokio::net::UnixStream::from_std(control)?;
+        let (mut from_keeper, mut to_keeper) = tokio::io::split(control);
+        let (kind, payload) = read_frame(&mut from_keeper).await?;
+        if kind != FRAME_CONFIG {
+            bail!("the keeper sent no configuration");
+        }
+        let config = Config::from_toml(
+            &String::from_utf8_lossy(&payload),
+            "configuration from the keeper",
+        )?;
+        let to_listener = |fd: OwnedFd| -> anyhow::Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::from(fd);
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let sockets = Sockets {
+            plain: inherited.plain.map(to_listener).transpose()?,
+            tls: inherited.tls.map(to_listener).transpose()?,
+        };
+        let tls_feed = match (&sockets.tls, config.tls.files()) {
+            (Some(_), Some(files)) => {
+                let (kind, payload) = read_frame(&mut from_keeper).await?;
+                if kind != FRAME_TLS {
+                    bail!("the keeper sent no TLS material");
+                }
+                let (tx, rx) = mpsc::channel(4);
+                let first = decode_material(&payload)?;
+                // Later certificates from the keeper.
+                tokio::spawn(async move {
+                    while let Ok((FRAME_TLS, payload)) = read_frame(&mut from_keeper).await {
+                        match decode_material(&payload) {
+                            Ok(m) => {
+                                if tx.send(m).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => warn!(error = %e, "bad TLS material from the keeper"),
+                        }
+                    }
+                });
+                TlsFeed::Keeper {
+                    first,
+                    policy: files.policy(),
+                    updates: rx,
+                }
+            }
+            _ => TlsFeed::None,
+        };
+        let (events_tx, mut events_rx) = mpsc::channel::<ServiceEvent>(64);
+        tokio::spawn(async move {
+            while let Some(event) = events_rx.recv().await {
+                if write_frame(&mut to_keeper, FRAME_EVENT, event.encode().as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        crate::net::run(
+            &config,
+            sockets,
+            tls_feed,
+            events_tx,
+            crate::service::stop_signal(),
+        )
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    kind: u8,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut head = [0u8; 5];
+    head[0] = kind;
+    head[1..].copy_from_slice(&(payload.len() as u32).to_be_bytes());
+    w.write_all(&head).await?;
+    w.write_all(payload).await?;
+    w.flush().await
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut head = [0u8; 5];
+    r.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
+    if len > MAX_FRAME {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "control frame too long",
+        ));
+    }
+    let mut payload = vec![0u8; len as usize];
+    r.read_exact(&mut payload).await?;
+    Ok((head[0], payload))
+}
+
+fn put(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn encode_material(m: &TlsMaterial) -> Vec<u8> {
+    let mut out = Vec::new();
+    for file in std::iter::once(&m.key)
+        .chain(std::iter::once(&m.cert))
+        .chain(&m.cas)
+    {
+        put(&mut out, file.path.to_string_lossy().as_bytes());
+        put(&mut out, &file.pem);
+    }
+    out
+}
+
+fn decode_material(mut bytes: &[u8]) -> anyhow::Result<TlsMaterial> {
+    let mut take = || -> anyhow::Result<Vec<u8>> {
+        let (len, rest) = bytes
+            .split_first_chunk::<4>()
+            .context("truncated TLS material")?;
+        let len = u32::from_be_bytes(*len) as usize;
+        if rest.len() < len {
+            bail!("truncated TLS material");
+        }
+        let (value, rest) = rest.split_at(len);
+        bytes = rest;
+        Ok(value.to_vec())
+    };
+    let mut files = Vec::new();
+    loop {
+        let path = match take() {
+            Ok(p) => PathBuf::from(String::from_utf8_lossy(&p).into_owned()),
+            Err(_) => break,
+        };
+        files.push(PemFile { path, pem: take()? });
+    }
+    let mut files = files.into_iter();
+    Ok(TlsMaterial {
+        key: files.next().context("no key in TLS material")?,
+        cert: files.next().context("no certificate in TLS material")?,
+        cas: files.collect(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn material_round_trip() {
+        let m = TlsMaterial {
+            key: PemFile {
+                path: "/k.pem".into(),
+                pem: b"KEY".to_vec(),
+            },
+            cert: PemFile {
+                path: "/c.pem".into(),
+                pem: b"CERT".to_vec(),
+            },
+            cas: vec![PemFile {
+                path: "/ca.pem".into(),
+                pem: b"CA".to_vec(),
+            }],
+        };
+        assert_eq!(decode_material(&encode_material(&m)).expect("decodes"), m);
+        assert!(decode_material(&[0, 0, 0, 9, 1]).is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_are_bounded() {
+        let mut buf = Vec::new();
+        write_frame(&mut buf, FRAME_EVENT, b"READY")
+            .await
+            .expect("writes");
+        let (kind, payload) = read_frame(&mut &buf[..]).await.expect("reads");
+        assert_eq!((kind, payload.as_slice()), (FRAME_EVENT, &b"READY"[..]));
+        let huge = [FRAME_TLS, 0xff, 0xff, 0xff, 0xff];
+        assert!(read_frame(&mut &huge[..]).await.is_err());
+    }
+
+    #[test]
+    fn worker_spec_is_checked() {
+        assert!(parse_inherited("control=1,uid=1,gid=1").is_err());
+        assert!(parse_inherited("uid=1,gid=1").is_err());
+        assert!(parse_inherited("control=x").is_err());
+    }
+}

@@ -1,0 +1,134 @@
+//! systemd integration: the service tells systemd how it is (READY, STATUS,
+//! RELOADING, STOPPING) and proves it is alive (WATCHDOG).
+//!
+//! The receiver emits [`ServiceEvent`]s; this module turns them into
+//! sd_notify messages. The heartbeat comes from a task on the receiver's own
+//! event loop, so a stuck loop stops the WATCHDOG pings and systemd restarts
+//! the service. When privileges are separated the worker's events travel to
+//! the keeper (the service's main PID, which systemd listens to) and are
+//! notified there; the keeper pings the watchdog only while the worker's
+//! heartbeats keep arriving.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// What the receiver tells its supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServiceEvent {
+    /// All listeners are accepting connections.
+    Ready,
+    /// A human-readable status line (associations, objects, free space).
+    Status(String),
+    /// The event loop is alive (sent every second by a task on it).
+    Alive,
+    /// A reload (certificates or configuration) starts.
+    Reloading,
+    /// A reload finished (whether or not it took).
+    Reloaded,
+    /// The service is stopping.
+    Stopping,
+}
+
+impl ServiceEvent {
+    /// One-line wire form, for the keeper-worker channel.
+    pub fn encode(&self) -> String {
+        match self {
+            ServiceEvent::Ready => "READY".into(),
+            ServiceEvent::Status(s) => format!("STATUS {}", s.replace('\n', " ")),
+            ServiceEvent::Alive => "ALIVE".into(),
+            ServiceEvent::Reloading => "RELOADING".into(),
+            ServiceEvent::Reloaded => "RELOADED".into(),
+            ServiceEvent::Stopping => "STOPPING".into(),
+        }
+    }
+
+    /// Parses the wire form; `None` for anything else.
+    pub fn decode(line: &str) -> Option<Self> {
+        Some(match line {
+            "READY" => ServiceEvent::Ready,
+            "ALIVE" => ServiceEvent::Alive,
+            "RELOADING" => ServiceEvent::Reloading,
+            "RELOADED" => ServiceEvent::Reloaded,
+            "STOPPING" => ServiceEvent::Stopping,
+            other => ServiceEvent::Status(other.strip_prefix("STATUS ")?.to_string()),
+        })
+    }
+}
+
+/// Sends heartbeats from the current runtime until the receiver is dropped.
+pub async fn heartbeat(events: mpsc::Sender<ServiceEvent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if events.send(ServiceEvent::Alive).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Turns service events into sd_notify messages until the channel closes.
+/// Without NOTIFY_SOCKET (not under systemd) the messages go nowhere.
+pub async fn notify_systemd(mut events: mpsc::Receiver<ServiceEvent>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    // Ping at half the watchdog interval, as sd_watchdog_enabled(3) advises.
+    let ping_every = watchdog.map(|w| w / 2);
+    let mut last_ping: Option<Instant> = None;
+    while let Some(event) = events.recv().await {
+        let state = match &event {
+            ServiceEvent::Ready => vec![sd_notify::NotifyState::Ready],
+            ServiceEvent::Status(s) => vec![sd_notify::NotifyState::Status(s)],
+            ServiceEvent::Reloading => vec![sd_notify::NotifyState::Reloading],
+            ServiceEvent::Reloaded => vec![sd_notify::NotifyState::Ready],
+            ServiceEvent::Stopping => vec![sd_notify::NotifyState::Stopping],
+            ServiceEvent::Alive => match ping_every {
+                Some(every) if last_ping.is_none_or(|t| t.elapsed() >= every) => {
+                    last_ping = Some(Instant::now());
+                    vec![sd_notify::NotifyState::Watchdog]
+                }
+                _ => continue,
+            },
+        };
+        if let Err(e) = sd_notify::notify(&state) {
+            debug!(error = %e, ?event, "sd_notify");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip() {
+        for e in [
+            ServiceEvent::Ready,
+            ServiceEvent::Alive,
+            ServiceEvent::Reloading,
+            ServiceEvent::Reloaded,
+            ServiceEvent::Stopping,
+            ServiceEvent::Status("3 associations; 12 stored".into()),
+        ] {
+            assert_eq!(ServiceEvent::decode(&e.encode()), Some(e));
+        }
+        assert_eq!(ServiceEvent::decode("NONSENSE"), None);
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stop requested");
+}
