@@ -96,6 +96,23 @@ pub async fn notify_systemd(mut events: mpsc::Receiver<ServiceEvent>) {
     }
 }
 
+/// Resolves on SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stop requested");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -114,21 +131,4 @@ mod tests {
         }
         assert_eq!(ServiceEvent::decode("NONSENSE"), None);
     }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("stop requested");
 }

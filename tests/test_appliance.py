@@ -1,0 +1,199 @@
+"""The appliance service: privilege separation and systemd notification.
+
+These run as root (CI does): the server is started as root with a real
+`minipacs` user, made from the package's own sysusers.d file, and a
+root-only TLS key, as on the device.
+"""
+
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from conftest import ROOT, Server, dcmtk, dcmtk_env, free_port, make_ct, wait_port
+
+SYSUSERS = ROOT / "hal-config" / "sysusers.d" / "minipacs.conf"
+
+
+@pytest.fixture(scope="module")
+def minipacs_user():
+    """The `minipacs` system user, made the way the package makes it."""
+    assert os.geteuid() == 0, "these tests need root, as CI has"
+    try:
+        return pwd.getpwnam("minipacs")
+    except KeyError:
+        pass
+    if shutil.which("systemd-sysusers") and SYSUSERS.exists():
+        subprocess.run(["systemd-sysusers", str(SYSUSERS)], check=True)
+    else:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "minipacs"], check=True)
+    return pwd.getpwnam("minipacs")
+
+
+def proc_status(pid):
+    out = {}
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        out[key] = value.split()
+    return out
+
+
+@pytest.fixture
+def pki(minipacs, tmp_path):
+    """A CA and a server certificate whose key is root-only (0600 root)."""
+    ca = tmp_path / "ca"
+    subprocess.run([minipacs, "ca", "new", str(ca)], check=True, capture_output=True)
+    key, cert = tmp_path / "server.key", tmp_path / "server.pem"
+    subprocess.run([minipacs, "ca", "issue", str(ca), "--name", "localhost", "--cert", str(cert), "--key", str(key)],
+                   check=True, capture_output=True)
+    os.chmod(key, 0o600)
+    assert key.stat().st_uid == 0
+    return {"ca": ca, "cacert": ca / "cacert.pem", "key": key, "cert": cert}
+
+
+def test_worker_is_unprivileged_and_port_104_is_served(minipacs, minipacs_user, pki, tmp_path):
+    tls_port = free_port()
+    srv = Server(minipacs, tmp_path / "store", ["--tls", str(pki["key"]), str(pki["cert"]), "--tls-port", str(tls_port),
+                                                 "--add-cert-file", str(pki["cacert"]), "--user", "minipacs"], port=104)
+    srv.start()
+    try:
+        keeper, worker = srv.proc.pid, srv.worker_pid()
+        assert worker != keeper
+        st = proc_status(worker)
+        assert st["Uid"] == [str(minipacs_user.pw_uid)] * 4
+        assert st["Gid"] == [str(minipacs_user.pw_gid)] * 4
+        assert st["Groups"] == [str(minipacs_user.pw_gid)]
+        for cap in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+            assert int(st[cap][0], 16) == 0, (cap, st[cap])
+        assert st["NoNewPrivs"] == ["1"]
+        assert proc_status(keeper)["Uid"][0] == "0"
+        # The worker cannot open the key file: as its user, reading fails,
+        # and it holds no descriptor to it.
+        r = subprocess.run(["setpriv", f"--reuid={minipacs_user.pw_uid}", f"--regid={minipacs_user.pw_gid}", "--clear-groups",
+                            "cat", str(pki["key"])], capture_output=True)
+        assert r.returncode != 0 and b"Permission denied" in r.stderr
+        fds = [os.readlink(p) for p in pathlib.Path(f"/proc/{worker}/fd").iterdir()]
+        assert str(pki["key"]) not in fds
+        # Port 104 (privileged) is served by the unprivileged worker.
+        r = subprocess.run([dcmtk("echoscu"), "-aec", "MINIPACS", "127.0.0.1", "104"], capture_output=True, env=dcmtk_env())
+        assert r.returncode == 0, r.stderr
+        src = make_ct(tmp_path / "a.dcm", "1.2.826.0.1.3680043.10.40.1")
+        r = subprocess.run([dcmtk("storescu"), "-v", "-aec", "MINIPACS", "127.0.0.1", "104", str(src)], capture_output=True,
+                           text=True, env=dcmtk_env())
+        assert r.returncode == 0, r.stderr + srv.logs()[-3000:]
+        stored = srv.store / "CT.1.2.826.0.1.3680043.10.40.1"
+        assert stored.stat().st_uid == minipacs_user.pw_uid
+        # A certificate reload still works: the keeper reads the root-only
+        # key and hands the new set to the worker.
+        before = served_serial(tls_port, pki)
+        subprocess.run([minipacs, "ca", "issue", str(pki["ca"]), "--name", "localhost", "--cert", str(pki["cert"]),
+                        "--key", str(pki["key"])], check=True, capture_output=True)
+        srv.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        after = before
+        while after == before and time.monotonic() < deadline:
+            time.sleep(0.2)
+            after = served_serial(tls_port, pki)
+        assert after != before
+        assert "sending it to the worker" in srv.logs()
+    finally:
+        assert srv.stop() == 0
+
+
+def served_serial(port, pki):
+    import ssl
+
+    ctx = ssl.create_default_context(cafile=str(pki["cacert"]))
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            der = tls.getpeercert(binary_form=True)
+    return der
+
+
+class NotifySocket:
+    """A real sd_notify datagram socket, as systemd provides."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.2)
+        self.messages = []
+
+    def drain(self, seconds):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            for line in data.splitlines():
+                self.messages.append((time.monotonic(), line))
+        return self.messages
+
+    def lines(self):
+        return [m for _, m in self.messages]
+
+    def wait_for(self, line, seconds=10):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if line in self.lines():
+                return True
+            self.drain(0.2)
+        return False
+
+
+def test_sd_notify_sequence_and_watchdog(minipacs, minipacs_user, pki, tmp_path):
+    notify = NotifySocket(tmp_path / "notify.sock")
+    os.environ["NOTIFY_SOCKET"] = notify.path
+    os.environ["WATCHDOG_USEC"] = "2000000"
+    tls_port = free_port()
+    try:
+        srv = Server(minipacs, tmp_path / "store", ["--tls", str(pki["key"]), str(pki["cert"]), "--tls-port", str(tls_port),
+                                                     "--add-cert-file", str(pki["cacert"])]).start()
+    finally:
+        del os.environ["NOTIFY_SOCKET"]
+        del os.environ["WATCHDOG_USEC"]
+    try:
+        assert notify.wait_for("READY=1")
+        src = make_ct(tmp_path / "n.dcm", "1.2.826.0.1.3680043.10.41.1")
+        subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(src)], check=True,
+                       capture_output=True, env=dcmtk_env())
+        notify.drain(3)
+        lines = notify.lines()
+        statuses = [l for l in lines if l.startswith("STATUS=")]
+        assert any("1 object(s) stored" in s and "free" in s for s in statuses), statuses
+        pings = [t for t, l in notify.messages if l == "WATCHDOG=1"]
+        assert len(pings) >= 2, lines
+        # A stuck event loop misses the watchdog: stop the worker.
+        worker = srv.worker_pid()
+        os.kill(worker, signal.SIGSTOP)
+        notify.messages.clear()
+        notify.drain(3)
+        assert "WATCHDOG=1" not in notify.lines(), "pinged while the worker was stopped"
+        os.kill(worker, signal.SIGCONT)
+        assert notify.wait_for("WATCHDOG=1", seconds=5)
+        # Reload: RELOADING=1 then READY=1.
+        notify.messages.clear()
+        srv.proc.send_signal(signal.SIGHUP)
+        assert notify.wait_for("RELOADING=1")
+        assert notify.wait_for("READY=1")
+        lines = notify.lines()
+        assert lines.index("RELOADING=1") < len(lines) - 1 - lines[::-1].index("READY=1")
+        notify.messages.clear()
+    finally:
+        code = srv.stop()
+    assert code == 0
+    notify.drain(1)
+    assert "STOPPING=1" in notify.lines()
+    sequence = [l.split("=")[0] for l in notify.lines() if not l.startswith(("STATUS", "WATCHDOG"))]
+    print("\nsd_notify after SIGTERM:", notify.lines())
+    assert sequence[-1] == "STOPPING" or "STOPPING" in sequence
