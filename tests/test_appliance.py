@@ -197,3 +197,124 @@ def test_sd_notify_sequence_and_watchdog(minipacs, minipacs_user, pki, tmp_path)
     sequence = [l.split("=")[0] for l in notify.lines() if not l.startswith(("STATUS", "WATCHDOG"))]
     print("\nsd_notify after SIGTERM:", notify.lines())
     assert sequence[-1] == "STOPPING" or "STOPPING" in sequence
+
+
+def echo_ok(port, aet="MINIPACS"):
+    r = subprocess.run([dcmtk("echoscu"), "-aec", aet, "127.0.0.1", str(port)], capture_output=True, env=dcmtk_env())
+    return r.returncode == 0
+
+
+def wait_file(path, seconds=15):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists():
+            return path.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never appeared")
+
+
+@pytest.fixture
+def dropping(minipacs, tmp_path):
+    """A server whose configuration file names a drop folder."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    port = free_port()
+    cfg = tmp_path / "minipacs.toml"
+    cfg.write_text(
+        f'port = {port}\noutput_directory = "{tmp_path / "store"}"\nlog_directory = "{tmp_path / "logs"}"\n'
+        f'drop_directory = "{drop}"\n'
+    )
+    srv = Server(minipacs, tmp_path / "store", ["--config", str(cfg)], port=port)
+    srv.start()
+    yield srv, drop, cfg
+    srv.stop()
+
+
+@pytest.mark.parametrize(
+    "text, verdict, detail",
+    [
+        ("port = \n", "REJECTED", "line 1"),
+        ("max_associations = 0\n", "REJECTED", "max_associations"),
+        ('[tls]\nkey = "/nonexistent/privkey.pem"\ncert = "/nonexistent/fullchain.pem"\n', "ROLLED BACK", "/nonexistent/privkey.pem"),
+    ],
+    ids=["bad-syntax", "bad-value", "unappliable"],
+)
+def test_config_drop_refused(dropping, text, verdict, detail):
+    srv, drop, cfg = dropping
+    before = cfg.read_text()
+    (drop / "minipacs.toml").write_text(text)
+    result = wait_file(drop / "minipacs.toml.result")
+    assert result.startswith(verdict + "\n"), result
+    assert detail in result, result
+    assert (drop / "minipacs.toml.rejected").read_text() == text
+    assert cfg.read_text() == before, "the last-good configuration was touched"
+    assert srv.alive() and echo_ok(srv.port)
+
+
+def test_config_drop_applied_with_port_change(dropping, tmp_path):
+    srv, drop, cfg = dropping
+    new_port = free_port()
+    text = cfg.read_text().replace(f"port = {srv.port}", f"port = {new_port}") + 'aetitle = "BEDSIDE"\n'
+    (drop / "minipacs.toml").write_text(text)
+    result = wait_file(drop / "minipacs.toml.result")
+    assert result.startswith("APPLIED\n"), result
+    assert cfg.read_text() == text, "the new configuration is the last-good one"
+    wait_port(new_port, srv.proc, timeout=20)
+    deadline = time.monotonic() + 10
+    while not echo_ok(new_port, "BEDSIDE") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert echo_ok(new_port, "BEDSIDE")
+    assert not echo_ok(new_port, "MINIPACS"), "the old AE title still answers"
+    assert srv.alive(), "the service is the same process, restarted in place"
+    srv.port = new_port
+
+
+def test_log_bundle_by_trigger_and_command(dropping, minipacs, tmp_path):
+    import tarfile
+
+    srv, drop, cfg = dropping
+    src = make_ct(tmp_path / "b.dcm", "1.2.826.0.1.3680043.10.42.1")
+    subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(src)], check=True,
+                   capture_output=True, env=dcmtk_env())
+    time.sleep(2.5)  # one status report
+    (drop / "collect-logs").write_text("")
+    deadline = time.monotonic() + 15
+    bundles = []
+    while not bundles and time.monotonic() < deadline:
+        bundles = sorted(drop.glob("minipacs-logs-*.tar.gz"))
+        time.sleep(0.2)
+    assert bundles, "no bundle written for the trigger"
+    assert not (drop / "collect-logs").exists()
+    out = tmp_path / "by-command.tar.gz"
+    r = subprocess.run([minipacs, "logs", "collect", "--config", str(cfg), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for bundle in (bundles[0], out):
+        with tarfile.open(bundle) as tar:
+            names = tar.getnames()
+            print(f"\n{bundle.name}: {names}")
+            for needed in ("MANIFEST.txt", "config.toml", "versions.txt", "disk.txt", "status.txt"):
+                assert needed in names, (needed, names)
+            assert any(n.startswith("logs/") and n.endswith("minipacs.log") for n in names), names
+            assert any(n.endswith("audit.jsonl") for n in names), names
+            assert any(n.endswith("keeper.log") for n in names), names
+            audit = [tar.extractfile(n).read().decode() for n in names if n.endswith("audit.jsonl")][0]
+            assert "1.2.826.0.1.3680043.10.42.1" in audit
+            status = tar.extractfile("status.txt").read().decode()
+            assert "stored" in status, status
+        assert bundle.stat().st_size < 50 << 20
+    assert srv.alive()
+
+
+def test_tls_key_is_redacted_in_bundle(minipacs, pki, tmp_path):
+    import tarfile
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'log_directory = "{tmp_path / "logs"}"\n[tls]\nkey = "{pki["key"]}"\ncert = "{pki["cert"]}"\n'
+                   f'ca_files = ["{pki["cacert"]}"]\n')
+    out = tmp_path / "bundle.tar.gz"
+    r = subprocess.run([minipacs, "logs", "collect", "--config", str(cfg), "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out) as tar:
+        blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    assert str(pki["key"]).encode() not in blob
+    assert b"PRIVATE KEY" not in blob

@@ -55,6 +55,13 @@ pub struct Config {
     pub accept_private_sop_classes: bool,
     /// Serve plain (unencrypted) DICOM on `port`.
     pub listen_plain: bool,
+    /// Folder a technician drops files into (`minipacs.toml`,
+    /// `collect-logs`); unset: none is watched.
+    pub drop_directory: Option<PathBuf>,
+    /// Folder of the bounded service logs and the audit trail.
+    pub log_directory: PathBuf,
+    /// Disk budget of the service logs (bytes; the audit trail has the same).
+    pub log_max_bytes: u64,
     /// When started as root: the user the network-facing worker runs as.
     pub user: String,
     /// When started as root: the worker's group (default: the user's group).
@@ -136,6 +143,9 @@ impl Default for Config {
             shutdown_timeout: 10,
             accept_private_sop_classes: true,
             listen_plain: true,
+            drop_directory: None,
+            log_directory: PathBuf::from("./minipacs-logs"),
+            log_max_bytes: 20 << 20,
             user: DEFAULT_USER.into(),
             group: None,
             tls: TlsConfig::default(),
@@ -298,6 +308,9 @@ impl Config {
             if let Err(m) = check_ae_title(ae) {
                 bad("aetitle", format!("[tls] {m}"));
             }
+        }
+        if !(1 << 20..=1 << 30).contains(&self.log_max_bytes) {
+            bad("log_max_bytes", "must be 1 MiB to 1 GiB".into());
         }
         if self.user.is_empty() || self.user == "root" {
             bad("user", "must name an unprivileged user".into());

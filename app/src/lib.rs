@@ -9,6 +9,7 @@
 pub mod ca;
 pub mod config;
 pub mod dimse;
+pub mod drop;
 pub mod logs;
 pub mod net;
 pub mod part10;

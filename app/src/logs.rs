@@ -37,6 +37,8 @@ use tracing_subscriber::fmt::MakeWriter;
 pub const LOG_FILE: &str = "minipacs.log";
 /// File name of the current audit trail; rotations append `.1`, `.2`, ...
 pub const AUDIT_FILE: &str = "audit.jsonl";
+/// The privileged keeper's own log (when privileges are separated).
+pub const KEEPER_LOG_FILE: &str = "keeper.log";
 
 /// Log files may hold peer addresses and AE titles: owner and group only.
 const FILE_MODE: u32 = 0o640;
@@ -526,9 +528,15 @@ pub struct LogDir {
 impl LogDir {
     /// Opens the service log in `dir`, creating it, bounded by `budget`.
     pub fn open(dir: &Path, budget: Budget) -> Result<LogDir, LogsError> {
+        Self::open_named(dir, LOG_FILE, budget)
+    }
+
+    /// Opens a log named `name` in `dir`: each process writes its own set
+    /// (two processes rotating one set would race).
+    pub fn open_named(dir: &Path, name: &str, budget: Budget) -> Result<LogDir, LogsError> {
         Ok(LogDir {
             dir: dir.to_path_buf(),
-            file: Mutex::new(RotatingFile::open(dir, LOG_FILE, budget, true)?),
+            file: Mutex::new(RotatingFile::open(dir, name, budget, true)?),
         })
     }
 
@@ -964,6 +972,7 @@ pub fn collect_bundle(out: &Path, inputs: &BundleInputs) -> Result<BundleSummary
         ("config.toml", redact_config(&inputs.config_text)),
     ];
     let mut found = find_log_files(&inputs.log_dir, LOG_FILE, &mut cut);
+    found.extend(find_log_files(&inputs.log_dir, KEEPER_LOG_FILE, &mut cut));
     found.extend(find_log_files(&inputs.audit_dir, AUDIT_FILE, &mut cut));
     // Newest first: by modification time, then by rotation index.
     found.sort_by(|a, b| b.modified.cmp(&a.modified).then(a.index.cmp(&b.index)));
@@ -1459,6 +1468,60 @@ fn redact_value(value: &mut toml::Value) -> usize {
         toml::Value::Table(t) => redact_table(t),
         toml::Value::Array(items) => items.iter_mut().map(redact_value).sum(),
         _ => 0,
+    }
+}
+
+/// The slot for the file log layer, filled once the configuration (and so
+/// the log folder) is known: logging starts on stderr before that.
+pub type FileLayer =
+    Option<Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>>;
+
+/// Handle to fill the [`FileLayer`] slot.
+pub type FileLogHandle =
+    tracing_subscriber::reload::Handle<FileLayer, tracing_subscriber::Registry>;
+
+/// Starts logging: to stderr (which systemd sends to journald) at once,
+/// and to files once [`attach_file_log`] is called. `RUST_LOG` sets the level.
+pub fn init_logging() -> FileLogHandle {
+    use tracing_subscriber::prelude::*;
+    let (file_layer, handle) = tracing_subscriber::reload::Layer::new(None);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::registry()
+        .with(file_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(ansi),
+        )
+        .with(filter)
+        .init();
+    handle
+}
+
+/// Adds the bounded file log `name` in `dir`. A log folder that cannot be
+/// opened is reported and logging goes on to stderr only: logs must never
+/// stop the service.
+pub fn attach_file_log(handle: &FileLogHandle, dir: &Path, name: &str, max_bytes: u64) {
+    use tracing_subscriber::Layer;
+    let budget = Budget {
+        max_bytes,
+        files: Budget::DEFAULT.files,
+    };
+    match LogDir::open_named(dir, name, budget) {
+        Ok(log) => {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(std::sync::Arc::new(log))
+                .with_ansi(false)
+                .boxed();
+            if let Err(e) = handle.reload(Some(layer)) {
+                tracing::warn!(error = %e, "file log not attached");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "file log unavailable; logging to stderr only")
+        }
     }
 }
 

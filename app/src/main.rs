@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use minipacs::ca;
 use minipacs::config::{self, Config};
 use minipacs::dimse::scu::ScuOptions;
+use minipacs::logs;
 use minipacs::privsep;
 use minipacs::send::{self, ClientTls, Peer};
 use minipacs::service;
@@ -48,10 +49,29 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Field logs.
+    Logs {
+        #[command(subcommand)]
+        command: LogsCommand,
+    },
     /// A private certificate authority for DICOM nodes (replaces dcmtk_ca.pl).
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogsCommand {
+    /// Write one bounded .tar.gz with logs, audit trail, effective
+    /// configuration (secrets redacted), versions, disk state and status.
+    Collect {
+        /// the bundle to write
+        #[arg(long)]
+        out: PathBuf,
+        /// the service's configuration file (default: built-in defaults)
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
     },
 }
 
@@ -251,8 +271,8 @@ struct EchoArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
-    match run(cli) {
+    let file_log = logs::init_logging();
+    match run(cli, &file_log) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("minipacs: {e:#}");
@@ -261,15 +281,9 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
+/// Where a configuration applied from the drop folder is saved when the
+/// service was started without `--config`.
+const DEFAULT_CONFIG_FILE: &str = "minipacs.toml";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -278,30 +292,64 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => {
             if let Ok(spec) = std::env::var(privsep::WORKER_ENV) {
-                return privsep::run_worker(&spec);
+                return privsep::run_worker(&spec, file_log);
             }
+            let last_good = args
+                .config
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
             let config = serve_config(args)?;
             if nix::unistd::geteuid().is_root() {
-                return privsep::run_keeper(config);
+                return privsep::run_keeper(config, last_good, file_log);
             }
+            logs::attach_file_log(
+                file_log,
+                &config.log_directory,
+                logs::LOG_FILE,
+                config.log_max_bytes,
+            );
             tracing::info!("running unprivileged as one process (privilege separation needs root)");
             let sockets = minipacs::net::Sockets::bind(&config)?;
             let tls = match config.tls.files() {
                 Some(files) => minipacs::net::TlsFeed::Files(files),
                 None => minipacs::net::TlsFeed::None,
             };
+            let restart = std::sync::atomic::AtomicBool::new(false);
             runtime()?.block_on(async {
                 let (events, events_rx) = tokio::sync::mpsc::channel(64);
                 let notifier = tokio::spawn(service::notify_systemd(events_rx));
-                let result =
-                    minipacs::net::run(&config, sockets, tls, events, service::stop_signal()).await;
+                let (_never, no_stop) = tokio::sync::watch::channel(false);
+                let dropped = async {
+                    match &config.drop_directory {
+                        Some(dir) => {
+                            minipacs::drop::watch(
+                                dir.clone(),
+                                config.clone(),
+                                last_good.clone(),
+                                no_stop,
+                            )
+                            .await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                let stop = async {
+                    tokio::select! {
+                        _ = service::stop_signal() => {}
+                        true = dropped => restart.store(true, std::sync::atomic::Ordering::Relaxed),
+                    }
+                };
+                let result = minipacs::net::run(&config, sockets, tls, events, stop).await;
                 let _ = notifier.await;
                 result
             })?;
+            if restart.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(privsep::restart_on(&last_good));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Send(args) => {
@@ -356,6 +404,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Logs {
+            command: LogsCommand::Collect { out, config },
+        } => {
+            let config = match &config {
+                Some(path) => Config::load(path)?,
+                None => Config::default(),
+            };
+            let summary = logs::collect_bundle(&out, &minipacs::drop::bundle_inputs(&config))?;
+            println!(
+                "wrote {} ({} bytes, {} members{})",
+                summary.path.display(),
+                summary.compressed_bytes,
+                summary.members.len(),
+                if summary.cut.is_empty() {
+                    String::new()
+                } else {
+                    format!("; cut to fit: {}", summary.cut.join(", "))
+                }
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Ca {
             command:

@@ -115,7 +115,11 @@ fn inheritable(fd: &impl AsFd) -> anyhow::Result<RawFd> {
 
 /// Runs the keeper: binds, reads keys, starts the worker, supervises it.
 /// Called only when running as root.
-pub fn run_keeper(config: Config) -> anyhow::Result<ExitCode> {
+pub fn run_keeper(
+    config: Config,
+    last_good: PathBuf,
+    file_log: &crate::logs::FileLogHandle,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -125,6 +129,13 @@ pub fn run_keeper(config: Config) -> anyhow::Result<ExitCode> {
     let stops = runtime.block_on(async { StopSignals::new() })?;
     let who = resolve_identity(&config.user, config.group.as_deref())?;
     hand_over_dir(&config.output_directory, who)?;
+    hand_over_dir(&config.log_directory, who)?;
+    crate::logs::attach_file_log(
+        file_log,
+        &config.log_directory,
+        crate::logs::KEEPER_LOG_FILE,
+        config.log_max_bytes,
+    );
     let sockets = Sockets::bind(&config)?;
     let tls_files = config.tls.files();
     let material = match &tls_files {
@@ -163,11 +174,19 @@ pub fn run_keeper(config: Config) -> anyhow::Result<ExitCode> {
     drop(sockets);
 
     let outcome = runtime.block_on(supervise(
-        config, tls_files, material, keeper_end, worker, stops,
+        config,
+        last_good.clone(),
+        tls_files,
+        material,
+        keeper_end,
+        worker,
+        stops,
     ));
     let status = child.wait().context("waiting for the worker")?;
-    outcome?;
     info!(%status, "worker ended");
+    if outcome? == Supervised::Restart {
+        return Err(restart_on(&last_good));
+    }
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
@@ -197,14 +216,42 @@ impl StopSignals {
     }
 }
 
+/// How supervision ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Supervised {
+    /// The worker exited.
+    Ended,
+    /// A new configuration was dropped: start again on it.
+    Restart,
+}
+
+/// Replaces this process with `minipacs serve --config last_good` (the same
+/// PID, so systemd sees a reload, not a crash). Returns only on failure.
+pub fn restart_on(last_good: &Path) -> anyhow::Error {
+    use std::os::unix::process::CommandExt;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return anyhow::anyhow!("restart: finding our executable: {e}"),
+    };
+    let err = std::process::Command::new(exe)
+        .arg("serve")
+        .arg("--config")
+        .arg(last_good)
+        .exec();
+    anyhow::anyhow!("restart on {}: {err}", last_good.display())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     config: Config,
+    last_good: PathBuf,
     tls_files: Option<crate::tls::ServerTlsFiles>,
     material: Option<TlsMaterial>,
     control: std::os::unix::net::UnixStream,
     worker: nix::unistd::Pid,
     mut stops: StopSignals,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Supervised> {
     control.set_nonblocking(true)?;
     let control = tokio::net::UnixStream::from_std(control)?;
     let (mut from_worker, mut to_worker) = tokio::io::split(control);
@@ -223,6 +270,16 @@ async fn supervise(
     // Certificates: re-read on SIGHUP and on change, checked here, sent on.
     let (tls_tx, mut tls_rx) = mpsc::channel::<TlsMaterial>(4);
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut restart = false;
+    let (restart_tx, mut restart_rx) = mpsc::channel::<()>(1);
+    if let Some(dir) = config.drop_directory.clone() {
+        let (running, stop) = (config.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if crate::drop::watch(dir, running, last_good, stop).await {
+                let _ = restart_tx.send(()).await;
+            }
+        });
+    }
     if let Some(files) = tls_files {
         let policy = files.policy();
         let poll = Duration::from_secs(config.tls.reload_check);
@@ -259,12 +316,19 @@ async fn supervise(
                 }
                 Ok(_) => warn!("unexpected frame from the worker"),
                 // The worker closed its end: it is exiting.
-                Err(_) => return Ok(()),
+                Err(_) => {
+                    return Ok(if restart { Supervised::Restart } else { Supervised::Ended })
+                }
             },
             Some(material) = tls_rx.recv() => {
                 write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await?;
             }
             _ = stops.recv() => forward_stop(worker, &events_tx).await,
+            Some(()) = restart_rx.recv(), if !restart => {
+                restart = true;
+                let _ = events_tx.send(ServiceEvent::Reloading).await;
+                forward_stop(worker, &events_tx).await;
+            }
         }
     }
 }
@@ -358,7 +422,7 @@ pub fn drop_privileges(who: Identity) -> anyhow::Result<()> {
 
 /// Runs the worker: takes its sockets, drops privileges, then serves with
 /// the configuration and certificates the keeper sends.
-pub fn run_worker(spec: &str) -> anyhow::Result<ExitCode> {
+pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::Result<ExitCode> {
     let keeper = nix::unistd::getppid();
     let inherited = parse_inherited(spec)?;
     drop_privileges(inherited.who)?;
@@ -385,6 +449,12 @@ pub fn run_worker(spec: &str) -> anyhow::Result<ExitCode> {
             &String::from_utf8_lossy(&payload),
             "configuration from the keeper",
         )?;
+        crate::logs::attach_file_log(
+            file_log,
+            &config.log_directory,
+            crate::logs::LOG_FILE,
+            config.log_max_bytes,
+        );
         let to_listener = |fd: OwnedFd| -> anyhow::Result<std::net::TcpListener> {
             let l = std::net::TcpListener::from(fd);
             l.set_nonblocking(true)?;

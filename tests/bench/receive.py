@@ -54,7 +54,12 @@ Method
     runs; peak RSS is the maximum over runs.
   * Receiver CPU is utime+stime of the receiver process (all its threads)
     from /proc/PID/stat, read right after the sender exits and before the
-    receiver is stopped; peak RSS is VmHWM from /proc/PID/status.
+    receiver is stopped; peak RSS is VmHWM from /proc/PID/status. When the
+    receiver is several processes (minipacs serve with a privilege-separated
+    worker), both are summed over the process and its live descendants (CPU
+    also counts children it has reaped); the table then says how many
+    processes, and the summed peak RSS counts pages they share once per
+    process (PSS, read at the same moment, counts them once).
   * Between runs the output folder is removed and os.sync() is called
     (outside any timing), so no run pays for writeback left by the one
     before it.
@@ -241,20 +246,67 @@ def tail(log: Path, lines: int = 15) -> str:
 # --------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
+def stat_fields(pid: int) -> list[str]:
+    """Fields 3 onwards of /proc/PID/stat: the command name (field 2) may
+    hold spaces, so the split starts after its closing parenthesis."""
     stat = Path(f"/proc/{pid}/stat").read_text()
-    # The command name (field 2) may hold spaces; fields after it start at 3.
-    after_name = stat[stat.rindex(")") + 2 :].split()
-    utime, stime = int(after_name[11]), int(after_name[12])  # fields 14, 15
-    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+    return stat[stat.rindex(")") + 2 :].split()
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / KIB  # the value is in kB
-    return float("nan")
+def process_tree(pid: int) -> list[int]:
+    """pid and its live descendants. A receiver may be several processes:
+    minipacs serve forks an unprivileged worker that does the receiving
+    while the parent (the keeper) only waits."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(stat_fields(int(entry.name))[1])  # field 4
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (all threads) plus cutime + cstime,
+    the time of children they have already reaped, in seconds."""
+    ticks = 0
+    for pid in pids:
+        try:
+            ticks += sum(int(f) for f in stat_fields(pid)[11:15])  # fields 14-17
+        except OSError:
+            pass  # ended meanwhile
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def proc_kib(path: str, key: str) -> int:
+    """The kB value of a "Key:   123 kB" line, 0 if the file or line is not there."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_mib(pids: list[int]) -> float:
+    """Sum of VmHWM (peak RSS) over the processes. Pages that processes share
+    (the binary, after a fork) count once per process, so for more than one
+    process this is an upper bound."""
+    return sum(proc_kib(f"/proc/{pid}/status", "VmHWM") for pid in pids) / KIB
+
+
+def pss_mib(pids: list[int]) -> float:
+    """Sum of PSS now: each shared page split between the processes that
+    map it, so shared pages count once in all."""
+    return sum(proc_kib(f"/proc/{pid}/smaps_rollup", "Pss") for pid in pids) / KIB
 
 
 # --------------------------------------------------------------------------
@@ -400,8 +452,8 @@ def workload_from(key: str, title: str, folder: Path) -> Workload:
 # --------------------------------------------------------------------------
 
 CERT_DAYS = "3650"
-# Both end entities may act as either side: a receiver is also a sender
-# elsewhere, and the CA-signed pair is then usable for both.
+# Both end-entity certificates carry serverAuth and clientAuth, so either
+# may be used on either side of a connection.
 LEAF_EXTENSIONS = ("basicConstraints=critical,CA:FALSE\n"
                    "keyUsage=critical,digitalSignature\n"
                    "extendedKeyUsage=serverAuth,clientAuth\n")
@@ -501,7 +553,9 @@ class Receiver:
     tls: bool = False
 
     def command(self, port: int, out: Path, tls: TlsFiles | None = None) -> list[str]:
-        files = tls.placeholders("server") if self.tls and tls else {}
+        if self.tls and tls is None:
+            raise BenchError(f"{self.name}: no TLS certificates")
+        files = tls.placeholders("server") if self.tls else {}
         return [a.format(port=port, out=out, **files) for a in self.argv]
 
 
@@ -603,6 +657,8 @@ class Sample:
     wall: float
     cpu: float | None = None
     rss_mib: float | None = None
+    pss_mib: float | None = None
+    processes: int = 1
 
 
 @dataclass
@@ -621,6 +677,12 @@ class Row:
 
     def peak_rss(self) -> float | None:
         return max((s.rss_mib for s in self.samples if s.rss_mib is not None), default=None)
+
+    def peak_pss(self) -> float | None:
+        return max((s.pss_mib for s in self.samples if s.pss_mib is not None), default=None)
+
+    def processes(self) -> int:
+        return max((s.processes for s in self.samples), default=1)
 
 
 def count_files(folder: Path) -> int:
@@ -683,7 +745,8 @@ class Bench:
                            f"receiver after its sender has exited: was it signalled from "
                            f"outside?\n{tail(recv_log)}")
                 return None
-            sample = Sample(wall, cpu_seconds(proc.pid), peak_rss_mib(proc.pid))
+            tree = process_tree(proc.pid)
+            sample = Sample(wall, cpu_seconds(tree), peak_rss_mib(tree), pss_mib(tree), len(tree))
             landed = count_files(out)
         finally:
             self.children.stop(proc)
@@ -959,6 +1022,8 @@ def show_progress(label: str, sample: Sample | None) -> None:
     extra = ""
     if sample.cpu is not None:
         extra = f"  cpu {sample.cpu:.2f}s  rss {sample.rss_mib:.1f} MiB"
+        if sample.processes > 1:
+            extra += f" over {sample.processes} processes (pss {sample.pss_mib:.1f} MiB)"
     print(f"    {label}: {sample.wall:.3f}s{extra}", flush=True)
 
 
@@ -983,7 +1048,7 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
                 suite: Suite = PLAIN) -> None:
     dcmtk = rows[suite.reference.name]
     print()
-    tag = "" if suite is PLAIN else f"{suite.name}: "
+    tag = "" if suite is PLAIN else f"{suite.name} -- "
     print(f"{tag}{workload.title} -- sender: {sender.name} -- best of {runs}")
     header = (f"{'receiver':<44} {'best wall s':>11} {workload.unit:>10} {'recv CPU s':>10} "
               f"{'peak RSS MiB':>12} {'wall ratio':>10} {'CPU ratio':>9}")
@@ -996,6 +1061,8 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
         wall_ratio = ratio(dcmtk.best_wall(), wall) if is_minipacs else None
         cpu_ratio = ratio(row.best_cpu(), dcmtk.best_cpu()) if is_minipacs else None
         note = f"  ({row.failures} failed)" if row.failures else ""
+        if row.processes() > 1:
+            note += f"  ({row.processes()} processes, PSS {fmt(row.peak_pss(), 0, 1)} MiB)"
         print(f"{row.name:<44} {fmt(wall, 11, 3)} {fmt(rate, 10, 1)} "
               f"{fmt(row.best_cpu(), 10, 2)} {fmt(row.peak_rss(), 12, 1)} "
               f"{fmt(wall_ratio, 10, 2)} {fmt(cpu_ratio, 9, 2)}{note}")
@@ -1009,6 +1076,10 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
         print(f"  minipacs_cpu / dcmtk_cpu (<1: minipacs cheaper); dcmtk is {suite.reference.name}.")
         print("  Every receiver and sender does mutual TLS with the bench CA. CPU is counted in")
     print(f"  clock ticks of {1 / os.sysconf('SC_CLK_TCK') * 1000:.0f} ms.")
+    if any(row.processes() > 1 for row in rows.values()):
+        print("  A receiver of several processes: CPU and peak RSS are sums over them; the RSS sum")
+        print("  counts shared pages (the binary) once per process, PSS (at the end of the run,")
+        print("  max over runs) once in all.")
     if workload.key == "w2":
         print(f"  MB = 10^6 bytes; the object is {workload.total_bytes:,} bytes.")
 
@@ -1087,11 +1158,19 @@ def print_tls_checks(results: dict[tuple[str, str], dict[str, Row]]) -> None:
 
 
 def check_rss(receiver: Receiver, tables: list[dict[str, Row]]) -> None:
-    peaks = [rows[receiver.name].peak_rss() for rows in tables]
-    peak = max((p for p in peaks if p is not None), default=None)
+    """On the summed peak RSS, the conservative figure; with several
+    processes the line also gives their PSS."""
+    rows = [table[receiver.name] for table in tables]
+    peak = max((p for p in (r.peak_rss() for r in rows) if p is not None), default=None)
     ok = None if peak is None else peak <= TLS_RSS_CEILING_MIB
+    processes = max((r.processes() for r in rows), default=1)
+    detail = ""
+    if processes > 1:
+        pss = max((p for p in (r.peak_pss() for r in rows) if p is not None), default=None)
+        detail = (f" (sum over {processes} processes, shared pages counted in each; "
+                  f"PSS {fmt(pss, 0, 1)} MiB)")
     print(f"  {verdict(ok)}  TLS peak RSS <= {TLS_RSS_CEILING_MIB:.0f} MiB, {receiver.name}: "
-          f"{fmt(peak, 0, 1)} MiB")
+          f"{fmt(peak, 0, 1)} MiB{detail}")
 
 
 def print_negotiated(negotiated: dict[str, dict[str, int]]) -> None:
@@ -1190,8 +1269,9 @@ def describe_machine(tls: bool) -> None:
         linked = [line.strip("- ").strip() for line in dcmtk.stdout.splitlines()
                   if "OpenSSL" in line]
         openssl_version = subprocess.run([OPENSSL, "version"], capture_output=True, text=True)
-        print(f"openssl:  {openssl_version.stdout.strip()} (dcmtk links "
-              f"{linked[0] if linked else '?'}); cpu flags: {cpu_crypto_flags()}")
+        print(f"openssl:  {openssl_version.stdout.strip()}; dcmtk reports "
+              f"{linked[0] if linked else '?'}")
+        print(f"cpu:      crypto-related flags: {cpu_crypto_flags()}")
     print(f"machine:  {os.cpu_count()} CPUs, kernel {os.uname().release}, "
           f"python {sys.version.split()[0]}")
 
@@ -1305,6 +1385,10 @@ def main() -> int:
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="minipacs-bench-")) if own_workdir else args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    if own_workdir:
+        # mkdtemp makes it 0700; started as root, minipacs serve hands the
+        # output folder to an unprivileged worker, which must get through.
+        workdir.chmod(0o755)
     print(f"work dir: {workdir}")
     children = Children()
     try:

@@ -123,6 +123,8 @@ pub struct ScpShared {
     pub dimse_timeout: Duration,
     /// counters (shared by all listeners)
     pub stats: Arc<Stats>,
+    /// the audit trail, when its folder could be opened
+    pub audit: Option<Arc<crate::logs::Audit>>,
 }
 
 /// Reads the first PDU of a connection, which must be an A-ASSOCIATE-RQ.
@@ -470,6 +472,19 @@ async fn finish_object<W: AsyncWrite + Unpin>(
     pdu::write_pdata(writer, obj.context_id, true, true, &rsp).await?;
     writer.flush().await?;
     let ms = obj.started.elapsed().as_secs_f64() * 1000.0;
+    if let Some(audit) = &shared.audit {
+        audit.object(&crate::logs::ObjectRecord {
+            time: std::time::SystemTime::now(),
+            peer: peer.addr,
+            calling_ae: &peer.calling_ae,
+            sop_class_uid: obj.sop_class.as_str(),
+            sop_instance_uid: obj.sop_instance.as_str(),
+            bytes,
+            status: code,
+            milliseconds: ms as u64,
+            stored_path: path.as_deref(),
+        });
+    }
     let stats = &shared.stats;
     if code == status::SUCCESS {
         summary.stored += 1;

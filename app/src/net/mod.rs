@@ -90,6 +90,19 @@ pub async fn run(
         .unwrap_or_else(|e| e.to_string());
     let store = Arc::new(store);
     let stats = Arc::new(Stats::default());
+    let audit = match crate::logs::Audit::open(
+        &config.log_directory,
+        crate::logs::Budget {
+            max_bytes: config.log_max_bytes,
+            files: crate::logs::Budget::DEFAULT.files,
+        },
+    ) {
+        Ok(a) => Some(Arc::new(a)),
+        Err(e) => {
+            tracing::warn!(error = %e, "audit trail unavailable");
+            None
+        }
+    };
     let bounds = SharedBounds::new(ServerLimits {
         max_associations: config.max_associations,
         max_pending: config.max_pending_connections,
@@ -102,6 +115,7 @@ pub async fn run(
             ae_title: aetitle.to_string(),
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
             stats: Arc::clone(&stats),
+            audit: audit.clone(),
         },
         policy: AcceptPolicy {
             ae_title: aetitle.to_string(),
@@ -189,6 +203,7 @@ pub async fn run(
     tokio::spawn(report_status(
         Arc::clone(&stats),
         Arc::clone(&store),
+        config.log_directory.join(crate::drop::STATUS_FILE),
         events.clone(),
     ));
     tokio::select! {
@@ -207,8 +222,14 @@ pub async fn run(
     Ok(())
 }
 
-/// Sends a status line every few seconds (and at once when it changes).
-async fn report_status(stats: Arc<Stats>, store: Arc<Store>, events: mpsc::Sender<ServiceEvent>) {
+/// Sends a status line every few seconds when it changes, and keeps it in
+/// `status_file` for the field log bundle.
+async fn report_status(
+    stats: Arc<Stats>,
+    store: Arc<Store>,
+    status_file: std::path::PathBuf,
+    events: mpsc::Sender<ServiceEvent>,
+) {
     let mut last = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -226,7 +247,16 @@ async fn report_status(stats: Arc<Stats>, store: Arc<Store>, events: mpsc::Sende
             {
                 return;
             }
+            let stamped = format!("{}  {line}\n", humantime_now());
+            let _ = tokio::fs::write(&status_file, stamped).await;
             last = line;
         }
     }
+}
+
+/// Now, as RFC 3339 UTC.
+fn humantime_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }

@@ -345,6 +345,31 @@ impl Listener {
             Ok(()) => "released".to_string(),
             Err(e) => e.to_string(),
         };
+        if let Some(audit) = &self.shared.audit {
+            use crate::logs::AssociationOutcome as O;
+            audit.association(&crate::logs::AssociationRecord {
+                time: std::time::SystemTime::now() - started.elapsed(),
+                peer: addr,
+                calling_ae: &calling,
+                called_ae: &called,
+                tls_version: tls.as_ref().map(|t| t.version.as_str()),
+                tls_suite: tls.as_ref().map(|t| t.suite.as_str()),
+                tls_peer_subject: tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
+                outcome: match &result {
+                    Ok(()) => O::Released,
+                    Err(ScpError::PeerAborted) => O::AbortedByPeer,
+                    Err(ScpError::Timeout(_)) => O::TimedOut,
+                    Err(ScpError::Framing(crate::dimse::pdu::FramingError::Io(_))) => {
+                        O::ConnectionLost
+                    }
+                    Err(_) => O::Aborted,
+                },
+                objects_stored: summary.stored,
+                objects_failed: summary.failed,
+                bytes: summary.bytes,
+                seconds: secs,
+            });
+        }
         info!(
             peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert,
             proposed, accepted,

@@ -1,0 +1,276 @@
+//! The drop folder: how a technician talks to an unattended device.
+//!
+//! They drop a file (onto the card's FAT boot partition, or a share) and
+//! pick up the answer beside it:
+//! - `minipacs.toml`: a new configuration. It is validated; a bad one is
+//!   renamed `minipacs.toml.rejected`, and `minipacs.toml.result` says
+//!   exactly why; the service keeps running on its current configuration.
+//!   A good one is checked for what validation cannot see (certificate
+//!   files that do not load, a store that cannot be made); if that fails it
+//!   is rolled back the same way. Otherwise it becomes the last-good
+//!   configuration (the `--config` file) and the service restarts cleanly
+//!   on it: objects in flight finish first.
+//! - `collect-logs`: the field log bundle is written next to it as
+//!   `minipacs-logs-<time>.tar.gz`, and the trigger is removed.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::logs::BundleInputs;
+
+/// The name of a dropped configuration.
+pub const CONFIG_DROP: &str = "minipacs.toml";
+/// The name of the log bundle trigger.
+pub const LOGS_TRIGGER: &str = "collect-logs";
+/// How often the folder is looked at.
+pub const POLL: Duration = Duration::from_secs(2);
+
+/// What the service must do after a look at the drop folder.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DropAction {
+    /// Nothing.
+    None,
+    /// Restart on the new configuration (already saved as last-good).
+    Restart,
+}
+
+/// What goes into a field log bundle for this configuration.
+pub fn bundle_inputs(config: &Config) -> BundleInputs {
+    let status = fs::read_to_string(config.log_directory.join(STATUS_FILE))
+        .unwrap_or_else(|_| "no status recorded (service not running?)".into());
+    BundleInputs {
+        log_dir: config.log_directory.clone(),
+        audit_dir: config.log_directory.clone(),
+        config_text: toml::to_string(config).unwrap_or_default(),
+        version: format!("minipacs {}", env!("CARGO_PKG_VERSION")),
+        board_name: String::new(),
+        board_profile: None,
+        store_paths: vec![config.output_directory.clone()],
+        status,
+        max_bytes: BundleInputs::DEFAULT_MAX_BYTES,
+    }
+}
+
+/// The file the running service keeps its latest status line in.
+pub const STATUS_FILE: &str = "status.txt";
+
+/// Looks at the drop folder once. `running` is the configuration in force,
+/// `last_good` where a new good one is saved.
+pub fn look(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
+    let trigger = dir.join(LOGS_TRIGGER);
+    if trigger.exists() {
+        let stamp = time::OffsetDateTime::now_utc()
+            .format(&time::macros::format_description!(
+                "[year][month][day]T[hour][minute][second]Z"
+            ))
+            .unwrap_or_else(|_| "now".into());
+        let out = dir.join(format!("minipacs-logs-{stamp}.tar.gz"));
+        match crate::logs::collect_bundle(&out, &bundle_inputs(running)) {
+            Ok(s) => {
+                info!(bundle = %s.path.display(), bytes = s.compressed_bytes, "field log bundle written")
+            }
+            Err(e) => warn!(error = %e, "field log bundle failed"),
+        }
+        let _ = fs::remove_file(&trigger);
+    }
+    let dropped = dir.join(CONFIG_DROP);
+    if !dropped.exists() {
+        return DropAction::None;
+    }
+    let result_path = dir.join(format!("{CONFIG_DROP}.result"));
+    let text = match fs::read_to_string(&dropped) {
+        Ok(t) => t,
+        Err(e) => {
+            refuse(
+                &dropped,
+                &result_path,
+                "REJECTED",
+                &format!("cannot read the file: {e}"),
+            );
+            return DropAction::None;
+        }
+    };
+    let candidate = match Config::from_toml(&text, CONFIG_DROP) {
+        Ok(c) => c,
+        Err(e) => {
+            refuse(&dropped, &result_path, "REJECTED", &e.to_string());
+            return DropAction::None;
+        }
+    };
+    if let Err(why) = appliable(&candidate) {
+        refuse(
+            &dropped,
+            &result_path,
+            "ROLLED BACK",
+            &format!("valid, but it cannot be applied: {why}"),
+        );
+        return DropAction::None;
+    }
+    if candidate == *running {
+        write_result(
+            &result_path,
+            "UNCHANGED",
+            "the same as the running configuration",
+        );
+        let _ = fs::remove_file(&dropped);
+        return DropAction::None;
+    }
+    if let Err(e) = save_atomically(last_good, text.as_bytes()) {
+        refuse(
+            &dropped,
+            &result_path,
+            "ROLLED BACK",
+            &format!(
+                "cannot save it as the last-good configuration {}: {e}",
+                last_good.display()
+            ),
+        );
+        return DropAction::None;
+    }
+    let _ = fs::remove_file(&dropped);
+    write_result(
+        &result_path,
+        "APPLIED",
+        &format!(
+            "saved as {}; the service restarts on it now (objects in flight finish first)",
+            last_good.display()
+        ),
+    );
+    info!(config = %last_good.display(), "new configuration applied from the drop folder; restarting");
+    DropAction::Restart
+}
+
+/// Checks what validation cannot: that the certificate files load and make
+/// a working TLS configuration, and that the store can be made.
+fn appliable(config: &Config) -> Result<(), String> {
+    if let Some(files) = config.tls.files() {
+        let material = crate::tls::TlsMaterial::read(&files).map_err(|e| e.to_string())?;
+        crate::tls::server_config(&material, files.policy()).map_err(|e| e.to_string())?;
+    }
+    fs::create_dir_all(&config.output_directory)
+        .map_err(|e| format!("store {}: {e}", config.output_directory.display()))?;
+    Ok(())
+}
+
+fn refuse(dropped: &Path, result_path: &Path, verdict: &str, why: &str) {
+    warn!(
+        verdict,
+        why, "dropped configuration refused; the running configuration stays"
+    );
+    let aside = dropped.with_extension("toml.rejected");
+    let _ = fs::rename(dropped, aside);
+    write_result(result_path, verdict, why);
+}
+
+fn write_result(path: &Path, verdict: &str, detail: &str) {
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    let text = format!("{verdict}\n{now}\n{detail}\n");
+    if let Err(e) = save_atomically(path, text.as_bytes()) {
+        warn!(path = %path.display(), error = %e, "cannot write the result file");
+    }
+}
+
+/// Writes `bytes` to `path` by a temp file and a rename (and fsyncs), so a
+/// power cut leaves the old file or the new one, never half of one.
+pub fn save_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Watches the drop folder until a restart is needed or `stop` turns true;
+/// returns whether to restart.
+pub async fn watch(
+    dir: PathBuf,
+    running: Config,
+    last_good: PathBuf,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
+    let mut tick = tokio::time::interval(POLL);
+    loop {
+        tokio::select! {
+            _ = crate::net::server::stopped(&mut stop) => return false,
+            _ = tick.tick() => {}
+        }
+        let (d, r, l) = (dir.clone(), running.clone(), last_good.clone());
+        let action = tokio::task::spawn_blocking(move || look(&d, &r, &l))
+            .await
+            .unwrap_or(DropAction::None);
+        if action == DropAction::Restart {
+            return true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Config, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let running = Config {
+            output_directory: dir.path().join("store"),
+            log_directory: dir.path().join("logs"),
+            ..Config::default()
+        };
+        let last_good = dir.path().join("etc.toml");
+        (dir, running, last_good)
+    }
+
+    #[test]
+    fn bad_syntax_is_rejected_with_the_reason() {
+        let (dir, running, last_good) = setup();
+        fs::write(dir.path().join(CONFIG_DROP), "port = \n").expect("write");
+        assert_eq!(look(dir.path(), &running, &last_good), DropAction::None);
+        let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
+        assert!(result.starts_with("REJECTED\n"), "{result}");
+        assert!(result.contains("line 1"), "{result}");
+        assert!(dir.path().join("minipacs.toml.rejected").exists());
+        assert!(!last_good.exists());
+    }
+
+    #[test]
+    fn unloadable_certificate_is_rolled_back() {
+        let (dir, running, last_good) = setup();
+        let text = format!(
+            "output_directory = {:?}\n[tls]\nkey = \"/nonexistent/k.pem\"\ncert = \"/nonexistent/c.pem\"\n",
+            running.output_directory
+        );
+        fs::write(dir.path().join(CONFIG_DROP), text).expect("write");
+        assert_eq!(look(dir.path(), &running, &last_good), DropAction::None);
+        let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
+        assert!(result.starts_with("ROLLED BACK\n"), "{result}");
+        assert!(result.contains("/nonexistent/k.pem"), "{result}");
+    }
+
+    #[test]
+    fn good_config_becomes_last_good_and_restarts() {
+        let (dir, running, last_good) = setup();
+        let text = format!(
+            "aetitle = \"BEDSIDE\"\noutput_directory = {:?}\nlog_directory = {:?}\n",
+            running.output_directory, running.log_directory
+        );
+        fs::write(dir.path().join(CONFIG_DROP), &text).expect("write");
+        assert_eq!(look(dir.path(), &running, &last_good), DropAction::Restart);
+        assert_eq!(fs::read_to_string(&last_good).expect("saved"), text);
+        assert!(!dir.path().join(CONFIG_DROP).exists());
+        let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
+        assert!(result.starts_with("APPLIED\n"), "{result}");
+    }
+}
