@@ -91,17 +91,26 @@ pub fn resolve_identity(user: &str, group: Option<&str>) -> anyhow::Result<Ident
 }
 
 /// Gives `path` (created if missing) and its store housekeeping entries to
-/// the worker, so that it can write there after dropping privileges.
+/// the worker, so that it can write there after dropping privileges. On
+/// the appliance tmpfiles.d has done this already and the unit grants no
+/// CAP_CHOWN: only what is not the worker's yet is changed, and a refusal
+/// is logged (the worker then says exactly what it cannot write).
 fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
     for p in [
         path.to_path_buf(),
         path.join(crate::store::INCOMING_DIR),
         path.join(".lock"),
     ] {
-        if p.exists() {
-            nix::unistd::chown(&p, Some(who.uid), Some(who.gid))
-                .with_context(|| format!("giving {} to the worker", p.display()))?;
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if meta.uid() == who.uid.as_raw() && meta.gid() == who.gid.as_raw() {
+            continue;
+        }
+        if let Err(e) = nix::unistd::chown(&p, Some(who.uid), Some(who.gid)) {
+            warn!(path = %p.display(), error = %e, "cannot give this to the worker's user");
         }
     }
     Ok(())
