@@ -18,10 +18,33 @@ use crate::tls::{CipherPreference, PeerCertPolicy, ServerTlsFiles};
 /// The documented default configuration, as shipped.
 pub const DEFAULT_TOML: &str = include_str!("../../hal-config/minipacs.toml");
 
+/// The per-board profiles shipped in `hal-config/boards/`, embedded.
+pub const BOARDS: &[(&str, &str)] = &[
+    ("pi3", include_str!("../../hal-config/boards/pi3.toml")),
+    ("pi4", include_str!("../../hal-config/boards/pi4.toml")),
+    ("pi5", include_str!("../../hal-config/boards/pi5.toml")),
+    (
+        "qemu-virt",
+        include_str!("../../hal-config/boards/qemu-virt.toml"),
+    ),
+    (
+        "x86-dev",
+        include_str!("../../hal-config/boards/x86-dev.toml"),
+    ),
+];
+
+/// Profile keys that are not configuration: `target` is the build's,
+/// `activity_led` is not used yet (the worker cannot write the root-owned
+/// LED file; see the closing note of the appliance issue).
+const BOARD_ONLY_KEYS: &[&str] = &["target", "activity_led"];
+
 /// The receiver's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    /// Board profile (`pi3`, `pi4`, `pi5`, `qemu-virt`, `x86-dev`): its
+    /// values apply wherever this file does not set the key itself.
+    pub board: Option<String>,
     /// Our AE title: the called AE title an SCU must use.
     pub aetitle: String,
     /// Address to listen on.
@@ -127,6 +150,7 @@ impl TlsConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
+            board: None,
             aetitle: "MINIPACS".into(),
             bind: IpAddr::from([0, 0, 0, 0]),
             port: 11112,
@@ -214,6 +238,17 @@ impl Config {
                 message: e.message().to_string(),
             }],
         })?;
+        let config = match &config.board {
+            Some(board) => with_board(text, board).map_err(|message| ConfigError {
+                source_name: name.to_string(),
+                problems: vec![Problem {
+                    key: Some("board".into()),
+                    line: line_of_key(text, "board"),
+                    message,
+                }],
+            })?,
+            None => config,
+        };
         config.validate_in(text, name)?;
         Ok(config)
     }
@@ -330,6 +365,39 @@ impl Config {
     }
 }
 
+/// The configuration in `text` with the board profile's values filled in
+/// for every key the text does not set.
+fn with_board(text: &str, board: &str) -> Result<Config, String> {
+    let (_, profile) = BOARDS
+        .iter()
+        .find(|(name, _)| *name == board)
+        .ok_or_else(|| {
+            let names: Vec<_> = BOARDS.iter().map(|(n, _)| *n).collect();
+            format!("unknown board \"{board}\" (known: {})", names.join(", "))
+        })?;
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    let profile: toml::Table =
+        toml::from_str(profile).map_err(|e| format!("board profile {board}: {e}"))?;
+    for (key, value) in profile {
+        if BOARD_ONLY_KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        if key == "cipher_preference" {
+            let tls = table
+                .entry("tls")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(tls) = tls.as_table_mut() {
+                tls.entry(key).or_insert(value);
+            }
+            continue;
+        }
+        table.entry(key).or_insert(value);
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| format!("board profile {board}: {}", e.message()))
+}
+
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
 /// all spaces, no backslash or control characters (PS3.5 Table 6.2-1).
 pub fn check_ae_title(ae: &str) -> Result<(), String> {
@@ -379,6 +447,23 @@ mod tests {
         assert_eq!(lines, vec![Some(1), Some(2), Some(3)]);
         let shown = err.to_string();
         assert!(shown.contains("line 2: aetitle"), "{shown}");
+    }
+
+    #[test]
+    fn board_profiles_fill_in_and_explicit_keys_win() {
+        let c = Config::from_toml("board = \"pi4\"\nmax_pdu = 65536\n", "x.toml").expect("valid");
+        assert_eq!(c.max_pdu, 65536, "the explicit key wins");
+        assert_eq!(c.tls.cipher_preference, CipherPreference::Chacha20);
+        assert_eq!(c.output_directory, PathBuf::from("/var/lib/minipacs/store"));
+        assert_eq!(c.free_space_reserve_percent, 10);
+        for (name, _) in BOARDS {
+            Config::from_toml(&format!("board = \"{name}\"\n"), "x.toml")
+                .expect("every profile loads");
+        }
+        let err =
+            Config::from_toml("port = 104\nboard = \"pi9\"\n", "x.toml").expect_err("unknown");
+        assert_eq!(err.problems[0].line, Some(2));
+        assert!(err.to_string().contains("pi4"), "{err}");
     }
 
     #[test]
