@@ -251,6 +251,31 @@ def test_config_drop_refused(dropping, text, verdict, detail):
     assert srv.alive() and echo_ok(srv.port)
 
 
+def test_config_drop_applied_live_keeps_associations(dropping, tmp_path):
+    import dul
+
+    srv, drop, cfg = dropping
+    worker = srv.worker_pid()
+    held = dul.Connection(srv.port)
+    assert held.associate()[0] == 0x02
+    text = cfg.read_text() + 'aetitle = "BEDSIDE"\nmax_associations = 4\n'
+    (drop / "minipacs.toml").write_text(text)
+    result = wait_file(drop / "minipacs.toml.result")
+    assert result.startswith("APPLIED\n") and "without a restart" in result, result
+    assert cfg.read_text() == text
+    deadline = time.monotonic() + 10
+    while not echo_ok(srv.port, "BEDSIDE") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert echo_ok(srv.port, "BEDSIDE")
+    assert not echo_ok(srv.port, "MINIPACS")
+    # Nothing in flight was dropped: the association opened before goes on.
+    assert held.echo() == 0
+    assert held.store(3, dul.CT_IMAGE, "1.2.3.6.1", b"\x08\x00\x16\x00UI\x02\x001\x00" * 50) == 0
+    assert held.release() == 0x06
+    assert srv.worker_pid() == worker, "the worker was restarted"
+    assert "configuration applied without a restart" in srv.logs()
+
+
 def test_config_drop_applied_with_port_change(dropping, tmp_path):
     srv, drop, cfg = dropping
     new_port = free_port()

@@ -267,6 +267,36 @@ impl Config {
         Self::from_toml(&text, &name)
     }
 
+    /// Why going from `self` to `new` needs a restart, or `None` when it
+    /// can be applied while serving (AE titles, negotiation, limits,
+    /// timeouts, storage options; renewed certificates reload on their own).
+    pub fn restart_reason(&self, new: &Config) -> Option<&'static str> {
+        let (a, b) = (self, new);
+        if (a.bind, a.port, a.listen_plain) != (b.bind, b.port, b.listen_plain) {
+            return Some("listening address or port");
+        }
+        if a.tls.port != b.tls.port || a.tls.files().is_some() != b.tls.files().is_some() {
+            return Some("TLS port, or TLS switched on or off");
+        }
+        if a.tls.files() != b.tls.files() || a.tls.reload_check != b.tls.reload_check {
+            // Renewed certificates at the same paths reload without a
+            // restart; other files or another policy restart.
+            return Some("TLS files or policy");
+        }
+        if (&a.user, &a.group) != (&b.user, &b.group) {
+            return Some("worker user or group");
+        }
+        if a.output_directory != b.output_directory {
+            return Some("store folder");
+        }
+        if (&a.log_directory, a.log_max_bytes, &a.drop_directory)
+            != (&b.log_directory, b.log_max_bytes, &b.drop_directory)
+        {
+            return Some("log or drop folder");
+        }
+        None
+    }
+
     /// Validates values (after command-line overrides, too).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_in("", "configuration")

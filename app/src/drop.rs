@@ -30,10 +30,12 @@ pub const LOGS_TRIGGER: &str = "collect-logs";
 pub const POLL: Duration = Duration::from_secs(2);
 
 /// What the service must do after a look at the drop folder.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum DropAction {
     /// Nothing.
     None,
+    /// Apply this configuration while serving (already saved as last-good).
+    Apply(Box<Config>),
     /// Restart on the new configuration (already saved as last-good).
     Restart,
 }
@@ -132,16 +134,32 @@ pub fn look(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
         return DropAction::None;
     }
     let _ = fs::remove_file(&dropped);
-    write_result(
-        &result_path,
-        "APPLIED",
-        &format!(
-            "saved as {}; the service restarts on it now (objects in flight finish first)",
-            last_good.display()
-        ),
-    );
-    info!(config = %last_good.display(), "new configuration applied from the drop folder; restarting");
-    DropAction::Restart
+    match running.restart_reason(&candidate) {
+        None => {
+            write_result(
+                &result_path,
+                "APPLIED",
+                &format!(
+                    "saved as {}; applied without a restart (associations in flight keep their settings)",
+                    last_good.display()
+                ),
+            );
+            info!(config = %last_good.display(), "new configuration from the drop folder; applying it live");
+            DropAction::Apply(Box::new(candidate))
+        }
+        Some(why) => {
+            write_result(
+                &result_path,
+                "APPLIED",
+                &format!(
+                    "saved as {}; the service restarts on it now ({why} changed; objects in flight finish first)",
+                    last_good.display()
+                ),
+            );
+            info!(config = %last_good.display(), why, "new configuration from the drop folder; restarting");
+            DropAction::Restart
+        }
+    }
 }
 
 /// Checks what validation cannot: that the certificate files load and make
@@ -195,11 +213,12 @@ pub fn save_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// Watches the drop folder until a restart is needed or `stop` turns true;
-/// returns whether to restart.
+/// configurations that apply live go to `live`. Returns whether to restart.
 pub async fn watch(
     dir: PathBuf,
-    running: Config,
+    mut running: Config,
     last_good: PathBuf,
+    live: tokio::sync::mpsc::Sender<Config>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> bool {
     let mut tick = tokio::time::interval(POLL);
@@ -212,8 +231,15 @@ pub async fn watch(
         let action = tokio::task::spawn_blocking(move || look(&d, &r, &l))
             .await
             .unwrap_or(DropAction::None);
-        if action == DropAction::Restart {
-            return true;
+        match action {
+            DropAction::None => {}
+            DropAction::Restart => return true,
+            DropAction::Apply(config) => {
+                running = (*config).clone();
+                if live.send(*config).await.is_err() {
+                    return false;
+                }
+            }
         }
     }
 }
@@ -260,17 +286,24 @@ mod tests {
     }
 
     #[test]
-    fn good_config_becomes_last_good_and_restarts() {
+    fn good_config_becomes_last_good_and_applies_live() {
         let (dir, running, last_good) = setup();
         let text = format!(
             "aetitle = \"BEDSIDE\"\noutput_directory = {:?}\nlog_directory = {:?}\n",
             running.output_directory, running.log_directory
         );
         fs::write(dir.path().join(CONFIG_DROP), &text).expect("write");
-        assert_eq!(look(dir.path(), &running, &last_good), DropAction::Restart);
+        assert!(
+            matches!(look(dir.path(), &running, &last_good), DropAction::Apply(c) if c.aetitle == "BEDSIDE")
+        );
         assert_eq!(fs::read_to_string(&last_good).expect("saved"), text);
         assert!(!dir.path().join(CONFIG_DROP).exists());
         let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
         assert!(result.starts_with("APPLIED\n"), "{result}");
+        assert!(result.contains("without a restart"), "{result}");
+        // A port change restarts.
+        let text = format!("port = 104\n{text}");
+        fs::write(dir.path().join(CONFIG_DROP), &text).expect("write");
+        assert_eq!(look(dir.path(), &running, &last_good), DropAction::Restart);
     }
 }

@@ -323,6 +323,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
                 let (events, events_rx) = tokio::sync::mpsc::channel(64);
                 let notifier = tokio::spawn(service::notify_systemd(events_rx));
                 let (_never, no_stop) = tokio::sync::watch::channel(false);
+                let (live_tx, live_rx) = tokio::sync::mpsc::channel(4);
                 let dropped = async {
                     match &config.drop_directory {
                         Some(dir) => {
@@ -330,6 +331,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
                                 dir.clone(),
                                 config.clone(),
                                 last_good.clone(),
+                                live_tx,
                                 no_stop,
                             )
                             .await
@@ -343,7 +345,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
                         true = dropped => restart.store(true, std::sync::atomic::Ordering::Relaxed),
                     }
                 };
-                let result = minipacs::net::run(&config, sockets, tls, events, stop).await;
+                let result = minipacs::net::run(&config, sockets, tls, events, live_rx, stop).await;
                 let _ = notifier.await;
                 result
             })?;

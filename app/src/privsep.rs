@@ -281,10 +281,11 @@ async fn supervise(
     let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut restart = false;
     let (restart_tx, mut restart_rx) = mpsc::channel::<()>(1);
+    let (live_tx, mut live_rx) = mpsc::channel::<Config>(4);
     if let Some(dir) = config.drop_directory.clone() {
         let (running, stop) = (config.clone(), stop_rx.clone());
         tokio::spawn(async move {
-            if crate::drop::watch(dir, running, last_good, stop).await {
+            if crate::drop::watch(dir, running, last_good, live_tx, stop).await {
                 let _ = restart_tx.send(()).await;
             }
         });
@@ -331,6 +332,9 @@ async fn supervise(
             },
             Some(material) = tls_rx.recv() => {
                 write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await?;
+            }
+            Some(new) = live_rx.recv() => {
+                write_frame(&mut to_worker, FRAME_CONFIG, toml::to_string(&new)?.as_bytes()).await?;
             }
             _ = stops.recv() => forward_stop(worker, &events_tx).await,
             Some(()) = restart_rx.recv(), if !restart => {
@@ -473,35 +477,46 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
             plain: inherited.plain.map(to_listener).transpose()?,
             tls: inherited.tls.map(to_listener).transpose()?,
         };
+        let (tls_tx, tls_rx) = mpsc::channel(4);
         let tls_feed = match (&sockets.tls, config.tls.files()) {
             (Some(_), Some(files)) => {
                 let (kind, payload) = read_frame(&mut from_keeper).await?;
                 if kind != FRAME_TLS {
                     bail!("the keeper sent no TLS material");
                 }
-                let (tx, rx) = mpsc::channel(4);
-                let first = decode_material(&payload)?;
-                // Later certificates from the keeper.
-                tokio::spawn(async move {
-                    while let Ok((FRAME_TLS, payload)) = read_frame(&mut from_keeper).await {
-                        match decode_material(&payload) {
-                            Ok(m) => {
-                                if tx.send(m).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => warn!(error = %e, "bad TLS material from the keeper"),
-                        }
-                    }
-                });
                 TlsFeed::Keeper {
-                    first,
+                    first: decode_material(&payload)?,
                     policy: files.policy(),
-                    updates: rx,
+                    updates: tls_rx,
                 }
             }
             _ => TlsFeed::None,
         };
+        // Later frames from the keeper: renewed certificates, and
+        // configurations to apply while serving.
+        let (config_tx, config_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            while let Ok((kind, payload)) = read_frame(&mut from_keeper).await {
+                match kind {
+                    FRAME_TLS => match decode_material(&payload) {
+                        Ok(m) => {
+                            let _ = tls_tx.send(m).await;
+                        }
+                        Err(e) => warn!(error = %e, "bad TLS material from the keeper"),
+                    },
+                    FRAME_CONFIG => match Config::from_toml(
+                        &String::from_utf8_lossy(&payload),
+                        "configuration from the keeper",
+                    ) {
+                        Ok(c) => {
+                            let _ = config_tx.send(c).await;
+                        }
+                        Err(e) => warn!(error = %e, "bad configuration from the keeper"),
+                    },
+                    _ => warn!(kind, "unexpected frame from the keeper"),
+                }
+            }
+        });
         let (events_tx, mut events_rx) = mpsc::channel::<ServiceEvent>(64);
         tokio::spawn(async move {
             while let Some(event) = events_rx.recv().await {
@@ -518,6 +533,7 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
             sockets,
             tls_feed,
             events_tx,
+            config_rx,
             crate::service::stop_signal(),
         )
         .await

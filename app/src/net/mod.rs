@@ -72,15 +72,10 @@ pub async fn run(
     sockets: Sockets,
     tls_feed: TlsFeed,
     events: mpsc::Sender<ServiceEvent>,
+    mut config_updates: mpsc::Receiver<Config>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (store, swept) = Store::open(StoreOptions {
-        root: config.output_directory.clone(),
-        layout: config.layout,
-        fsync: config.fsync,
-        reserve_percent: config.free_space_reserve_percent,
-        overwrite: config.overwrite,
-    })?;
+    let (store, swept) = Store::open(store_options(config))?;
     if swept > 0 {
         info!(swept, "removed temp files left by an earlier crash");
     }
@@ -103,28 +98,24 @@ pub async fn run(
             None
         }
     };
-    let bounds = SharedBounds::new(ServerLimits {
-        max_associations: config.max_associations,
-        max_pending: config.max_pending_connections,
-        acse_timeout: Duration::from_secs(config.acse_timeout),
-        shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
-    });
-    let listener_for = |aetitle: &str, tls: Option<Arc<TlsReloader>>| Listener {
-        shared: ScpShared {
-            store: Arc::clone(&store),
-            ae_title: aetitle.to_string(),
-            dimse_timeout: Duration::from_secs(config.dimse_timeout),
-            stats: Arc::clone(&stats),
-            audit: audit.clone(),
-        },
-        policy: AcceptPolicy {
-            ae_title: aetitle.to_string(),
-            max_pdu: config.max_pdu,
-            accept_private_sop_classes: config.accept_private_sop_classes,
-        },
-        tls,
-        bounds: bounds.clone(),
+    let bounds = SharedBounds::new(limits(config));
+    let listener_for = |aetitle: &str, tls: Option<Arc<TlsReloader>>| {
+        Arc::new(Listener {
+            shared: ScpShared {
+                store: Arc::clone(&store),
+                ae_title: aetitle.to_string(),
+                dimse_timeout: Duration::from_secs(config.dimse_timeout),
+                stats: Arc::clone(&stats),
+                audit: audit.clone(),
+            },
+            policy: std::sync::RwLock::new(accept_policy(config, aetitle)),
+            dimse_timeout: std::sync::RwLock::new(Duration::from_secs(config.dimse_timeout)),
+            tls,
+            bounds: bounds.clone(),
+        })
     };
+    // The listeners and whether each is the TLS one, for live changes.
+    let mut live: Vec<(Arc<Listener>, bool)> = Vec::new();
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut listeners = tokio::task::JoinSet::new();
@@ -135,11 +126,9 @@ pub async fn run(
             store = %config.output_directory.display(), layout = ?config.layout,
             fsync = config.fsync, free = %free, "listening"
         );
-        listeners.spawn(server::serve(
-            socket,
-            listener_for(&config.aetitle, None),
-            stop_rx.clone(),
-        ));
+        let listener = listener_for(&config.aetitle, None);
+        live.push((Arc::clone(&listener), false));
+        listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
     if let Some(socket) = sockets.tls {
         let (first, policy, updates, files) = match tls_feed {
@@ -192,11 +181,9 @@ pub async fn run(
             }
             (None, None) => {}
         }
-        listeners.spawn(server::serve(
-            socket,
-            listener_for(aetitle, Some(reloader)),
-            stop_rx.clone(),
-        ));
+        let listener = listener_for(aetitle, Some(reloader));
+        live.push((Arc::clone(&listener), true));
+        listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
     let _ = events.send(ServiceEvent::Ready).await;
     tokio::spawn(crate::service::heartbeat(events.clone()));
@@ -206,11 +193,20 @@ pub async fn run(
         config.log_directory.join(crate::drop::STATUS_FILE),
         events.clone(),
     ));
-    tokio::select! {
-        _ = stop => {}
-        Some(ended) = listeners.join_next() => {
-            // A listener only ends on its own by failing.
-            ended.context("listener task")??;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            Some(ended) = listeners.join_next() => {
+                // A listener only ends on its own by failing.
+                ended.context("listener task")??;
+                break;
+            }
+            Some(new) = config_updates.recv() => {
+                let _ = events.send(ServiceEvent::Reloading).await;
+                apply_live(&new, &live, &bounds, &store);
+                let _ = events.send(ServiceEvent::Reloaded).await;
+            }
         }
     }
     let _ = events.send(ServiceEvent::Stopping).await;
@@ -220,6 +216,55 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+fn store_options(config: &Config) -> StoreOptions {
+    StoreOptions {
+        root: config.output_directory.clone(),
+        layout: config.layout,
+        fsync: config.fsync,
+        reserve_percent: config.free_space_reserve_percent,
+        overwrite: config.overwrite,
+    }
+}
+
+fn limits(config: &Config) -> ServerLimits {
+    ServerLimits {
+        max_associations: config.max_associations,
+        max_pending: config.max_pending_connections,
+        acse_timeout: Duration::from_secs(config.acse_timeout),
+        shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
+    }
+}
+
+fn accept_policy(config: &Config, aetitle: &str) -> AcceptPolicy {
+    AcceptPolicy {
+        ae_title: aetitle.to_string(),
+        max_pdu: config.max_pdu,
+        accept_private_sop_classes: config.accept_private_sop_classes,
+    }
+}
+
+/// Applies a configuration that needs no restart (the caller checked with
+/// [`Config::restart_reason`]): AE titles, negotiation, limits, timeouts
+/// and storage options take effect for what starts from now on;
+/// associations in flight keep what they began with.
+fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
+    for (listener, is_tls) in live {
+        let aetitle = match (is_tls, &new.tls.aetitle) {
+            (true, Some(tls_ae)) => tls_ae.as_str(),
+            _ => new.aetitle.as_str(),
+        };
+        listener.set_policy(
+            accept_policy(new, aetitle),
+            Duration::from_secs(new.dimse_timeout),
+        );
+    }
+    bounds.set_limits(limits(new));
+    if let Err(e) = store.set_options(store_options(new)) {
+        tracing::warn!(error = e, "storage options not applied");
+    }
+    info!(aetitle = %new.aetitle, "configuration applied without a restart");
 }
 
 /// Sends a status line every few seconds when it changes, and keeps it in

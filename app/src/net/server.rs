@@ -12,13 +12,14 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::Pdu;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -73,19 +74,49 @@ impl PendingSet {
 /// pending set bound memory for the whole process, not per port.
 #[derive(Clone)]
 pub struct SharedBounds {
-    slots: Arc<Semaphore>,
+    active: Arc<AtomicUsize>,
     pending: Arc<Mutex<PendingSet>>,
-    limits: ServerLimits,
+    limits: Arc<RwLock<ServerLimits>>,
+}
+
+/// An association slot, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl SharedBounds {
     /// Bounds for a receiver with these limits.
     pub fn new(limits: ServerLimits) -> Self {
         SharedBounds {
-            slots: Arc::new(Semaphore::new(limits.max_associations)),
+            active: Arc::new(AtomicUsize::new(0)),
             pending: Arc::new(Mutex::new(PendingSet::default())),
-            limits,
+            limits: Arc::new(RwLock::new(limits)),
         }
+    }
+
+    /// The limits now (they can change while serving).
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes the limits for what comes next: associations beyond a new,
+    /// lower cap are not cut, new ones wait until the count is below it.
+    pub fn set_limits(&self, limits: ServerLimits) {
+        *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
+    }
+
+    /// Takes an association slot if fewer than `max` are taken.
+    fn try_slot(&self, max: usize) -> Option<Slot> {
+        let taken = self.active.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(Arc::clone(&self.active));
+        (taken < max).then_some(slot)
     }
 
     /// The pending set. A panic while holding the lock cannot leave it
@@ -100,22 +131,35 @@ impl SharedBounds {
 pub struct Listener {
     /// what associations on this port share
     pub shared: ScpShared,
-    /// negotiation policy of this port
-    pub policy: AcceptPolicy,
+    /// negotiation policy of this port (replaceable while serving: each
+    /// association negotiates with the policy of its moment)
+    pub policy: RwLock<AcceptPolicy>,
     /// TLS, for a TLS port
     pub tls: Option<Arc<TlsReloader>>,
     /// process-wide bounds
     pub bounds: SharedBounds,
+    /// silence allowed between PDUs (replaceable like the policy)
+    pub dimse_timeout: RwLock<Duration>,
+}
+
+impl Listener {
+    /// Applies new settings to associations that start from now on.
+    pub fn set_policy(&self, policy: AcceptPolicy, dimse_timeout: Duration) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+        *self
+            .dimse_timeout
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = dimse_timeout;
+    }
 }
 
 /// Serves associations on `listener` until `stop` turns true, then lets
 /// objects in flight finish (within the shutdown timeout) and returns.
 pub async fn serve(
     socket: TcpListener,
-    listener: Listener,
+    listener: Arc<Listener>,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let listener = Arc::new(listener);
     let shutdown = stop.clone();
     let mut tasks = JoinSet::new();
     loop {
@@ -143,7 +187,7 @@ pub async fn serve(
             "stopping: no new connections; finishing objects in flight"
         );
     }
-    let deadline = tokio::time::sleep(listener.bounds.limits.shutdown_timeout);
+    let deadline = tokio::time::sleep(listener.bounds.limits().shutdown_timeout);
     tokio::pin!(deadline);
     loop {
         tokio::select! {
@@ -187,7 +231,7 @@ impl Listener {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(peer = %addr, error = %e, "TCP_NODELAY");
         }
-        let limits = &self.bounds.limits;
+        let limits = self.bounds.limits();
         let deadline = tokio::time::Instant::now() + limits.acse_timeout;
         let (id, mut evicted) = self.bounds.pending().admit(limits.max_pending);
         let ticket = PendingTicket {
@@ -269,7 +313,7 @@ impl Listener {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let started = Instant::now();
-        let limits = &self.bounds.limits;
+        let limits = self.bounds.limits();
         let rq = tokio::select! {
             _ = &mut evicted => {
                 info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
@@ -303,14 +347,19 @@ impl Listener {
             .as_ref()
             .and_then(|t| t.peer_subject.clone())
             .unwrap_or_default();
-        let Ok(_slot) = Arc::clone(&self.bounds.slots).try_acquire_owned() else {
+        let Some(_slot) = self.bounds.try_slot(limits.max_associations) else {
             warn!(peer = %addr, %calling, %called, max = limits.max_associations,
                 "association rejected (transient): association limit reached");
             let _ =
                 scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy())).await;
             return;
         };
-        let (ac, contexts) = match negotiation::negotiate(&rq, &self.policy) {
+        let policy = self
+            .policy
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let (ac, contexts) = match negotiation::negotiate(&rq, &policy) {
             Negotiated::Reject(rj, why) => {
                 warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = why, "association rejected");
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
@@ -330,11 +379,21 @@ impl Listener {
             calling_ae: calling.clone(),
         };
         let mut summary = AssociationSummary::default();
+        let shared = ScpShared {
+            store: Arc::clone(&self.shared.store),
+            ae_title: policy.ae_title.clone(),
+            dimse_timeout: *self
+                .dimse_timeout
+                .read()
+                .unwrap_or_else(PoisonError::into_inner),
+            stats: Arc::clone(&self.shared.stats),
+            audit: self.shared.audit.clone(),
+        };
         let result = scp::run_association(
             stream,
-            &self.shared,
+            &shared,
             &contexts,
-            self.policy.max_pdu,
+            policy.max_pdu,
             &peer,
             shutdown,
             &mut summary,

@@ -80,7 +80,9 @@ pub struct StoreOptions {
 /// An open store. Holds an exclusive lock on the folder for its lifetime.
 #[derive(Debug)]
 pub struct Store {
-    opts: StoreOptions,
+    /// Replaceable while serving (except the root); each object keeps the
+    /// options it began with.
+    opts: std::sync::RwLock<StoreOptions>,
     incoming: PathBuf,
     _lock: Flock<File>,
 }
@@ -136,7 +138,7 @@ impl Store {
         }
         Ok((
             Store {
-                opts,
+                opts: std::sync::RwLock::new(opts),
                 incoming,
                 _lock: lock,
             },
@@ -144,14 +146,31 @@ impl Store {
         ))
     }
 
-    /// The store's options.
-    pub fn options(&self) -> &StoreOptions {
-        &self.opts
+    /// The store's options now.
+    pub fn options(&self) -> StoreOptions {
+        self.opts
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Changes layout, durability, reserve and overwrite for objects that
+    /// begin from now on. The root cannot change while serving.
+    pub fn set_options(&self, opts: StoreOptions) -> Result<(), &'static str> {
+        let mut current = self
+            .opts
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if current.root != opts.root {
+            return Err("the store folder changes only with a restart");
+        }
+        *current = opts;
+        Ok(())
     }
 
     /// Free space as (available bytes, percent of the filesystem).
     pub fn free_space(&self) -> io::Result<(u64, f64)> {
-        let st = nix::sys::statvfs::statvfs(&self.opts.root).map_err(io::Error::from)?;
+        let st = nix::sys::statvfs::statvfs(&self.options().root).map_err(io::Error::from)?;
         let frag = st.fragment_size() as u64;
         let avail = st.blocks_available() as u64 * frag;
         let total = st.blocks() as u64 * frag;
@@ -163,15 +182,13 @@ impl Store {
         Ok((avail, percent))
     }
 
-    fn check_reserve(&self) -> Result<(), StoreError> {
-        if self.opts.reserve_percent == 0 {
+    fn check_reserve(&self, reserve_percent: u8) -> Result<(), StoreError> {
+        if reserve_percent == 0 {
             return Ok(());
         }
         let (_, percent) = self.free_space().map_err(StoreError::io("statvfs"))?;
-        if percent < f64::from(self.opts.reserve_percent) {
-            return Err(StoreError::BelowReserve {
-                reserve_percent: self.opts.reserve_percent,
-            });
+        if percent < f64::from(reserve_percent) {
+            return Err(StoreError::BelowReserve { reserve_percent });
         }
         Ok(())
     }
@@ -179,7 +196,8 @@ impl Store {
     /// Starts an object: checks the reserve, creates its temp file and
     /// writes the preamble and file meta group.
     pub fn begin(&self, info: &ObjectInfo<'_>) -> Result<Incoming<'_>, StoreError> {
-        self.check_reserve()?;
+        let opts = self.options();
+        self.check_reserve(opts.reserve_percent)?;
         let meta = file_meta(info)?;
         let mut temp = tempfile::Builder::new()
             .prefix("obj-")
@@ -192,6 +210,7 @@ impl Store {
             .map_err(StoreError::io("writing file meta"))?;
         Ok(Incoming {
             store: self,
+            opts,
             temp,
             meta_len: meta.len() as u64,
             written: meta.len() as u64,
@@ -234,6 +253,7 @@ fn file_meta(info: &ObjectInfo<'_>) -> Result<Vec<u8>, StoreError> {
 /// deletes its temp file: an aborted or failed object leaves nothing behind.
 pub struct Incoming<'s> {
     store: &'s Store,
+    opts: StoreOptions,
     temp: NamedTempFile,
     meta_len: u64,
     written: u64,
@@ -254,9 +274,9 @@ impl Incoming<'_> {
         self.written += fragment.len() as u64;
         if self.written >= self.next_reserve_check {
             self.next_reserve_check = self.written + RESERVE_CHECK_STEP;
-            self.store.check_reserve()?;
+            self.store.check_reserve(self.opts.reserve_percent)?;
         }
-        if self.store.opts.fsync && self.written - self.flushed_to >= WRITEBACK_STEP {
+        if self.opts.fsync && self.written - self.flushed_to >= WRITEBACK_STEP {
             self.start_writeback();
         }
         Ok(())
@@ -283,7 +303,7 @@ impl Incoming<'_> {
 
     /// Makes the object durable under its final name and returns that path.
     pub fn commit(mut self) -> Result<PathBuf, StoreError> {
-        let opts = &self.store.opts;
+        let opts = self.opts.clone();
         if opts.fsync {
             self.temp
                 .as_file()
@@ -320,7 +340,7 @@ impl Incoming<'_> {
             PathBuf::from(s)
         };
         let first = with_ext(target);
-        if self.store.opts.overwrite {
+        if self.opts.overwrite {
             self.temp.persist(&first).map_err(|e| StoreError::Io {
                 what: "renaming into place",
                 source: e.error,
