@@ -343,3 +343,29 @@ def test_tls_key_is_redacted_in_bundle(minipacs, pki, tmp_path):
         blob = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
     assert str(pki["key"]).encode() not in blob
     assert b"PRIVATE KEY" not in blob
+
+
+def test_activity_led_blinks_through_the_keeper(minipacs, minipacs_user, tmp_path):
+    """The LED file is root's (as in sysfs); the keeper opens it and the
+    unprivileged worker blinks it on each stored object."""
+    led_dir = tmp_path / "leds" / "ACT"
+    led_dir.mkdir(parents=True)
+    (led_dir / "trigger").write_text("mmc0\n")
+    brightness = led_dir / "brightness"
+    brightness.write_text("")
+    os.chmod(brightness, 0o644)
+    cfg = tmp_path / "led.toml"
+    cfg.write_text(f'activity_led = "{brightness}"\nuser = "minipacs"\n')
+    srv = Server(minipacs, tmp_path / "store", ["--config", str(cfg)]).start()
+    try:
+        assert (led_dir / "trigger").read_text() == "none", "the kernel trigger was not switched off"
+        src = make_ct(tmp_path / "l.dcm", "1.2.826.0.1.3680043.10.43.1")
+        subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(src)], check=True,
+                       capture_output=True, env=dcmtk_env())
+        deadline = time.monotonic() + 5
+        while brightness.read_text() != "0\n" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert brightness.read_text() == "0\n", "the LED was not blinked (on, then off)"
+        assert brightness.stat().st_uid == 0
+    finally:
+        assert srv.stop() == 0

@@ -33,10 +33,8 @@ pub const BOARDS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Profile keys that are not configuration: `target` is the build's,
-/// `activity_led` is not used yet (the worker cannot write the root-owned
-/// LED file; see the closing note of the appliance issue).
-const BOARD_ONLY_KEYS: &[&str] = &["target", "activity_led"];
+/// Profile keys that are not configuration: `target` is the build's.
+const BOARD_ONLY_KEYS: &[&str] = &["target"];
 
 /// The receiver's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +79,9 @@ pub struct Config {
     /// Folder a technician drops files into (`minipacs.toml`,
     /// `collect-logs`); unset: none is watched.
     pub drop_directory: Option<PathBuf>,
+    /// sysfs `brightness` file of an LED that blinks on each stored object
+    /// (opened by the keeper, which may write it, for the worker).
+    pub activity_led: Option<PathBuf>,
     /// Folder of the bounded service logs and the audit trail.
     pub log_directory: PathBuf,
     /// Disk budget of the service logs (bytes; the audit trail has the same).
@@ -168,6 +169,7 @@ impl Default for Config {
             accept_private_sop_classes: true,
             listen_plain: true,
             drop_directory: None,
+            activity_led: None,
             log_directory: PathBuf::from("./minipacs-logs"),
             log_max_bytes: 20 << 20,
             user: DEFAULT_USER.into(),
@@ -293,6 +295,9 @@ impl Config {
             != (&b.log_directory, b.log_max_bytes, &b.drop_directory)
         {
             return Some("log or drop folder");
+        }
+        if a.activity_led != b.activity_led {
+            return Some("activity LED");
         }
         None
     }

@@ -169,6 +169,9 @@ pub fn run_keeper(
     if let Some(s) = &sockets.tls {
         spec.push_str(&format!(",tls={}", inheritable(s)?));
     }
+    if let Some(f) = &sockets.led {
+        spec.push_str(&format!(",led={}", inheritable(f)?));
+    }
     let exe = std::env::current_exe().context("finding our own executable")?;
     let mut child = std::process::Command::new(exe)
         .arg("serve")
@@ -357,20 +360,21 @@ struct Inherited {
     control: OwnedFd,
     plain: Option<OwnedFd>,
     tls: Option<OwnedFd>,
+    led: Option<OwnedFd>,
     who: Identity,
 }
 
 /// Takes ownership of an inherited file descriptor named in [`WORKER_ENV`].
 #[allow(unsafe_code)]
-fn take_inherited_fd(fd: RawFd) -> anyhow::Result<OwnedFd> {
+fn take_inherited_fd(fd: RawFd, socket: bool) -> anyhow::Result<OwnedFd> {
     let target = std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .with_context(|| format!("inherited descriptor {fd} is not open"))?;
-    if !target.to_string_lossy().starts_with("socket:") {
-        bail!("inherited descriptor {fd} is not a socket");
+    if target.to_string_lossy().starts_with("socket:") != socket {
+        bail!("inherited descriptor {fd} is not what the keeper said");
     }
     // SAFETY: `fd` was opened by our keeper and inherited across exec (it
     // cleared FD_CLOEXEC for exactly these descriptors); /proc/self/fd just
-    // showed it is an open socket. Nothing else in this process owns it: the
+    // showed it is open and of the kind expected. Nothing else in this process owns it: the
     // number was taken at exec time, so no later open() in this process can
     // have returned it, and `parse_inherited` calls this once per distinct
     // number, at start, before any other code could close it. The returned
@@ -382,6 +386,7 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
     let mut control = None;
     let mut plain = None;
     let mut tls = None;
+    let mut led = None;
     let mut uid = None;
     let mut gid = None;
     let mut seen = Vec::new();
@@ -391,17 +396,18 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
         match key {
             "uid" => uid = Some(Uid::from_raw(u32::try_from(n)?)),
             "gid" => gid = Some(Gid::from_raw(u32::try_from(n)?)),
-            "control" | "plain" | "tls" => {
+            "control" | "plain" | "tls" | "led" => {
                 let fd = RawFd::try_from(n)?;
                 if fd < 3 || seen.contains(&fd) {
                     bail!("bad inherited descriptor {fd}");
                 }
                 seen.push(fd);
-                let owned = take_inherited_fd(fd)?;
+                let owned = take_inherited_fd(fd, key != "led")?;
                 match key {
                     "control" => control = Some(owned),
                     "plain" => plain = Some(owned),
-                    _ => tls = Some(owned),
+                    "tls" => tls = Some(owned),
+                    _ => led = Some(owned),
                 }
             }
             _ => bail!("unknown key {key} in worker spec"),
@@ -411,6 +417,7 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
         control: control.context("no control socket")?,
         plain,
         tls,
+        led,
         who: Identity {
             uid: uid.context("no uid")?,
             gid: gid.context("no gid")?,
@@ -476,6 +483,7 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
         let sockets = Sockets {
             plain: inherited.plain.map(to_listener).transpose()?,
             tls: inherited.tls.map(to_listener).transpose()?,
+            led: inherited.led.map(std::fs::File::from),
         };
         let (tls_tx, tls_rx) = mpsc::channel(4);
         let tls_feed = match (&sockets.tls, config.tls.files()) {

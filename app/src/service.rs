@@ -96,6 +96,59 @@ pub async fn notify_systemd(mut events: mpsc::Receiver<ServiceEvent>) {
     }
 }
 
+/// The activity LED: a short blink per stored object, so a nurse can see
+/// images arrive. Blinks that come while one is lit are merged.
+pub struct ActivityLed {
+    file: std::fs::File,
+    lit: std::sync::atomic::AtomicBool,
+}
+
+impl ActivityLed {
+    /// Wraps an open sysfs `brightness` file (or any writable file).
+    pub fn new(file: std::fs::File) -> Self {
+        ActivityLed {
+            file,
+            lit: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Opens `path` for writing, switching its trigger off first so that
+    /// the kernel does not drive the LED too; `None` (and a warning) if the
+    /// LED cannot be had: a missing LED must not stop the service.
+    pub fn open(path: &std::path::Path) -> Option<std::fs::File> {
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::write(dir.join("trigger"), "none");
+        }
+        match std::fs::OpenOptions::new().write(true).open(path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                tracing::warn!(led = %path.display(), error = %e, "activity LED unavailable");
+                None
+            }
+        }
+    }
+
+    fn set(&self, on: bool) {
+        use std::os::unix::fs::FileExt;
+        let _ = self.file.write_at(if on { b"1\n" } else { b"0\n" }, 0);
+    }
+
+    /// Lights the LED for a moment (on the runtime, without blocking).
+    pub fn blink(self: &std::sync::Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.lit.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.set(true);
+        let led = std::sync::Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            led.set(false);
+            led.lit.store(false, Ordering::Release);
+        });
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM.
 pub async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};

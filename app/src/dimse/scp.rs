@@ -125,6 +125,8 @@ pub struct ScpShared {
     pub stats: Arc<Stats>,
     /// the audit trail, when its folder could be opened
     pub audit: Option<Arc<crate::logs::Audit>>,
+    /// the activity LED, when the board has one
+    pub led: Option<Arc<crate::service::ActivityLed>>,
 }
 
 /// Reads the first PDU of a connection, which must be an A-ASSOCIATE-RQ.
@@ -487,6 +489,9 @@ async fn finish_object<W: AsyncWrite + Unpin>(
     }
     let stats = &shared.stats;
     if code == status::SUCCESS {
+        if let Some(led) = &shared.led {
+            led.blink();
+        }
         summary.stored += 1;
         summary.bytes += bytes;
         stats.objects_stored.fetch_add(1, Ordering::Relaxed);

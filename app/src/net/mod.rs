@@ -19,13 +19,16 @@ use crate::store::{Store, StoreOptions};
 use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
 use server::{Listener, ServerLimits, SharedBounds};
 
-/// The listening sockets, bound before privileges are dropped.
+/// The listening sockets (and the activity LED), opened before privileges
+/// are dropped.
 #[derive(Debug, Default)]
 pub struct Sockets {
     /// plain DICOM
     pub plain: Option<std::net::TcpListener>,
     /// DICOM over TLS
     pub tls: Option<std::net::TcpListener>,
+    /// the activity LED's brightness file
+    pub led: Option<std::fs::File>,
 }
 
 impl Sockets {
@@ -44,6 +47,10 @@ impl Sockets {
                 .files()
                 .map(|_| bind(config.tls.port))
                 .transpose()?,
+            led: config
+                .activity_led
+                .as_deref()
+                .and_then(crate::service::ActivityLed::open),
         })
     }
 }
@@ -99,6 +106,9 @@ pub async fn run(
         }
     };
     let bounds = SharedBounds::new(limits(config));
+    let led = sockets
+        .led
+        .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
     let listener_for = |aetitle: &str, tls: Option<Arc<TlsReloader>>| {
         Arc::new(Listener {
             shared: ScpShared {
@@ -107,6 +117,7 @@ pub async fn run(
                 dimse_timeout: Duration::from_secs(config.dimse_timeout),
                 stats: Arc::clone(&stats),
                 audit: audit.clone(),
+                led: led.clone(),
             },
             policy: std::sync::RwLock::new(accept_policy(config, aetitle)),
             dimse_timeout: std::sync::RwLock::new(Duration::from_secs(config.dimse_timeout)),

@@ -388,6 +388,7 @@ impl Listener {
                 .unwrap_or_else(PoisonError::into_inner),
             stats: Arc::clone(&self.shared.stats),
             audit: self.shared.audit.clone(),
+            led: self.shared.led.clone(),
         };
         let result = scp::run_association(
             stream,
