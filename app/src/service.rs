@@ -75,7 +75,22 @@ pub async fn notify_systemd(mut events: mpsc::Receiver<ServiceEvent>) {
     // Ping at half the watchdog interval, as sd_watchdog_enabled(3) advises.
     let ping_every = watchdog.map(|w| w / 2);
     let mut last_ping: Option<Instant> = None;
+    // The keeper and the worker may both announce a stop or a reload:
+    // systemd hears each state change once.
+    let mut last_state: Option<ServiceEvent> = None;
     while let Some(event) = events.recv().await {
+        if matches!(
+            event,
+            ServiceEvent::Ready | ServiceEvent::Reloading | ServiceEvent::Stopping
+        ) {
+            if last_state.as_ref() == Some(&event) {
+                continue;
+            }
+            last_state = Some(event.clone());
+        }
+        if event == ServiceEvent::Reloaded {
+            last_state = Some(ServiceEvent::Ready);
+        }
         let state = match &event {
             ServiceEvent::Ready => vec![sd_notify::NotifyState::Ready],
             ServiceEvent::Status(s) => vec![sd_notify::NotifyState::Status(s)],
