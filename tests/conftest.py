@@ -18,7 +18,9 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "minipacs"
+# MINIPACS_BIN selects another build, e.g. the aarch64 one run under
+# qemu-user (tests/run does that after the native suite).
+BIN = pathlib.Path(os.environ.get("MINIPACS_BIN", ROOT / "target" / "release" / "minipacs"))
 DCMTK = pathlib.Path("/usr/bin")
 
 
@@ -34,8 +36,10 @@ def dcmtk_env():
 
 @pytest.fixture(scope="session")
 def minipacs():
-    """Builds the release binary once per session and returns its path."""
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    """Builds the release binary once per session (unless MINIPACS_BIN names
+    a prebuilt one) and returns its path."""
+    if "MINIPACS_BIN" not in os.environ:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     assert BIN.exists()
     return str(BIN)
 
