@@ -488,6 +488,24 @@ async fn finish_object<W: AsyncWrite + Unpin>(
         });
     }
     let stats = &shared.stats;
+    // One line per object: the same fields whatever the outcome, at info
+    // level when stored and warn level when not.
+    macro_rules! object_line {
+        ($level:ident, $message:literal) => {
+            $level!(
+                peer = %peer.addr,
+                calling = %peer.calling_ae,
+                sop_class = %obj.sop_class,
+                sop_instance = %obj.sop_instance,
+                bytes,
+                ms = format_args!("{ms:.1}"),
+                status = format_args!("{code:04X}"),
+                path = %path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+                reason = comment.as_deref().unwrap_or(""),
+                $message
+            )
+        };
+    }
     if code == status::SUCCESS {
         if let Some(led) = &shared.led {
             led.blink();
@@ -496,34 +514,14 @@ async fn finish_object<W: AsyncWrite + Unpin>(
         summary.bytes += bytes;
         stats.objects_stored.fetch_add(1, Ordering::Relaxed);
         stats.bytes_stored.fetch_add(bytes, Ordering::Relaxed);
-        info!(
-            peer = %peer.addr,
-            calling = %peer.calling_ae,
-            sop_class = %obj.sop_class,
-            sop_instance = %obj.sop_instance,
-            bytes,
-            ms = format_args!("{ms:.1}"),
-            status = format_args!("{code:04X}"),
-            path = %path.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
-            "C-STORE"
-        );
+        object_line!(info, "C-STORE");
     } else {
         summary.failed += 1;
         stats.objects_failed.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut last) = stats.last_error.lock() {
             *last = format!("{code:04X} {}", comment.as_deref().unwrap_or(""));
         }
-        warn!(
-            peer = %peer.addr,
-            calling = %peer.calling_ae,
-            sop_class = %obj.sop_class,
-            sop_instance = %obj.sop_instance,
-            bytes,
-            ms = format_args!("{ms:.1}"),
-            status = format_args!("{code:04X}"),
-            reason = comment.as_deref().unwrap_or(""),
-            "C-STORE failed"
-        );
+        object_line!(warn, "C-STORE failed");
     }
     Ok(())
 }
