@@ -216,3 +216,22 @@ def test_overwrite_replaces(server_factory, minipacs, tmp_path):
     stored = srv.stored_files()
     assert len(stored) == 1
     assert dataset_bytes(stored[0]) == dataset_bytes(b)
+
+
+def test_calling_ae_allowlist(server_factory, tmp_path):
+    cfg = tmp_path / "allow.toml"
+    cfg.write_text('[[allow]]\naetitle = "MODALITY1"\nhost = "127.0.0.1"\n\n[[allow]]\naetitle = "ELSEWHERE"\nhost = "192.0.2.1"\n')
+    srv = server_factory(["--config", str(cfg)])
+
+    def echo(aet):
+        return subprocess.run(
+            [dcmtk("echoscu"), "-aet", aet, "-aec", "MINIPACS", "127.0.0.1", str(srv.port)],
+            capture_output=True, text=True, env=dcmtk_env(),
+        )
+
+    assert echo("MODALITY1").returncode == 0
+    r = echo("ELSEWHERE")  # allowed, but only from another host
+    assert r.returncode != 0 and "Rejected" in r.stdout + r.stderr
+    r = echo("STRANGER")
+    assert r.returncode != 0
+    assert "calling AE title not allowed" in srv.logs()

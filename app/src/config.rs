@@ -92,6 +92,10 @@ pub struct Config {
     pub group: Option<String>,
     /// DICOM over TLS.
     pub tls: TlsConfig,
+    /// Calling AE titles allowed to associate, each optionally bound to a
+    /// host or a TLS client certificate name; empty: anyone who calls our
+    /// AE title. Applied without a restart.
+    pub allow: Vec<crate::dimse::negotiation::Allowed>,
 }
 
 /// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
@@ -175,6 +179,7 @@ impl Default for Config {
             user: DEFAULT_USER.into(),
             group: None,
             tls: TlsConfig::default(),
+            allow: Vec::new(),
         }
     }
 }
@@ -384,6 +389,11 @@ impl Config {
         }
         if self.user.is_empty() || self.user == "root" {
             bad("user", "must name an unprivileged user".into());
+        }
+        for entry in &self.allow {
+            if let Err(m) = check_ae_title(&entry.aetitle) {
+                bad("aetitle", format!("[[allow]] {m}"));
+            }
         }
         if tls.reload_check == 0 || tls.reload_check > 3600 {
             bad("reload_check", "must be 1 to 3600 s".into());

@@ -44,6 +44,44 @@ pub struct AcceptPolicy {
     pub max_pdu: u32,
     /// accept SOP classes outside the DICOM root (vendors' private storage)
     pub accept_private_sop_classes: bool,
+    /// who may associate; empty: anyone who calls our AE title
+    pub allow: Vec<Allowed>,
+}
+
+/// One entry of the calling AE title allowlist.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Allowed {
+    /// the calling AE title
+    pub aetitle: String,
+    /// if set, the only address it may call from
+    pub host: Option<std::net::IpAddr>,
+    /// if set, the common name its TLS client certificate must carry
+    pub cert_name: Option<String>,
+}
+
+/// What is known of the peer apart from its request.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerFacts<'a> {
+    /// the address it connects from
+    pub addr: std::net::IpAddr,
+    /// the subject of its TLS client certificate, if any (RFC 4514 text)
+    pub cert_subject: Option<&'a str>,
+}
+
+impl Allowed {
+    fn admits(&self, calling: &str, peer: &PeerFacts<'_>) -> bool {
+        let cn_matches = |name: &str| {
+            peer.cert_subject.is_some_and(|subject| {
+                subject
+                    .split(',')
+                    .any(|part| part.trim().strip_prefix("CN=") == Some(name))
+            })
+        };
+        self.aetitle == calling
+            && self.host.is_none_or(|h| h == peer.addr)
+            && self.cert_name.as_deref().is_none_or(cn_matches)
+    }
 }
 
 /// The outcome of negotiation.
@@ -86,8 +124,8 @@ pub fn max_pdu_of(user_variables: &[UserVariableItem]) -> u32 {
         .unwrap_or(0)
 }
 
-/// Decides on an A-ASSOCIATE-RQ.
-pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy) -> Negotiated {
+/// Decides on an A-ASSOCIATE-RQ from `peer`.
+pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>) -> Negotiated {
     if rq.protocol_version & 1 == 0 {
         return Negotiated::Reject(
             AssociationRJ {
@@ -119,6 +157,18 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy) -> Negotiated {
                 ),
             },
             "called AE title not recognized",
+        );
+    }
+    let calling = rq.calling_ae_title.trim();
+    if !policy.allow.is_empty() && !policy.allow.iter().any(|a| a.admits(calling, peer)) {
+        return Negotiated::Reject(
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized,
+                ),
+            },
+            "calling AE title not allowed (from this host or certificate)",
         );
     }
 
@@ -206,6 +256,58 @@ mod tests {
             ae_title: "MINIPACS".into(),
             max_pdu: 65536,
             accept_private_sop_classes: true,
+            allow: Vec::new(),
+        }
+    }
+
+    const PEER: PeerFacts<'static> = PeerFacts {
+        addr: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        cert_subject: None,
+    };
+
+    #[test]
+    fn allowlist_binds_ae_titles_to_hosts_and_certificates() {
+        let mut p = policy();
+        p.allow = vec![
+            Allowed {
+                aetitle: "SCU".into(),
+                host: Some("10.0.0.5".parse().expect("ip")),
+                cert_name: None,
+            },
+            Allowed {
+                aetitle: "CT1".into(),
+                host: None,
+                cert_name: Some("ct1.example".into()),
+            },
+        ];
+        let from = |ip: &str, subject: Option<&'static str>| PeerFacts {
+            addr: ip.parse().expect("ip"),
+            cert_subject: subject,
+        };
+        let accepted = |r: &AssociationRQ, peer: PeerFacts<'_>| {
+            matches!(negotiate(r, &p, &peer), Negotiated::Accept { .. })
+        };
+        let scu = rq("MINIPACS", vec![]);
+        assert!(accepted(&scu, from("10.0.0.5", None)));
+        assert!(!accepted(&scu, from("10.0.0.6", None)));
+        let mut ct1 = rq("MINIPACS", vec![]);
+        ct1.calling_ae_title = "CT1".into();
+        assert!(accepted(
+            &ct1,
+            from("10.9.9.9", Some("CN=ct1.example, O=Hospital"))
+        ));
+        assert!(!accepted(&ct1, from("10.9.9.9", Some("CN=ct2.example"))));
+        assert!(!accepted(&ct1, from("10.9.9.9", None)));
+        let mut other = rq("MINIPACS", vec![]);
+        other.calling_ae_title = "OTHER".into();
+        match negotiate(&other, &p, &from("10.0.0.5", None)) {
+            Negotiated::Reject(rj, _) => assert_eq!(
+                rj.source,
+                AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::CallingAETitleNotRecognized
+                )
+            ),
+            other => panic!("expected a rejection, got {other:?}"),
         }
     }
 
@@ -230,7 +332,7 @@ mod tests {
 
     #[test]
     fn wrong_called_ae_is_rejected() {
-        match negotiate(&rq("OTHER", vec![]), &policy()) {
+        match negotiate(&rq("OTHER", vec![]), &policy(), &PEER) {
             Negotiated::Reject(rj, _) => {
                 assert_eq!(rj.result, AssociationRJResult::Permanent);
                 assert_eq!(
@@ -265,7 +367,7 @@ mod tests {
             ac,
             contexts,
             peer_max_pdu,
-        } = negotiate(&request, &policy())
+        } = negotiate(&request, &policy(), &PEER)
         else {
             panic!("expected acceptance");
         };
@@ -308,7 +410,7 @@ mod tests {
             "MINIPACS",
             vec![pc(2, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE])],
         );
-        let Negotiated::Accept { contexts, .. } = negotiate(&request, &policy()) else {
+        let Negotiated::Accept { contexts, .. } = negotiate(&request, &policy(), &PEER) else {
             panic!("expected acceptance");
         };
         assert!(contexts.is_empty());

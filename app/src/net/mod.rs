@@ -253,6 +253,7 @@ fn accept_policy(config: &Config, aetitle: &str) -> AcceptPolicy {
         ae_title: aetitle.to_string(),
         max_pdu: config.max_pdu,
         accept_private_sop_classes: config.accept_private_sop_classes,
+        allow: config.allow.clone(),
     }
 }
 

@@ -359,7 +359,11 @@ impl Listener {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        let (ac, contexts) = match negotiation::negotiate(&rq, &policy) {
+        let facts = negotiation::PeerFacts {
+            addr: addr.ip().to_canonical(),
+            cert_subject: tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
+        };
+        let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
                 warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = why, "association rejected");
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
