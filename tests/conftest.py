@@ -149,6 +149,17 @@ class Server:
     def logs(self):
         return self.log_path.read_text(errors="replace")
 
+    def wait_log(self, text, timeout=10):
+        """Waits until the server has logged `text` (a log line can follow
+        the answer the peer already has) and returns the whole log."""
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = self.logs()
+            if text in logs:
+                return logs
+            assert time.monotonic() < deadline, f"never logged {text!r}:\n{logs[-3000:]}"
+            time.sleep(0.02)
+
     def stored_files(self):
         """Final files in the store (no temp files, no lock)."""
         out = []

@@ -101,7 +101,7 @@ def test_worker_is_unprivileged_and_port_104_is_served(minipacs, minipacs_user, 
             time.sleep(0.2)
             after = served_serial(tls_port, pki)
         assert after != before
-        assert "sending it to the worker" in srv.logs()
+        srv.wait_log("sending it to the worker")
     finally:
         assert srv.stop() == 0
 
@@ -273,7 +273,7 @@ def test_config_drop_applied_live_keeps_associations(dropping, tmp_path):
     assert held.store(3, dul.CT_IMAGE, "1.2.3.6.1", b"\x08\x00\x16\x00UI\x02\x001\x00" * 50) == 0
     assert held.release() == 0x06
     assert srv.worker_pid() == worker, "the worker was restarted"
-    assert "configuration applied without a restart" in srv.logs()
+    srv.wait_log("configuration applied without a restart")
 
 
 def test_config_drop_applied_with_port_change(dropping, tmp_path):

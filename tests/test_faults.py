@@ -96,7 +96,7 @@ def test_kill_9_mid_object_then_restart_sweeps(minipacs, tmp_path):
     again = Server(minipacs, store, port=srv.port).start()
     try:
         assert again.temp_files() == []
-        assert "removed temp files left by an earlier crash" in again.logs()
+        again.wait_log("removed temp files left by an earlier crash")
         src = make_ct(tmp_path / "after.dcm", "1.2.826.0.1.3680043.10.80.1")
         r = subprocess.run(
             [dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(again.port), str(src)],
@@ -263,7 +263,7 @@ def test_malformed_pdus(server, case):
     assert server.stored_files() == []
     assert_still_serving(server)
     if case == "tls-on-plain-port":
-        assert "TLS handshake (ClientHello) received on a plain DICOM port" in server.logs()
+        server.wait_log("TLS handshake (ClientHello) received on a plain DICOM port")
 
 
 def test_hostile_uid_gets_failure_status_and_no_path(server, tmp_path):

@@ -24,7 +24,7 @@ def test_dcmtk_echoscu(server):
         env=dcmtk_env(),
     )
     assert r.returncode == 0, r.stderr
-    assert "C-ECHO" in server.logs()
+    server.wait_log("C-ECHO")
 
 
 def test_dcmtk_storescu_byte_exact_with_meta(server, tmp_path):
@@ -57,7 +57,7 @@ def test_wrong_called_ae_is_rejected(server):
     )
     assert r.returncode != 0
     assert "Rejected" in (r.stdout + r.stderr)
-    assert "called AE title not recognized" in server.logs()
+    server.wait_log("called AE title not recognized")
 
 
 def test_minipacs_echo_and_send_to_dcmtk_storescp(minipacs, tmp_path):
@@ -234,4 +234,4 @@ def test_calling_ae_allowlist(server_factory, tmp_path):
     assert r.returncode != 0 and "Rejected" in r.stdout + r.stderr
     r = echo("STRANGER")
     assert r.returncode != 0
-    assert "calling AE title not allowed" in srv.logs()
+    srv.wait_log("calling AE title not allowed")

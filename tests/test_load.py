@@ -1,6 +1,7 @@
 """Concurrency, the association cap, and one very large object."""
 
 import hashlib
+import time
 import os
 import struct
 import subprocess
@@ -40,6 +41,9 @@ def test_eight_dcmtk_senders_at_once(server, tmp_path):
         uid = src.parent.name.replace("sender", "")
         name = f"CT.1.2.826.0.1.3680043.10.70.{uid}.{src.stem}"
         assert stored[name] == dataset_bytes(src)
+    deadline = time.monotonic() + 10
+    while server.logs().count("C-STORE") < 400 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert server.logs().count("C-STORE") >= 400
 
 

@@ -93,7 +93,8 @@ def test_dcmtk_storescu_tls_to_minipacs(server_factory, pki, tmp_path):
     r = storescu_tls(srv.tls_port, pki["client"], pki["cacert"], [src], extra=["-v"])
     assert r.returncode == 0, r.stderr
     assert dataset_bytes(srv.store / "CT.1.2.826.0.1.3680043.10.50.1") == dataset_bytes(src)
-    line = [l for l in srv.logs().splitlines() if "association" in l and "stored=1" in l][0]
+    logs = srv.wait_log("stored=1")
+    line = [l for l in logs.splitlines() if "association" in l and "stored=1" in l][0]
     assert "TLSv1_3" in line or "TLSv1_2" in line
     assert "peer_cert=CN=client" in line
 
@@ -268,7 +269,7 @@ def test_refusals(server_factory, pki, tmp_path, case):
         # The server answered the TLS 1.1 ClientHello with a refusal.
         assert "protocol version" in r.stderr.lower() or "alert" in r.stderr.lower(), r.stderr
     assert srv.stored_files() == []
-    assert "TLS handshake failed" in srv.logs()
+    srv.wait_log("TLS handshake failed")
     # And it still serves a good client.
     r = storescu_tls(srv.tls_port, pki["client"], pki["cacert"], [src])
     assert r.returncode == 0, r.stderr
@@ -278,7 +279,7 @@ def test_plain_dicom_on_tls_port_is_named(server_factory, pki):
     srv = tls_server(server_factory, pki)
     r = subprocess.run([dcmtk("echoscu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.tls_port)], capture_output=True, env=dcmtk_env())
     assert r.returncode != 0
-    assert "plain DICOM (A-ASSOCIATE-RQ) received on a TLS port" in srv.logs()
+    srv.wait_log("plain DICOM (A-ASSOCIATE-RQ) received on a TLS port")
 
 
 def test_stalled_handshake_blocks_nobody(server_factory, pki, tmp_path):
@@ -352,14 +353,14 @@ def test_certificate_reload_under_load(server_factory, minipacs, pki, tmp_path):
         time.sleep(0.3)
         second = _served_serial(srv.tls_port, pki)
     assert second != first, "new handshakes still see the old certificate"
-    assert "TLS certificate reloaded" in srv.logs()
+    srv.wait_log("TLS certificate reloaded")
 
     # A bad new file set keeps the old certificate serving; SIGHUP reloads.
     (live / "fullchain.pem").write_text("not a certificate\n")
     srv.proc.send_signal(signal.SIGHUP)
     time.sleep(1)
     assert _served_serial(srv.tls_port, pki) == second
-    assert "TLS reload failed" in srv.logs()
+    srv.wait_log("TLS reload failed")
     shutil.copy(cert1, live / "fullchain.pem")
     srv.proc.send_signal(signal.SIGHUP)
     time.sleep(0.5)
