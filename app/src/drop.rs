@@ -185,9 +185,7 @@ fn refuse(dropped: &Path, result_path: &Path, verdict: &str, why: &str) {
 }
 
 fn write_result(path: &Path, verdict: &str, detail: &str) {
-    let now = time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+    let now = crate::logs::rfc3339(std::time::SystemTime::now());
     let text = format!("{verdict}\n{now}\n{detail}\n");
     if let Err(e) = save_atomically(path, text.as_bytes()) {
         warn!(path = %path.display(), error = %e, "cannot write the result file");

@@ -799,7 +799,7 @@ fn ser_opt_path<S: Serializer>(path: &Option<&Path>, s: S) -> Result<S::Ok, S::E
 
 /// RFC 3339 in UTC with milliseconds, e.g. `2025-01-31T23:59:59.123Z`.
 /// A clock before 1970 (a Pi without RTC before NTP) is shown as the epoch.
-fn rfc3339(time: SystemTime) -> String {
+pub fn rfc3339(time: SystemTime) -> String {
     let (secs, millis) = match time.duration_since(UNIX_EPOCH) {
         Ok(d) => (i64::try_from(d.as_secs()).unwrap_or(0), d.subsec_millis()),
         Err(_) => (0, 0),

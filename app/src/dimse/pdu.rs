@@ -117,16 +117,6 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         }
     }
 
-    /// The largest PDU body this reader accepts.
-    pub fn max_body(&self) -> u32 {
-        self.max_body
-    }
-
-    /// The underlying stream, for writing responses on the same connection.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.stream
-    }
-
     /// Reads the next PDU header. Returns `Ok(None)` when the peer closed the
     /// connection cleanly between PDUs.
     pub async fn read_header(&mut self) -> Result<Option<PduHeader>, FramingError> {

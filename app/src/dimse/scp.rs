@@ -117,10 +117,6 @@ impl Stats {
 pub struct ScpShared {
     /// where objects go (shared by all listeners)
     pub store: Arc<Store>,
-    /// our AE title
-    pub ae_title: String,
-    /// silence allowed between PDUs
-    pub dimse_timeout: Duration,
     /// counters (shared by all listeners)
     pub stats: Arc<Stats>,
     /// the audit trail, when its folder could be opened
@@ -209,13 +205,25 @@ pub struct AssociationSummary {
     pub bytes: u64,
 }
 
+/// What one association runs with, fixed when it is accepted (a
+/// configuration applied later does not change it).
+#[derive(Debug, Clone)]
+pub struct AssociationSettings {
+    /// our AE title, as called
+    pub ae_title: String,
+    /// silence allowed between PDUs
+    pub dimse_timeout: Duration,
+    /// the largest PDU body we receive
+    pub max_pdu: u32,
+}
+
 /// Runs an accepted association until release, abort, error or shutdown.
 /// The A-ASSOCIATE-AC has been sent already.
 pub async fn run_association<S>(
     stream: S,
     shared: &ScpShared,
+    settings: &AssociationSettings,
     contexts: &ContextTable,
-    max_pdu: u32,
     peer: &PeerInfo,
     mut shutdown: watch::Receiver<bool>,
     summary: &mut AssociationSummary,
@@ -224,11 +232,12 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (read_half, mut writer) = tokio::io::split(stream);
-    let mut reader = PduReader::new(read_half, max_pdu);
+    let mut reader = PduReader::new(read_half, settings.max_pdu);
     let result = association_loop(
         &mut reader,
         &mut writer,
         shared,
+        settings,
         contexts,
         peer,
         &mut shutdown,
@@ -243,10 +252,12 @@ where
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn association_loop<R, W>(
     reader: &mut PduReader<R>,
     writer: &mut W,
     shared: &ScpShared,
+    settings: &AssociationSettings,
     contexts: &ContextTable,
     peer: &PeerInfo,
     shutdown: &mut watch::Receiver<bool>,
@@ -256,7 +267,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let timeout = shared.dimse_timeout;
+    let timeout = settings.dimse_timeout;
     let mut command_buf: Vec<u8> = Vec::with_capacity(1024);
     let mut command_context: Option<u8> = None;
     let mut in_flight: Option<InFlight<'_>> = None;
@@ -348,7 +359,13 @@ where
                         if !cmd.has_data_set {
                             return Err(ScpError::Protocol("C-STORE-RQ without a data set"));
                         }
-                        in_flight = Some(begin_object(shared, context, &cmd, peer));
+                        in_flight = Some(begin_object(
+                            shared,
+                            &settings.ae_title,
+                            context,
+                            &cmd,
+                            peer,
+                        ));
                     }
                     _ => return Err(ScpError::Protocol("unsupported DIMSE command")),
                 }
@@ -375,6 +392,7 @@ where
 /// Decides where the data set of a C-STORE-RQ goes.
 fn begin_object<'s>(
     shared: &'s ScpShared,
+    ae_title: &str,
     context: &super::negotiation::AcceptedContext,
     cmd: &Command,
     peer: &PeerInfo,
@@ -402,7 +420,7 @@ fn begin_object<'s>(
             sop_instance: &sop_instance,
             transfer_syntax: &context.transfer_syntax,
             calling_ae: &peer.calling_ae,
-            called_ae: &shared.ae_title,
+            called_ae: ae_title,
         };
         match shared.store.begin(&info) {
             Ok(incoming) => Sink::File(incoming),

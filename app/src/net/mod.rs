@@ -113,8 +113,6 @@ pub async fn run(
         Arc::new(Listener {
             shared: ScpShared {
                 store: Arc::clone(&store),
-                ae_title: aetitle.to_string(),
-                dimse_timeout: Duration::from_secs(config.dimse_timeout),
                 stats: Arc::clone(&stats),
                 audit: audit.clone(),
                 led: led.clone(),
@@ -304,16 +302,12 @@ async fn report_status(
             {
                 return;
             }
-            let stamped = format!("{}  {line}\n", humantime_now());
+            let stamped = format!(
+                "{}  {line}\n",
+                crate::logs::rfc3339(std::time::SystemTime::now())
+            );
             let _ = tokio::fs::write(&status_file, stamped).await;
             last = line;
         }
     }
-}
-
-/// Now, as RFC 3339 UTC.
-fn humantime_now() -> String {
-    time::OffsetDateTime::now_utc()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

@@ -383,22 +383,19 @@ impl Listener {
             calling_ae: calling.clone(),
         };
         let mut summary = AssociationSummary::default();
-        let shared = ScpShared {
-            store: Arc::clone(&self.shared.store),
+        let settings = scp::AssociationSettings {
             ae_title: policy.ae_title.clone(),
             dimse_timeout: *self
                 .dimse_timeout
                 .read()
                 .unwrap_or_else(PoisonError::into_inner),
-            stats: Arc::clone(&self.shared.stats),
-            audit: self.shared.audit.clone(),
-            led: self.shared.led.clone(),
+            max_pdu: policy.max_pdu,
         };
         let result = scp::run_association(
             stream,
-            &shared,
+            &self.shared,
+            &settings,
             &contexts,
-            policy.max_pdu,
             &peer,
             shutdown,
             &mut summary,
