@@ -285,14 +285,22 @@ impl Incoming<'_> {
     /// Asks the kernel to start writing what we wrote so far, without
     /// waiting. (POSIX_FADV_DONTNEED starts writeback of dirty pages in the
     /// range and drops the clean ones: both are what a streaming receiver
-    /// on a small board wants.) Advisory: a failure changes nothing.
+    /// on a small board wants.) Advisory: a failure changes nothing. Where
+    /// `off_t` is 32 bits (armv7), ranges past 2 GiB get no hint; the final
+    /// fdatasync writes them all the same.
     fn start_writeback(&mut self) {
-        let _ = nix::fcntl::posix_fadvise(
-            self.temp.as_file(),
-            self.flushed_to as i64,
-            (self.written - self.flushed_to) as i64,
-            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
-        );
+        use nix::libc::off_t;
+        if let (Ok(offset), Ok(len)) = (
+            off_t::try_from(self.flushed_to),
+            off_t::try_from(self.written - self.flushed_to),
+        ) {
+            let _ = nix::fcntl::posix_fadvise(
+                self.temp.as_file(),
+                offset,
+                len,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            );
+        }
         self.flushed_to = self.written;
     }
 
