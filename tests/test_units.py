@@ -197,8 +197,6 @@ def test_unit_service_settings(directives):
         "ProtectSystem": "strict",
         "NoNewPrivileges": "yes",
         "UMask": "0027",
-        "StateDirectory": "minipacs",
-        "LogsDirectory": "minipacs",
         "RuntimeDirectory": "minipacs",
         "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX",
         "SystemCallFilter": "@system-service",
@@ -233,12 +231,18 @@ def test_stop_timeout_covers_the_shutdown_bound(directives):
     assert int(single(directives, "TimeoutStopSec")) > shutdown
 
 
-def test_unit_directory_modes_match_tmpfiles(directives):
-    """Without User= systemd chmods these directories on every start: a mode
-    differing from tmpfiles.d would be undone at each start."""
+def test_unit_leaves_store_and_log_ownership_to_tmpfiles(directives):
+    """Without User=, StateDirectory=/LogsDirectory= would chown the store and
+    logs to root at every start, and the unprivileged worker could no longer
+    write them (seen on the image's first boot). tmpfiles.d owns them."""
+    for key in ("StateDirectory", "LogsDirectory", "CacheDirectory"):
+        assert ("Service", key) not in directives, key
     entries = tmpfiles_entries()
-    assert int(single(directives, "StateDirectoryMode"), 8) == entries["/var/lib/minipacs"][0]
-    assert int(single(directives, "LogsDirectoryMode"), 8) == entries["/var/log/minipacs"][0]
+    for path in ("/var/lib/minipacs", "/var/lib/minipacs/store"):
+        assert entries[path][1:3] == ("minipacs", "minipacs"), path
+    # The log folder also holds the root keeper's own log: root may create
+    # files there without CAP_DAC_OVERRIDE, the worker through its group.
+    assert entries["/var/log/minipacs"] == (0o1770, "root", "minipacs")
 
 
 def test_unit_writable_paths(directives):
@@ -301,7 +305,7 @@ def test_tmpfiles_creates_the_directories(scratch_root):
         "/var/lib/minipacs": (0o750, "minipacs", "minipacs"),
         "/var/lib/minipacs/store": (0o750, "minipacs", "minipacs"),
         "/var/lib/minipacs/drop": (0o770, "root", "minipacs"),
-        "/var/log/minipacs": (0o750, "minipacs", "minipacs"),
+        "/var/log/minipacs": (0o1770, "root", "minipacs"),
         "/etc/minipacs": (0o755, "root", "root"),
     }
     assert tmpfiles_entries() == expected

@@ -93,10 +93,9 @@ pub fn resolve_identity(user: &str, group: Option<&str>) -> anyhow::Result<Ident
 /// Gives `path` (created if missing) and its store housekeeping entries to
 /// the worker, so that it can write there after dropping privileges. On
 /// the appliance tmpfiles.d has done this already and the unit grants no
-/// CAP_CHOWN: only what is not the worker's yet is changed, and a refusal
-/// is logged (the worker then says exactly what it cannot write).
+/// CAP_CHOWN: only what the worker cannot write yet is changed, and a
+/// refusal is logged (the worker then says exactly what it cannot write).
 fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
-    use std::os::unix::fs::MetadataExt;
     std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
     for p in [
         path.to_path_buf(),
@@ -106,7 +105,7 @@ fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
         let Ok(meta) = std::fs::metadata(&p) else {
             continue;
         };
-        if meta.uid() == who.uid.as_raw() && meta.gid() == who.gid.as_raw() {
+        if worker_can_write(&meta, who) {
             continue;
         }
         if let Err(e) = nix::unistd::chown(&p, Some(who.uid), Some(who.gid)) {
@@ -114,6 +113,16 @@ fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether the worker may write to this file or folder through its owner
+/// or group bits: e.g. its own store, or the log folder it shares with the
+/// keeper (root:minipacs 1770).
+fn worker_can_write(meta: &std::fs::Metadata, who: Identity) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let by_owner = meta.uid() == who.uid.as_raw() && meta.mode() & 0o200 != 0;
+    let by_group = meta.gid() == who.gid.as_raw() && meta.mode() & 0o020 != 0;
+    by_owner || by_group
 }
 
 /// Lets `fd` survive the exec of the worker, and returns its number.
