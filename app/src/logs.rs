@@ -241,6 +241,14 @@ impl RotatingFile {
         self.stats
     }
 
+    /// Forces what was written to the current file onto the disk.
+    pub fn sync_data(&self) -> std::io::Result<()> {
+        match &self.file {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+
     /// Appends one record (normally one or more complete lines) with a
     /// single `write_all`, rotating first if it would not fit. Returns
     /// whether it reached the file; it never panics and never blocks on
@@ -741,6 +749,20 @@ impl Audit {
     /// Records one object. Returns whether the line reached the file.
     pub fn object(&self, record: &ObjectRecord<'_>) -> bool {
         self.append(record)
+    }
+
+    /// Makes the records written so far durable. Called before an
+    /// association's release is answered, so that a power cut right after a
+    /// sender was told its objects are stored cannot take their records.
+    /// (Once per association, not per object: each would cost an fsync.)
+    pub fn sync(&self) -> bool {
+        match lock(&self.file).sync_data() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "audit trail sync failed");
+                false
+            }
+        }
     }
 
     /// The audit folder, for the bundle.

@@ -295,6 +295,13 @@ where
                         "A-RELEASE-RQ with a message in progress",
                     ));
                 }
+                if let Some(audit) = shared
+                    .audit
+                    .as_ref()
+                    .filter(|_| shared.store.options().fsync)
+                {
+                    tokio::task::block_in_place(|| audit.sync());
+                }
                 writer.write_all(&pdu::RELEASE_RP).await?;
                 writer.flush().await?;
                 let _ = writer.shutdown().await;
