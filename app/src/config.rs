@@ -410,16 +410,21 @@ impl Config {
     }
 }
 
+/// The embedded text of the board profile `name`, if there is one.
+pub fn board_profile(name: &str) -> Option<&'static str> {
+    BOARDS
+        .iter()
+        .find(|(board, _)| *board == name)
+        .map(|(_, text)| *text)
+}
+
 /// The configuration in `text` with the board profile's values filled in
 /// for every key the text does not set.
 fn with_board(text: &str, board: &str) -> Result<Config, String> {
-    let (_, profile) = BOARDS
-        .iter()
-        .find(|(name, _)| *name == board)
-        .ok_or_else(|| {
-            let names: Vec<_> = BOARDS.iter().map(|(n, _)| *n).collect();
-            format!("unknown board \"{board}\" (known: {})", names.join(", "))
-        })?;
+    let profile = board_profile(board).ok_or_else(|| {
+        let names: Vec<_> = BOARDS.iter().map(|(n, _)| *n).collect();
+        format!("unknown board \"{board}\" (known: {})", names.join(", "))
+    })?;
     let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
     let profile: toml::Table =
         toml::from_str(profile).map_err(|e| format!("board profile {board}: {e}"))?;

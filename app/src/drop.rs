@@ -49,8 +49,12 @@ pub fn bundle_inputs(config: &Config) -> BundleInputs {
         audit_dir: config.log_directory.clone(),
         config_text: toml::to_string(config).unwrap_or_default(),
         version: format!("minipacs {}", env!("CARGO_PKG_VERSION")),
-        board_name: String::new(),
-        board_profile: None,
+        board_name: config.board.clone().unwrap_or_else(|| "none".into()),
+        board_profile: config
+            .board
+            .as_deref()
+            .and_then(crate::config::board_profile)
+            .map(str::to_string),
         store_paths: vec![config.output_directory.clone()],
         status,
         max_bytes: BundleInputs::DEFAULT_MAX_BYTES,
@@ -281,6 +285,18 @@ mod tests {
         let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
         assert!(result.starts_with("ROLLED BACK\n"), "{result}");
         assert!(result.contains("/nonexistent/k.pem"), "{result}");
+    }
+
+    #[test]
+    fn bundle_names_the_board_and_carries_its_profile() {
+        let config = Config::from_toml("board = \"pi4\"\n", "test").expect("config");
+        let inputs = bundle_inputs(&config);
+        assert_eq!(inputs.board_name, "pi4");
+        let profile = inputs.board_profile.expect("profile text");
+        assert!(profile.contains("Raspberry Pi 4"), "{profile}");
+        let inputs = bundle_inputs(&Config::default());
+        assert_eq!(inputs.board_name, "none");
+        assert_eq!(inputs.board_profile, None);
     }
 
     #[test]

@@ -1295,7 +1295,9 @@ fn versions_text(version: &str) -> String {
 fn board_text(name: &str, profile: Option<&str>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "board profile: {name}");
-    if let Some(model) = read_small("/proc/device-tree/model") {
+    // Through /sys, not /proc/device-tree: the unit's ProcSubset=pid hides
+    // all of /proc but the processes.
+    if let Some(model) = read_small("/sys/firmware/devicetree/base/model") {
         let _ = writeln!(
             s,
             "device-tree model: {}",
