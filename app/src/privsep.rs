@@ -115,14 +115,19 @@ fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the worker may write to this file or folder through its owner
-/// or group bits: e.g. its own store, or the log folder it shares with the
-/// keeper (root:minipacs 1770).
+/// Whether the worker may write to this file or folder, by the permission
+/// bits that apply to it (owner, else group, else others): e.g. its own
+/// store, or the log folder it shares with the keeper (root:minipacs 1770).
 fn worker_can_write(meta: &std::fs::Metadata, who: Identity) -> bool {
     use std::os::unix::fs::MetadataExt;
-    let by_owner = meta.uid() == who.uid.as_raw() && meta.mode() & 0o200 != 0;
-    let by_group = meta.gid() == who.gid.as_raw() && meta.mode() & 0o020 != 0;
-    by_owner || by_group
+    let (mode, owner, group) = (meta.mode(), meta.uid(), meta.gid());
+    if owner == who.uid.as_raw() {
+        mode & 0o200 != 0
+    } else if group == who.gid.as_raw() {
+        mode & 0o020 != 0
+    } else {
+        mode & 0o002 != 0
+    }
 }
 
 /// Lets `fd` survive the exec of the worker, and returns its number.
@@ -654,6 +659,45 @@ mod tests {
         };
         assert_eq!(decode_material(&encode_material(&m)).expect("decodes"), m);
         assert!(decode_material(&[0, 0, 0, 9, 1]).is_err());
+    }
+
+    #[test]
+    fn worker_writes_through_its_owner_or_group_bits() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let me = Identity {
+            uid: nix::unistd::getuid(),
+            gid: nix::unistd::getgid(),
+        };
+        let stranger = Uid::from_raw(me.uid.as_raw().wrapping_add(4242));
+        let other_group = Gid::from_raw(me.gid.as_raw().wrapping_add(4242));
+        let set = |mode| {
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode))
+                .expect("chmod");
+            std::fs::metadata(dir.path()).expect("metadata")
+        };
+        // The log folder: root:minipacs 1770, the worker in via its group.
+        let by_group = Identity {
+            uid: stranger,
+            gid: me.gid,
+        };
+        assert!(worker_can_write(&set(0o1770), by_group));
+        assert!(!worker_can_write(&set(0o750), by_group));
+        // The store: the worker's own.
+        let by_owner = Identity {
+            uid: me.uid,
+            gid: other_group,
+        };
+        assert!(worker_can_write(&set(0o700), by_owner));
+        assert!(!worker_can_write(&set(0o500), by_owner));
+        // Owner bits decide for the owner, even if the group's would allow.
+        assert!(!worker_can_write(&set(0o570), by_owner));
+        let neither = Identity {
+            uid: stranger,
+            gid: other_group,
+        };
+        assert!(!worker_can_write(&set(0o775), neither));
+        assert!(worker_can_write(&set(0o777), neither));
     }
 
     #[tokio::test]
