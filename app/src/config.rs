@@ -274,6 +274,14 @@ impl Config {
         Self::from_toml(&text, &name)
     }
 
+    /// The AE title the plain port (`tls` false) or the TLS port answers to.
+    pub fn port_aetitle(&self, tls: bool) -> &str {
+        match &self.tls.aetitle {
+            Some(tls_ae) if tls => tls_ae,
+            _ => &self.aetitle,
+        }
+    }
+
     /// Why going from `self` to `new` needs a restart, or `None` when it
     /// can be applied while serving (AE titles, negotiation, limits,
     /// timeouts, storage options; renewed certificates reload on their own).
@@ -497,6 +505,24 @@ mod tests {
         assert_eq!(lines, vec![Some(1), Some(2), Some(3)]);
         let shown = err.to_string();
         assert!(shown.contains("line 2: aetitle"), "{shown}");
+    }
+
+    #[test]
+    fn the_tls_port_may_answer_to_its_own_ae_title() {
+        let c = Config::from_toml("aetitle = \"PACS\"\n", "x.toml").expect("valid");
+        assert_eq!(
+            (c.port_aetitle(false), c.port_aetitle(true)),
+            ("PACS", "PACS")
+        );
+        let c = Config::from_toml(
+            "aetitle = \"PACS\"\n[tls]\naetitle = \"SECURE\"\n",
+            "x.toml",
+        )
+        .expect("valid");
+        assert_eq!(
+            (c.port_aetitle(false), c.port_aetitle(true)),
+            ("PACS", "SECURE")
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use crate::dimse::scp::{ScpShared, Stats};
 use crate::service::ServiceEvent;
 use crate::store::{Store, StoreOptions};
 use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
-use server::{Listener, ServerLimits, SharedBounds};
+use server::{Listener, PortSettings, ServerLimits, SharedBounds};
 
 /// The listening sockets (and the activity LED), opened before privileges
 /// are dropped.
@@ -109,7 +109,8 @@ pub async fn run(
     let led = sockets
         .led
         .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
-    let listener_for = |aetitle: &str, tls: Option<Arc<TlsReloader>>| {
+    let listener_for = |tls: Option<Arc<TlsReloader>>| {
+        let is_tls = tls.is_some();
         Arc::new(Listener {
             shared: ScpShared {
                 store: Arc::clone(&store),
@@ -117,8 +118,7 @@ pub async fn run(
                 audit: audit.clone(),
                 led: led.clone(),
             },
-            policy: std::sync::RwLock::new(accept_policy(config, aetitle)),
-            dimse_timeout: std::sync::RwLock::new(Duration::from_secs(config.dimse_timeout)),
+            settings: std::sync::RwLock::new(port_settings(config, is_tls)),
             tls,
             bounds: bounds.clone(),
         })
@@ -135,7 +135,7 @@ pub async fn run(
             store = %config.output_directory.display(), layout = ?config.layout,
             fsync = config.fsync, free = %free, "listening"
         );
-        let listener = listener_for(&config.aetitle, None);
+        let listener = listener_for(None);
         live.push((Arc::clone(&listener), false));
         listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
@@ -157,7 +157,7 @@ pub async fn run(
         let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
         let reloader = Arc::new(reloader);
         let socket = TcpListener::from_std(socket)?;
-        let aetitle = config.tls.aetitle.as_deref().unwrap_or(&config.aetitle);
+        let aetitle = config.port_aetitle(true);
         info!(
             %aetitle, addr = %socket.local_addr()?, tls = true,
             subject = %cert.subject, serial = %cert.serial, not_after = %cert.not_after,
@@ -190,7 +190,7 @@ pub async fn run(
             }
             (None, None) => {}
         }
-        let listener = listener_for(aetitle, Some(reloader));
+        let listener = listener_for(Some(reloader));
         live.push((Arc::clone(&listener), true));
         listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
@@ -246,12 +246,16 @@ fn limits(config: &Config) -> ServerLimits {
     }
 }
 
-fn accept_policy(config: &Config, aetitle: &str) -> AcceptPolicy {
-    AcceptPolicy {
-        ae_title: aetitle.to_string(),
-        max_pdu: config.max_pdu,
-        accept_private_sop_classes: config.accept_private_sop_classes,
-        allow: config.allow.clone(),
+/// The settings of the plain or the TLS port under `config`.
+fn port_settings(config: &Config, is_tls: bool) -> PortSettings {
+    PortSettings {
+        policy: AcceptPolicy {
+            ae_title: config.port_aetitle(is_tls).to_string(),
+            max_pdu: config.max_pdu,
+            accept_private_sop_classes: config.accept_private_sop_classes,
+            allow: config.allow.clone(),
+        },
+        dimse_timeout: Duration::from_secs(config.dimse_timeout),
     }
 }
 
@@ -261,14 +265,7 @@ fn accept_policy(config: &Config, aetitle: &str) -> AcceptPolicy {
 /// associations in flight keep what they began with.
 fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
     for (listener, is_tls) in live {
-        let aetitle = match (is_tls, &new.tls.aetitle) {
-            (true, Some(tls_ae)) => tls_ae.as_str(),
-            _ => new.aetitle.as_str(),
-        };
-        listener.set_policy(
-            accept_policy(new, aetitle),
-            Duration::from_secs(new.dimse_timeout),
-        );
+        listener.set_settings(port_settings(new, *is_tls));
     }
     bounds.set_limits(limits(new));
     if let Err(e) = store.set_options(store_options(new)) {

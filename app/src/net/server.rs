@@ -127,29 +127,36 @@ impl SharedBounds {
     }
 }
 
-/// One listener: its port's AE policy, optional TLS, the shared bounds.
+/// What a port negotiates and runs new associations with. A configuration
+/// applied live replaces it as a whole; each association keeps the one of
+/// its moment.
+#[derive(Debug, Clone)]
+pub struct PortSettings {
+    /// negotiation policy (AE title, max PDU, SOP classes, allowlist)
+    pub policy: AcceptPolicy,
+    /// silence allowed between PDUs
+    pub dimse_timeout: Duration,
+}
+
+/// One listener: its port's settings, optional TLS, the shared bounds.
 pub struct Listener {
     /// what associations on this port share
     pub shared: ScpShared,
-    /// negotiation policy of this port (replaceable while serving: each
-    /// association negotiates with the policy of its moment)
-    pub policy: RwLock<AcceptPolicy>,
+    /// this port's settings (replaceable while serving)
+    pub settings: RwLock<PortSettings>,
     /// TLS, for a TLS port
     pub tls: Option<Arc<TlsReloader>>,
     /// process-wide bounds
     pub bounds: SharedBounds,
-    /// silence allowed between PDUs (replaceable like the policy)
-    pub dimse_timeout: RwLock<Duration>,
 }
 
 impl Listener {
     /// Applies new settings to associations that start from now on.
-    pub fn set_policy(&self, policy: AcceptPolicy, dimse_timeout: Duration) {
-        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+    pub fn set_settings(&self, settings: PortSettings) {
         *self
-            .dimse_timeout
+            .settings
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = dimse_timeout;
+            .unwrap_or_else(PoisonError::into_inner) = settings;
     }
 }
 
@@ -354,8 +361,11 @@ impl Listener {
                 scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy())).await;
             return;
         };
-        let policy = self
-            .policy
+        let PortSettings {
+            policy,
+            dimse_timeout,
+        } = self
+            .settings
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
@@ -385,10 +395,7 @@ impl Listener {
         let mut summary = AssociationSummary::default();
         let settings = scp::AssociationSettings {
             ae_title: policy.ae_title.clone(),
-            dimse_timeout: *self
-                .dimse_timeout
-                .read()
-                .unwrap_or_else(PoisonError::into_inner),
+            dimse_timeout,
             max_pdu: policy.max_pdu,
         };
         let result = scp::run_association(
