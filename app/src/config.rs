@@ -6,6 +6,8 @@
 //! binary and must parse to exactly [`Config::default`] (a unit test holds
 //! the two together), so the file a technician reads is the truth.
 
+use dimse::ae::{AeTitle, AeTitleError};
+use dimse::negotiation::Allowed;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -95,7 +97,19 @@ pub struct Config {
     /// Calling AE titles allowed to associate, each optionally bound to a
     /// host or a TLS client certificate name; empty: anyone who calls our
     /// AE title. Applied without a restart.
-    pub allow: Vec<crate::dimse::negotiation::Allowed>,
+    pub allow: Vec<AllowEntry>,
+}
+
+/// One `[[allow]]` entry: a calling AE title allowed to associate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowEntry {
+    /// the calling AE title
+    pub aetitle: String,
+    /// if set, the only address it may call from
+    pub host: Option<IpAddr>,
+    /// if set, the common name its TLS client certificate must carry
+    pub cert_name: Option<String>,
 }
 
 /// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
@@ -272,6 +286,27 @@ impl Config {
             }],
         })?;
         Self::from_toml(&text, &name)
+    }
+
+    /// The AE title the plain port (`tls` false) or the TLS port answers
+    /// to, as the protocol's type (an error only for an unvalidated file).
+    pub fn port_ae(&self, tls: bool) -> Result<AeTitle, AeTitleError> {
+        AeTitle::new(self.port_aetitle(tls))
+    }
+
+    /// The calling-AE allowlist as the protocol's negotiation takes it
+    /// (an error only for an unvalidated file).
+    pub fn allowlist(&self) -> Result<Vec<Allowed>, AeTitleError> {
+        self.allow
+            .iter()
+            .map(|a| {
+                Ok(Allowed {
+                    aetitle: AeTitle::new(&a.aetitle)?,
+                    host: a.host,
+                    cert_name: a.cert_name.clone(),
+                })
+            })
+            .collect()
     }
 
     /// The AE title the plain port (`tls` false) or the TLS port answers to.
@@ -459,18 +494,7 @@ fn with_board(text: &str, board: &str) -> Result<Config, String> {
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
 /// all spaces, no backslash or control characters (PS3.5 Table 6.2-1).
 pub fn check_ae_title(ae: &str) -> Result<(), String> {
-    if ae.trim().is_empty() {
-        return Err("must not be empty".into());
-    }
-    if ae.len() > 16 {
-        return Err(format!("\"{ae}\" is longer than 16 characters"));
-    }
-    if !ae.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'\\') {
-        return Err(format!(
-            "\"{ae}\" may hold only printable ASCII without backslash"
-        ));
-    }
-    Ok(())
+    AeTitle::new(ae).map(drop).map_err(|e| e.to_string())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

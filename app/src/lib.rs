@@ -2,13 +2,13 @@
 //! streams each one to disk with bounded memory, and acknowledges it only
 //! once it is durable; it can also send (C-STORE) and verify (C-ECHO).
 //!
-//! The crate is a library with one binary. `dimse` is the protocol, `store`
-//! the durable writer, `net` the listener and its bounds, `config` the
-//! configuration model, `send` the SCU commands.
+//! The crate is a library with one binary, on top of the `dimse` protocol
+//! crate: `services` implements its service traits, `store` is the durable
+//! writer, `net` the listener and its bounds, `config` the configuration
+//! model, `send` the SCU commands.
 
 pub mod ca;
 pub mod config;
-pub mod dimse;
 pub mod drop;
 pub mod logs;
 pub mod net;
@@ -16,5 +16,6 @@ pub mod part10;
 pub mod privsep;
 pub mod send;
 pub mod service;
+pub mod services;
 pub mod store;
 pub mod tls;

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+use dimse::scu::ScuOptions;
 use minipacs::ca;
 use minipacs::config::{self, Config};
-use minipacs::dimse::scu::ScuOptions;
 use minipacs::logs;
 use minipacs::privsep;
 use minipacs::send::{self, ClientTls, Peer};

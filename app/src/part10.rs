@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::Path;
 
-use crate::dimse::uid::Uid;
+use dimse::uid::Uid;
 
 /// What a Part-10 file says about itself.
 #[derive(Debug, Clone)]

@@ -17,10 +17,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::dimse::command::status;
-use crate::dimse::scu::{ScuAssociation, ScuOptions};
-use crate::dimse::uid;
 use crate::part10::{self, Part10Info};
+use dimse::command::status;
+use dimse::scu::{ScuAssociation, ScuOptions};
+use dimse::uid;
 
 /// Presentation contexts one association can carry.
 const MAX_CONTEXTS: usize = 128;
@@ -271,8 +271,8 @@ async fn send_one(
     let result = assoc
         .store(
             ctx,
-            info.sop_class.as_str(),
-            info.sop_instance.as_str(),
+            &info.sop_class,
+            &info.sop_instance,
             &mut data,
             info.data_len + padding.len() as u64,
             |n| bar.inc(n),

@@ -495,3 +495,19 @@ pub fn peer_subject(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
     Some(cert.subject().to_string())
 }
+
+/// The common name (CN) values of the peer's leaf certificate subject, as
+/// parsed attribute values: what the calling-AE allowlist's `cert_name`
+/// matches. (Never split the subject's text: `O=x\, CN=PACS1` has no CN.)
+pub fn peer_common_names(certs: Option<&[CertificateDer<'_>]>) -> Vec<String> {
+    let Some(leaf) = certs.and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return Vec::new();
+    };
+    cert.subject()
+        .iter_common_name()
+        .filter_map(|cn| cn.as_str().ok().map(str::to_string))
+        .collect()
+}

@@ -12,11 +12,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::info;
 
 use crate::config::Config;
-use crate::dimse::negotiation::AcceptPolicy;
-use crate::dimse::scp::{ScpShared, Stats};
 use crate::service::ServiceEvent;
+use crate::services::{Receiver, Stats};
 use crate::store::{Store, StoreOptions};
 use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
+use dimse::negotiation::AcceptPolicy;
 use server::{Listener, PortSettings, ServerLimits, SharedBounds};
 
 /// The listening sockets (and the activity LED), opened before privileges
@@ -109,19 +109,20 @@ pub async fn run(
     let led = sockets
         .led
         .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
-    let listener_for = |tls: Option<Arc<TlsReloader>>| {
+    let receiver = Arc::new(Receiver {
+        store: Arc::clone(&store),
+        stats: Arc::clone(&stats),
+        audit: audit.clone(),
+        led,
+    });
+    let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
         let is_tls = tls.is_some();
-        Arc::new(Listener {
-            shared: ScpShared {
-                store: Arc::clone(&store),
-                stats: Arc::clone(&stats),
-                audit: audit.clone(),
-                led: led.clone(),
-            },
-            settings: std::sync::RwLock::new(port_settings(config, is_tls)),
+        Ok(Arc::new(Listener {
+            shared: Arc::clone(&receiver),
+            settings: std::sync::RwLock::new(port_settings(config, is_tls)?),
             tls,
             bounds: bounds.clone(),
-        })
+        }))
     };
     // The listeners and whether each is the TLS one, for live changes.
     let mut live: Vec<(Arc<Listener>, bool)> = Vec::new();
@@ -135,7 +136,7 @@ pub async fn run(
             store = %config.output_directory.display(), layout = ?config.layout,
             fsync = config.fsync, free = %free, "listening"
         );
-        let listener = listener_for(None);
+        let listener = listener_for(None)?;
         live.push((Arc::clone(&listener), false));
         listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
@@ -190,7 +191,7 @@ pub async fn run(
             }
             (None, None) => {}
         }
-        let listener = listener_for(Some(reloader));
+        let listener = listener_for(Some(reloader))?;
         live.push((Arc::clone(&listener), true));
         listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
     }
@@ -246,17 +247,18 @@ fn limits(config: &Config) -> ServerLimits {
     }
 }
 
-/// The settings of the plain or the TLS port under `config`.
-fn port_settings(config: &Config, is_tls: bool) -> PortSettings {
-    PortSettings {
+/// The settings of the plain or the TLS port under `config` (validated:
+/// an error here means a configuration that skipped validation).
+fn port_settings(config: &Config, is_tls: bool) -> anyhow::Result<PortSettings> {
+    Ok(PortSettings {
         policy: AcceptPolicy {
-            ae_title: config.port_aetitle(is_tls).to_string(),
+            ae_title: config.port_ae(is_tls).context("aetitle")?,
             max_pdu: config.max_pdu,
             accept_private_sop_classes: config.accept_private_sop_classes,
-            allow: config.allow.clone(),
+            allow: config.allowlist().context("[[allow]] aetitle")?,
         },
         dimse_timeout: Duration::from_secs(config.dimse_timeout),
-    }
+    })
 }
 
 /// Applies a configuration that needs no restart (the caller checked with
@@ -265,7 +267,10 @@ fn port_settings(config: &Config, is_tls: bool) -> PortSettings {
 /// associations in flight keep what they began with.
 fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
     for (listener, is_tls) in live {
-        listener.set_settings(port_settings(new, *is_tls));
+        match port_settings(new, *is_tls) {
+            Ok(settings) => listener.set_settings(settings),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "port settings not applied"),
+        }
     }
     bounds.set_limits(limits(new));
     if let Err(e) = store.set_options(store_options(new)) {

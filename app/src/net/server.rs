@@ -16,16 +16,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use dicom_ul::pdu::Pdu;
+use dimse::ul::Pdu;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::dimse::negotiation::{self, AcceptPolicy, Negotiated};
-use crate::dimse::scp::{self, ActiveGuard, AssociationSummary, PeerInfo, ScpError, ScpShared};
+use crate::services::{ActiveGuard, Receiver};
 use crate::tls::TlsReloader;
+use dimse::error::AssociationError;
+use dimse::negotiation::{self, AcceptPolicy, Negotiated};
+use dimse::scp::{self, AssociationInfo};
 
 /// Limits and timeouts of the listener.
 #[derive(Debug, Clone)]
@@ -141,7 +143,7 @@ pub struct PortSettings {
 /// One listener: its port's settings, optional TLS, the shared bounds.
 pub struct Listener {
     /// what associations on this port share
-    pub shared: ScpShared,
+    pub shared: Arc<Receiver>,
     /// this port's settings (replaceable while serving)
     pub settings: RwLock<PortSettings>,
     /// TLS, for a TLS port
@@ -291,6 +293,7 @@ impl Listener {
                 .map(|s| format!("{:?}", s.suite()))
                 .unwrap_or_default(),
             peer_subject: crate::tls::peer_subject(session.peer_certificates()),
+            common_names: crate::tls::peer_common_names(session.peer_certificates()),
         };
         self.session(
             stream,
@@ -336,9 +339,8 @@ impl Listener {
             }
             Ok(Err(e)) => {
                 warn!(peer = %addr, error = %e, "association refused before negotiation");
-                if let ScpError::Protocol(_) | ScpError::BadAssociateRq(_) = e {
-                    scp::send_abort(&mut stream, crate::dimse::pdu::AbortReason::UnexpectedPdu)
-                        .await;
+                if let Some(reason) = e.abort_reason() {
+                    scp::send_abort(&mut stream, reason).await;
                 }
                 return;
             }
@@ -371,11 +373,11 @@ impl Listener {
             .clone();
         let facts = negotiation::PeerFacts {
             addr: addr.ip().to_canonical(),
-            cert_subject: tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
+            cert_common_names: tls.as_ref().map_or(&[], |t| t.common_names.as_slice()),
         };
         let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
-                warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = why, "association rejected");
+                warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected");
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
                 return;
             }
@@ -388,28 +390,27 @@ impl Listener {
             return;
         }
         let _active = ActiveGuard::new(&self.shared.stats);
-        let peer = PeerInfo {
-            addr,
+        let association = AssociationInfo {
+            peer: addr,
             calling_ae: calling.clone(),
-        };
-        let mut summary = AssociationSummary::default();
-        let settings = scp::AssociationSettings {
-            ae_title: policy.ae_title.clone(),
+            called_ae: policy.ae_title.to_string(),
             dimse_timeout,
             max_pdu: policy.max_pdu,
         };
-        let result = scp::run_association(
+        let receiver = &*self.shared;
+        let mut shutdown = shutdown;
+        let ended = scp::run_association(
             stream,
-            &self.shared,
-            &settings,
+            &association,
             &contexts,
-            &peer,
-            shutdown,
-            &mut summary,
+            receiver,
+            receiver,
+            async move { stopped(&mut shutdown).await },
         )
         .await;
+        let summary = ended.summary;
         let secs = started.elapsed().as_secs_f64();
-        let outcome = match &result {
+        let outcome = match &ended.result {
             Ok(()) => "released".to_string(),
             Err(e) => e.to_string(),
         };
@@ -423,13 +424,11 @@ impl Listener {
                 tls_version: tls.as_ref().map(|t| t.version.as_str()),
                 tls_suite: tls.as_ref().map(|t| t.suite.as_str()),
                 tls_peer_subject: tls.as_ref().and_then(|t| t.peer_subject.as_deref()),
-                outcome: match &result {
+                outcome: match &ended.result {
                     Ok(()) => O::Released,
-                    Err(ScpError::PeerAborted) => O::AbortedByPeer,
-                    Err(ScpError::Timeout(_)) => O::TimedOut,
-                    Err(ScpError::Framing(crate::dimse::pdu::FramingError::Io(_))) => {
-                        O::ConnectionLost
-                    }
+                    Err(AssociationError::PeerAborted) => O::AbortedByPeer,
+                    Err(AssociationError::Timeout(_)) => O::TimedOut,
+                    Err(e) if e.is_connection_lost() => O::ConnectionLost,
                     Err(_) => O::Aborted,
                 },
                 objects_stored: summary.stored,
@@ -453,6 +452,8 @@ struct TlsInfo {
     version: String,
     suite: String,
     peer_subject: Option<String>,
+    /// the CN values of the client certificate's subject, for the allowlist
+    common_names: Vec<String>,
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};
 
-use crate::dimse::uid::{self, Uid};
+use dimse::uid::{self, Uid};
 
 const STUDY_INSTANCE_UID: u32 = 0x0020_000D;
 const SERIES_INSTANCE_UID: u32 = 0x0020_000E;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::dimse::uid::{modality_prefix, Uid};
+use dimse::uid::Uid;
 
 /// How stored objects are named.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -57,9 +57,96 @@ pub fn study_name(study: Option<&Uid>, series: Option<&Uid>, sop_instance: &Uid)
     }
 }
 
+/// The modality prefix dcmtk's `storescp -uf` gives a file of this SOP class
+/// (`CT.<uid>`, `MR.<uid>`, ...), so that stores made by either look alike.
+pub fn modality_prefix(sop_class: &str) -> &'static str {
+    let Some(rest) = sop_class.strip_prefix("1.2.840.10008.5.1.4.1.1.") else {
+        return "UNKNOWN";
+    };
+    // Longest prefixes first where one is a prefix of another.
+    const TABLE: &[(&str, &str)] = &[
+        ("1", "CR"),
+        ("1.1", "DX"),
+        ("1.1.1", "DX"),
+        ("1.2", "MG"),
+        ("1.2.1", "MG"),
+        ("1.3", "IO"),
+        ("1.3.1", "IO"),
+        ("2", "CT"),
+        ("2.1", "CTE"),
+        ("2.2", "CTL"),
+        ("3.1", "USM"),
+        ("4", "MR"),
+        ("4.1", "MRE"),
+        ("4.2", "MRS"),
+        ("4.3", "MRE"),
+        ("4.4", "MRL"),
+        ("6.1", "US"),
+        ("6.2", "USE"),
+        ("7", "SC"),
+        ("7.1", "SCB"),
+        ("7.2", "SCG"),
+        ("7.3", "SCG"),
+        ("7.4", "SCC"),
+        ("9.1.1", "AU"),
+        ("9.1.2", "AU"),
+        ("9.1.3", "AU"),
+        ("9.2.1", "AU"),
+        ("9.3.1", "AU"),
+        ("9.4.1", "AU"),
+        ("9.4.2", "AU"),
+        ("11.1", "PSg"),
+        ("11.2", "PSc"),
+        ("12.1", "XA"),
+        ("12.1.1", "XAE"),
+        ("12.2", "RF"),
+        ("12.2.1", "RFE"),
+        ("13.1.1", "BT"),
+        ("13.1.3", "BT"),
+        ("20", "NM"),
+        ("30", "PA"),
+        ("66", "RAW"),
+        ("66.1", "RE"),
+        ("66.2", "SR"),
+        ("66.4", "SEG"),
+        ("67", "RWV"),
+        ("77.1.1", "VLe"),
+        ("77.1.2", "VLm"),
+        ("77.1.4", "VLp"),
+        ("77.1.5.1", "OP"),
+        ("77.1.5.2", "OP"),
+        ("77.1.6", "SM"),
+        ("88.11", "SRb"),
+        ("88.22", "SRe"),
+        ("88.33", "SRc"),
+        ("88.59", "KO"),
+        ("104.1", "PDF"),
+        ("104.2", "CDA"),
+        ("128", "PT"),
+        ("130", "PT"),
+        ("481.1", "RI"),
+        ("481.2", "RD"),
+        ("481.3", "RS"),
+        ("481.4", "RB"),
+        ("481.5", "RP"),
+        ("481.8", "RI"),
+    ];
+    TABLE
+        .iter()
+        .find(|(suffix, _)| *suffix == rest)
+        .map_or("UNKNOWN", |(_, prefix)| prefix)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefixes() {
+        assert_eq!(modality_prefix("1.2.840.10008.5.1.4.1.1.2"), "CT");
+        assert_eq!(modality_prefix("1.2.840.10008.5.1.4.1.1.4"), "MR");
+        assert_eq!(modality_prefix("1.2.3"), "UNKNOWN");
+    }
 
     #[test]
     fn names() {

@@ -16,11 +16,12 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg};
 use tempfile::NamedTempFile;
 
-use crate::dimse::uid::{self, Uid};
+use dimse::uid::{self, Uid};
 pub use layout::Layout;
 
 /// Name of the folder of in-flight temp files inside the store.
@@ -194,8 +195,9 @@ impl Store {
     }
 
     /// Starts an object: checks the reserve, creates its temp file and
-    /// writes the preamble and file meta group.
-    pub fn begin(&self, info: &ObjectInfo<'_>) -> Result<Incoming<'_>, StoreError> {
+    /// writes the preamble and file meta group. The object holds the store,
+    /// so that it can be committed on a blocking thread.
+    pub fn begin(self: &Arc<Self>, info: &ObjectInfo<'_>) -> Result<Incoming, StoreError> {
         let opts = self.options();
         self.check_reserve(opts.reserve_percent)?;
         let meta = file_meta(info)?;
@@ -209,7 +211,7 @@ impl Store {
             .write_all(&meta)
             .map_err(StoreError::io("writing file meta"))?;
         Ok(Incoming {
-            store: self,
+            store: Arc::clone(self),
             opts,
             temp,
             meta_len: meta.len() as u64,
@@ -251,8 +253,8 @@ fn file_meta(info: &ObjectInfo<'_>) -> Result<Vec<u8>, StoreError> {
 
 /// An object being received. Dropping it without [`Incoming::commit`]
 /// deletes its temp file: an aborted or failed object leaves nothing behind.
-pub struct Incoming<'s> {
-    store: &'s Store,
+pub struct Incoming {
+    store: Arc<Store>,
     opts: StoreOptions,
     temp: NamedTempFile,
     meta_len: u64,
@@ -264,7 +266,7 @@ pub struct Incoming<'s> {
     transfer_syntax: Uid,
 }
 
-impl Incoming<'_> {
+impl Incoming {
     /// Appends a data set fragment, exactly as received.
     pub fn write(&mut self, fragment: &[u8]) -> Result<(), StoreError> {
         self.temp
@@ -421,16 +423,16 @@ mod tests {
         Uid::new(s).expect("valid uid")
     }
 
-    fn open(dir: &Path, layout: Layout, overwrite: bool) -> Store {
-        Store::open(StoreOptions {
+    fn open(dir: &Path, layout: Layout, overwrite: bool) -> Arc<Store> {
+        let (store, _) = Store::open(StoreOptions {
             root: dir.to_path_buf(),
             layout,
             fsync: true,
             reserve_percent: 0,
             overwrite,
         })
-        .expect("opens")
-        .0
+        .expect("opens");
+        Arc::new(store)
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! Association negotiation for the storage SCP: which A-ASSOCIATE-RQ to
-//! accept, which presentation contexts to accept in it, and with which
-//! transfer syntax.
+//! Association negotiation for the SCP: which A-ASSOCIATE-RQ to accept,
+//! which presentation contexts to accept in it, for which service, and with
+//! which transfer syntax.
 //!
 //! Because every data set is stored exactly as received, the SCP never has
 //! to understand a transfer syntax: it accepts the first one the SCU proposes
@@ -14,7 +14,19 @@ use dicom_ul::pdu::{
     UserVariableItem,
 };
 
-use super::uid::{self, Uid};
+use crate::ae::AeTitle;
+use crate::uid::{self, Uid};
+
+/// The DIMSE service a presentation context was accepted for: a request
+/// on it for another service is refused (a C-STORE on the Verification
+/// context is not an object to keep).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceClass {
+    /// Verification (C-ECHO)
+    Verification,
+    /// a storage SOP class (C-STORE)
+    Storage,
+}
 
 /// A presentation context accepted for the life of an association.
 #[derive(Debug, Clone)]
@@ -25,6 +37,8 @@ pub struct AcceptedContext {
     pub abstract_syntax: Uid,
     /// the transfer syntax we accepted for it
     pub transfer_syntax: Uid,
+    /// the service it was accepted for
+    pub service: ServiceClass,
 }
 
 /// The contexts of one association, bounded by the 128 a PDU can propose.
@@ -39,7 +53,7 @@ pub fn find_context(table: &ContextTable, id: u8) -> Option<&AcceptedContext> {
 #[derive(Debug, Clone)]
 pub struct AcceptPolicy {
     /// our AE title; a request calling another is rejected
-    pub ae_title: String,
+    pub ae_title: AeTitle,
     /// the largest PDU body we will receive
     pub max_pdu: u32,
     /// accept SOP classes outside the DICOM root (vendors' private storage)
@@ -49,11 +63,10 @@ pub struct AcceptPolicy {
 }
 
 /// One entry of the calling AE title allowlist.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Allowed {
     /// the calling AE title
-    pub aetitle: String,
+    pub aetitle: AeTitle,
     /// if set, the only address it may call from
     pub host: Option<std::net::IpAddr>,
     /// if set, the common name its TLS client certificate must carry
@@ -65,20 +78,17 @@ pub struct Allowed {
 pub struct PeerFacts<'a> {
     /// the address it connects from
     pub addr: std::net::IpAddr,
-    /// the subject of its TLS client certificate, if any (RFC 4514 text)
-    pub cert_subject: Option<&'a str>,
+    /// the common name values (CN) of its TLS client certificate's
+    /// subject, as parsed from the certificate; empty without one. (Parsed
+    /// values, never the subject's text: a comma inside another attribute's
+    /// value must not make a name appear.)
+    pub cert_common_names: &'a [String],
 }
 
 impl Allowed {
     fn admits(&self, calling: &str, peer: &PeerFacts<'_>) -> bool {
-        let cn_matches = |name: &str| {
-            peer.cert_subject.is_some_and(|subject| {
-                subject
-                    .split(',')
-                    .any(|part| part.trim().strip_prefix("CN=") == Some(name))
-            })
-        };
-        self.aetitle == calling
+        let cn_matches = |name: &str| peer.cert_common_names.iter().any(|cn| cn == name);
+        self.aetitle.as_str() == calling
             && self.host.is_none_or(|h| h == peer.addr)
             && self.cert_name.as_deref().is_none_or(cn_matches)
     }
@@ -97,8 +107,33 @@ pub enum Negotiated {
         /// the largest PDU body the peer accepts from us (0 = no limit)
         peer_max_pdu: u32,
     },
-    /// Reject with this A-ASSOCIATE-RJ; the reason is for the log.
-    Reject(AssociationRJ, &'static str),
+    /// Reject with this A-ASSOCIATE-RJ, for this reason.
+    Reject(AssociationRJ, RejectReason),
+}
+
+/// Why an A-ASSOCIATE-RQ was rejected, for logs and the audit trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    /// The protocol version bit is not set.
+    #[error("protocol version not supported")]
+    ProtocolVersion,
+    /// Not the DICOM application context.
+    #[error("application context name not supported")]
+    ApplicationContext,
+    /// The called AE title is not ours.
+    #[error("called AE title not recognized")]
+    CalledAeTitle,
+    /// The allowlist does not admit this calling AE title (from this host,
+    /// with this certificate).
+    #[error("calling AE title not allowed (from this host or certificate)")]
+    CallingAeTitle,
+    /// No proposed presentation context could be accepted: nothing could be
+    /// done on the association, so it is not opened.
+    #[error("no acceptable presentation context")]
+    NoAcceptableContext,
+    /// The association cap is reached (transient: retry later).
+    #[error("association limit reached")]
+    Busy,
 }
 
 /// The A-ASSOCIATE-RJ sent when the association cap is reached: transient,
@@ -134,7 +169,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     AssociationRJServiceProviderASCEReason::ProtocolVersionNotSupported,
                 ),
             },
-            "protocol version not supported",
+            RejectReason::ProtocolVersion,
         );
     }
     if rq.application_context_name.trim_end_matches(['\0', ' ']) != uid::APPLICATION_CONTEXT {
@@ -145,10 +180,10 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     AssociationRJServiceUserReason::ApplicationContextNameNotSupported,
                 ),
             },
-            "application context name not supported",
+            RejectReason::ApplicationContext,
         );
     }
-    if rq.called_ae_title.trim() != policy.ae_title {
+    if rq.called_ae_title.trim() != policy.ae_title.as_str() {
         return Negotiated::Reject(
             AssociationRJ {
                 result: AssociationRJResult::Permanent,
@@ -156,7 +191,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     AssociationRJServiceUserReason::CalledAETitleNotRecognized,
                 ),
             },
-            "called AE title not recognized",
+            RejectReason::CalledAeTitle,
         );
     }
     let calling = rq.calling_ae_title.trim();
@@ -168,7 +203,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     AssociationRJServiceUserReason::CallingAETitleNotRecognized,
                 ),
             },
-            "calling AE title not allowed (from this host or certificate)",
+            RejectReason::CallingAeTitle,
         );
     }
 
@@ -177,8 +212,13 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
     for pc in &rq.presentation_contexts {
         let abstract_syntax = pc.abstract_syntax.trim_end_matches(['\0', ' ']);
         let is_verification = abstract_syntax == uid::VERIFICATION;
-        let supported = is_verification
-            || uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes);
+        let service = if is_verification {
+            Some(ServiceClass::Verification)
+        } else if uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes) {
+            Some(ServiceClass::Storage)
+        } else {
+            None
+        };
         let valid_id = pc.id % 2 == 1 && contexts.iter().all(|c| c.id != pc.id);
         let proposed = pc
             .transfer_syntaxes
@@ -195,16 +235,17 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         } else {
             proposed.into_iter().next()
         };
-        let (reason, ts) = match (supported && valid_id, chosen, Uid::new(abstract_syntax)) {
-            (false, _, _) | (_, _, None) => (
+        let service = service.filter(|_| valid_id);
+        let (reason, ts) = match (service, chosen, Uid::new(abstract_syntax)) {
+            (None, _, _) | (_, _, None) => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
                 pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
             ),
-            (true, None, _) => (
+            (Some(_), None, _) => (
                 PresentationContextResultReason::TransferSyntaxesNotSupported,
                 pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
             ),
-            (true, Some(ts), Some(abstract_syntax)) => {
+            (Some(service), Some(ts), Some(abstract_syntax)) => {
                 let text = ts.to_string();
                 // Cannot overflow: a PDU proposes at most 128 odd IDs and
                 // duplicates were refused above.
@@ -212,6 +253,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     id: pc.id,
                     abstract_syntax,
                     transfer_syntax: ts,
+                    service,
                 });
                 (PresentationContextResultReason::Acceptance, text)
             }
@@ -223,6 +265,18 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         });
     }
 
+    if contexts.is_empty() {
+        // As dcmtk's storescp: permanent, by the service user, no reason.
+        return Negotiated::Reject(
+            AssociationRJ {
+                result: AssociationRJResult::Permanent,
+                source: AssociationRJSource::ServiceUser(
+                    AssociationRJServiceUserReason::NoReasonGiven,
+                ),
+            },
+            RejectReason::NoAcceptableContext,
+        );
+    }
     let peer_max_pdu = max_pdu_of(&rq.user_variables);
 
     let ac = AssociationAC {
@@ -253,7 +307,7 @@ mod tests {
 
     fn policy() -> AcceptPolicy {
         AcceptPolicy {
-            ae_title: "MINIPACS".into(),
+            ae_title: ae("MINIPACS"),
             max_pdu: 65536,
             accept_private_sop_classes: true,
             allow: Vec::new(),
@@ -262,45 +316,55 @@ mod tests {
 
     const PEER: PeerFacts<'static> = PeerFacts {
         addr: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        cert_subject: None,
+        cert_common_names: &[],
     };
+
+    fn ae(s: &str) -> AeTitle {
+        AeTitle::new(s).expect("valid AE title")
+    }
+
+    fn echo_only(called: &str) -> AssociationRQ {
+        rq(
+            called,
+            vec![pc(1, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE])],
+        )
+    }
 
     #[test]
     fn allowlist_binds_ae_titles_to_hosts_and_certificates() {
         let mut p = policy();
         p.allow = vec![
             Allowed {
-                aetitle: "SCU".into(),
+                aetitle: ae("SCU"),
                 host: Some("10.0.0.5".parse().expect("ip")),
                 cert_name: None,
             },
             Allowed {
-                aetitle: "CT1".into(),
+                aetitle: ae("CT1"),
                 host: None,
                 cert_name: Some("ct1.example".into()),
             },
         ];
-        let from = |ip: &str, subject: Option<&'static str>| PeerFacts {
+        let from = |ip: &str, names: &'static [String]| PeerFacts {
             addr: ip.parse().expect("ip"),
-            cert_subject: subject,
+            cert_common_names: names,
         };
+        let ct1_names: &'static [String] = Box::leak(Box::new(["ct1.example".to_string()]));
+        let ct2_names: &'static [String] = Box::leak(Box::new(["ct2.example".to_string()]));
         let accepted = |r: &AssociationRQ, peer: PeerFacts<'_>| {
             matches!(negotiate(r, &p, &peer), Negotiated::Accept { .. })
         };
-        let scu = rq("MINIPACS", vec![]);
-        assert!(accepted(&scu, from("10.0.0.5", None)));
-        assert!(!accepted(&scu, from("10.0.0.6", None)));
-        let mut ct1 = rq("MINIPACS", vec![]);
+        let scu = echo_only("MINIPACS");
+        assert!(accepted(&scu, from("10.0.0.5", &[])));
+        assert!(!accepted(&scu, from("10.0.0.6", &[])));
+        let mut ct1 = echo_only("MINIPACS");
         ct1.calling_ae_title = "CT1".into();
-        assert!(accepted(
-            &ct1,
-            from("10.9.9.9", Some("CN=ct1.example, O=Hospital"))
-        ));
-        assert!(!accepted(&ct1, from("10.9.9.9", Some("CN=ct2.example"))));
-        assert!(!accepted(&ct1, from("10.9.9.9", None)));
-        let mut other = rq("MINIPACS", vec![]);
+        assert!(accepted(&ct1, from("10.9.9.9", ct1_names)));
+        assert!(!accepted(&ct1, from("10.9.9.9", ct2_names)));
+        assert!(!accepted(&ct1, from("10.9.9.9", &[])));
+        let mut other = echo_only("MINIPACS");
         other.calling_ae_title = "OTHER".into();
-        match negotiate(&other, &p, &from("10.0.0.5", None)) {
+        match negotiate(&other, &p, &from("10.0.0.5", &[])) {
             Negotiated::Reject(rj, _) => assert_eq!(
                 rj.source,
                 AssociationRJSource::ServiceUser(
@@ -332,7 +396,7 @@ mod tests {
 
     #[test]
     fn wrong_called_ae_is_rejected() {
-        match negotiate(&rq("OTHER", vec![]), &policy(), &PEER) {
+        match negotiate(&echo_only("OTHER"), &policy(), &PEER) {
             Negotiated::Reject(rj, _) => {
                 assert_eq!(rj.result, AssociationRJResult::Permanent);
                 assert_eq!(
@@ -408,11 +472,55 @@ mod tests {
     fn even_context_ids_are_refused() {
         let request = rq(
             "MINIPACS",
-            vec![pc(2, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE])],
+            vec![
+                pc(2, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE]),
+                pc(3, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE]),
+            ],
         );
         let Negotiated::Accept { contexts, .. } = negotiate(&request, &policy(), &PEER) else {
             panic!("expected acceptance");
         };
-        assert!(contexts.is_empty());
+        assert_eq!(contexts.len(), 1);
+        assert_eq!(contexts[0].id, 3);
+    }
+
+    #[test]
+    fn contexts_remember_their_service() {
+        let request = rq(
+            "MINIPACS",
+            vec![
+                pc(1, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE]),
+                pc(3, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let Negotiated::Accept { contexts, .. } = negotiate(&request, &policy(), &PEER) else {
+            panic!("expected acceptance");
+        };
+        assert_eq!(contexts[0].service, ServiceClass::Verification);
+        assert_eq!(contexts[1].service, ServiceClass::Storage);
+    }
+
+    #[test]
+    fn no_acceptable_context_is_a_rejection() {
+        let none = rq("MINIPACS", vec![]);
+        let query_only = rq(
+            "MINIPACS",
+            vec![pc(1, "1.2.840.10008.5.1.4.1.2.2.1", &[uid::IMPLICIT_VR_LE])],
+        );
+        for request in [none, query_only] {
+            match negotiate(&request, &policy(), &PEER) {
+                Negotiated::Reject(rj, why) => {
+                    assert_eq!(why, RejectReason::NoAcceptableContext);
+                    assert_eq!(rj.result, AssociationRJResult::Permanent);
+                    assert_eq!(
+                        rj.source,
+                        AssociationRJSource::ServiceUser(
+                            AssociationRJServiceUserReason::NoReasonGiven
+                        )
+                    );
+                }
+                other => panic!("expected a rejection, got {other:?}"),
+            }
+        }
     }
 }

@@ -14,9 +14,9 @@ use dicom_ul::pdu::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 
-use super::command::{self, field, Command};
-use super::pdu::{self, FramingError, PduReader, PduType};
-use super::uid;
+use crate::command::{self, field, Command};
+use crate::pdu::{self, FramingError, PduReader, PduType};
+use crate::uid::{self, Uid};
 
 /// The largest data PDU we send, whatever the peer accepts: larger buys
 /// nothing once system calls are amortised.
@@ -124,7 +124,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
                 ),
             ],
         };
-        super::scp::send_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
+        crate::scp::send_pdu(&mut stream, &Pdu::AssociationRQ(rq)).await?;
 
         let reply = tokio::time::timeout(opts.timeout, read_whole_pdu(&mut stream))
             .await
@@ -162,7 +162,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
                 }
             })
             .collect();
-        let peer_max = super::negotiation::max_pdu_of(&ac.user_variables);
+        let peer_max = crate::negotiation::max_pdu_of(&ac.user_variables);
         let send_pdu = if peer_max == 0 {
             MAX_SEND_PDU
         } else {
@@ -225,8 +225,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
     pub async fn store(
         &mut self,
         context_id: u8,
-        sop_class: &str,
-        sop_instance: &str,
+        sop_class: &Uid,
+        sop_instance: &Uid,
         data: &mut impl Read,
         len: u64,
         mut progress: impl FnMut(u64),
@@ -332,8 +332,8 @@ fn error_comment(bytes: &[u8]) -> Option<String> {
 
 /// Reads one whole PDU of association setup size and decodes it.
 async fn read_whole_pdu<R: AsyncRead + Unpin>(stream: &mut R) -> Result<Pdu, ScuError> {
-    let (_, whole) = pdu::read_setup_pdu(stream, super::scp::MAX_ASSOCIATE_RQ).await?;
-    match dicom_ul::pdu::read_pdu(&whole[..], super::scp::MAX_ASSOCIATE_RQ, false) {
+    let (_, whole) = pdu::read_setup_pdu(stream, crate::scp::MAX_ASSOCIATE_RQ).await?;
+    match dicom_ul::pdu::read_pdu(&whole[..], crate::scp::MAX_ASSOCIATE_RQ, false) {
         Ok(Some(pdu)) => Ok(pdu),
         Ok(None) => Err(ScuError::Protocol("truncated PDU".into())),
         Err(e) => Err(ScuError::Protocol(e.to_string())),

@@ -7,7 +7,7 @@
 
 use heapless::Vec as HVec;
 
-use super::uid::Uid;
+use crate::uid::{self, Uid};
 
 /// The command field values (0000,0100) this appliance speaks.
 pub mod field {
@@ -21,7 +21,7 @@ pub mod field {
     pub const C_ECHO_RSP: u16 = 0x8030;
 }
 
-/// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) that this appliance sends.
+/// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) used here.
 pub mod status {
     /// Success
     pub const SUCCESS: u16 = 0x0000;
@@ -143,9 +143,16 @@ impl Command {
     }
 }
 
-/// An encoded command set: the largest we build is well under 512 bytes
-/// (two 64-byte UIDs, a 64-byte comment and fixed fields).
-pub type EncodedCommand = HVec<u8, 512>;
+/// The capacity of an encoded command set. The largest we build is a
+/// C-STORE-RSP: the group length (12 bytes), two UIDs of at most 64 bytes
+/// and a comment of at most 64 (8 + 64 each), and three US elements (10
+/// each): 258 bytes. The inputs are typed ([`Uid`] holds at most 64 bytes,
+/// comments are cut to 64), so no command can outgrow the buffer; the test
+/// `the_largest_command_fits` builds the largest one.
+pub const COMMAND_CAPACITY: usize = 512;
+
+/// An encoded command set, in a fixed buffer.
+pub type EncodedCommand = HVec<u8, COMMAND_CAPACITY>;
 
 /// Builds command sets in the fixed buffer, group length first.
 struct Encoder {
@@ -156,24 +163,30 @@ impl Encoder {
     fn new() -> Self {
         let mut out = EncodedCommand::new();
         // Placeholder for (0000,0000) UL, patched in `finish`.
-        let _ = out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&[0, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0])
+            .unwrap_or_else(|_| unreachable!("12 bytes fit in {COMMAND_CAPACITY}"));
         Encoder { out }
     }
 
+    /// Appends one element. Only called with values of bounded length
+    /// (typed UIDs, cut comments, US values): see [`COMMAND_CAPACITY`].
     fn element(&mut self, tag: u32, value: &[u8]) {
         let pad = value.len() % 2;
         let len = (value.len() + pad) as u32;
-        let _ = self
-            .out
-            .extend_from_slice(&((tag >> 16) as u16).to_le_bytes());
-        let _ = self.out.extend_from_slice(&(tag as u16).to_le_bytes());
-        let _ = self.out.extend_from_slice(&len.to_le_bytes());
-        let _ = self.out.extend_from_slice(value);
-        if pad == 1 {
-            // UIDs are padded with NUL, text with a space.
-            let fill = if tag == TAG_ERROR_COMMENT { b' ' } else { 0 };
-            let _ = self.out.push(fill);
-        }
+        let mut head = [0u8; 8];
+        head[..2].copy_from_slice(&((tag >> 16) as u16).to_le_bytes());
+        head[2..4].copy_from_slice(&(tag as u16).to_le_bytes());
+        head[4..].copy_from_slice(&len.to_le_bytes());
+        // UIDs are padded with NUL, text with a space.
+        let fill = if tag == TAG_ERROR_COMMENT { b' ' } else { 0 };
+        let fits = self.out.extend_from_slice(&head).is_ok()
+            && self.out.extend_from_slice(value).is_ok()
+            && (pad == 0 || self.out.push(fill).is_ok());
+        assert!(fits, "command set outgrew {COMMAND_CAPACITY} bytes");
+    }
+
+    fn uid(&mut self, tag: u32, value: &Uid) {
+        self.element(tag, value.as_str().as_bytes());
     }
 
     fn us(&mut self, tag: u32, value: u16) {
@@ -187,10 +200,15 @@ impl Encoder {
     }
 }
 
+/// The Verification SOP Class as a typed UID.
+fn verification() -> Uid {
+    Uid::new(uid::VERIFICATION).unwrap_or_else(|| unreachable!("a valid constant UID"))
+}
+
 /// Encodes a C-ECHO-RQ.
 pub fn echo_rq(message_id: u16) -> EncodedCommand {
     let mut e = Encoder::new();
-    e.element(TAG_AFFECTED_SOP_CLASS, super::uid::VERIFICATION.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_CLASS, &verification());
     e.us(TAG_COMMAND_FIELD, field::C_ECHO_RQ);
     e.us(TAG_MESSAGE_ID, message_id);
     e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
@@ -200,7 +218,7 @@ pub fn echo_rq(message_id: u16) -> EncodedCommand {
 /// Encodes a C-ECHO-RSP.
 pub fn echo_rsp(message_id: u16, status_code: u16) -> EncodedCommand {
     let mut e = Encoder::new();
-    e.element(TAG_AFFECTED_SOP_CLASS, super::uid::VERIFICATION.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_CLASS, &verification());
     e.us(TAG_COMMAND_FIELD, field::C_ECHO_RSP);
     e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
     e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
@@ -209,14 +227,14 @@ pub fn echo_rsp(message_id: u16, status_code: u16) -> EncodedCommand {
 }
 
 /// Encodes a C-STORE-RQ (medium priority, a data set follows).
-pub fn store_rq(message_id: u16, sop_class: &str, sop_instance: &str) -> EncodedCommand {
+pub fn store_rq(message_id: u16, sop_class: &Uid, sop_instance: &Uid) -> EncodedCommand {
     let mut e = Encoder::new();
-    e.element(TAG_AFFECTED_SOP_CLASS, sop_class.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
     e.us(TAG_COMMAND_FIELD, field::C_STORE_RQ);
     e.us(TAG_MESSAGE_ID, message_id);
     e.us(TAG_PRIORITY, 0);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.element(TAG_AFFECTED_SOP_INSTANCE, sop_instance.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
     e.finish()
 }
 
@@ -224,13 +242,13 @@ pub fn store_rq(message_id: u16, sop_class: &str, sop_instance: &str) -> Encoded
 /// of a failure status, cut to the 64 characters its VR (LO) allows.
 pub fn store_rsp(
     message_id: u16,
-    sop_class: &str,
-    sop_instance: &str,
+    sop_class: &Uid,
+    sop_instance: &Uid,
     status_code: u16,
     comment: Option<&str>,
 ) -> EncodedCommand {
     let mut e = Encoder::new();
-    e.element(TAG_AFFECTED_SOP_CLASS, sop_class.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
     e.us(TAG_COMMAND_FIELD, field::C_STORE_RSP);
     e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
     e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
@@ -243,7 +261,7 @@ pub fn store_rsp(
             .unwrap_or(0);
         e.element(TAG_ERROR_COMMENT, &comment.as_bytes()[..cut]);
     }
-    e.element(TAG_AFFECTED_SOP_INSTANCE, sop_instance.as_bytes());
+    e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
     e.finish()
 }
 
@@ -251,9 +269,13 @@ pub fn store_rsp(
 mod tests {
     use super::*;
 
+    fn u(s: &str) -> Uid {
+        Uid::new(s).expect("valid UID")
+    }
+
     #[test]
     fn store_round_trip() {
-        let rq = store_rq(7, "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5");
+        let rq = store_rq(7, &u("1.2.840.10008.5.1.4.1.1.2"), &u("1.2.3.4.5"));
         let cmd = Command::decode(&rq).expect("decodes");
         assert_eq!(cmd.command_field, field::C_STORE_RQ);
         assert_eq!(cmd.message_id, 7);
@@ -270,7 +292,7 @@ mod tests {
         let group_len = u32::from_le_bytes([rq[8], rq[9], rq[10], rq[11]]) as usize;
         assert_eq!(group_len, rq.len() - 12);
 
-        let rsp = store_rsp(7, "1.2.3", "1.2.3.4", 0xA700, Some("disk full"));
+        let rsp = store_rsp(7, &u("1.2.3"), &u("1.2.3.4"), 0xA700, Some("disk full"));
         let cmd = Command::decode(&rsp).expect("decodes");
         assert_eq!(cmd.command_field, field::C_STORE_RSP);
         assert_eq!(cmd.status, Some(0xA700));
@@ -289,7 +311,7 @@ mod tests {
     #[test]
     fn malformed_commands_are_errors() {
         assert_eq!(Command::decode(&[1, 2, 3]), Err(CommandError::Truncated));
-        let mut rq = store_rq(1, "1.2", "1.2");
+        let mut rq = store_rq(1, &u("1.2"), &u("1.2"));
         rq.truncate(rq.len() - 1);
         assert_eq!(Command::decode(&rq), Err(CommandError::Truncated));
         // A command without a command field.
@@ -301,8 +323,14 @@ mod tests {
 
     #[test]
     fn hostile_instance_uid_is_flagged() {
-        let rq = store_rq(1, "1.2.840.10008.5.1.4.1.1.2", "../../etc/passwd");
-        let cmd = Command::decode(&rq).expect("decodes");
+        // A peer is not bound by our types: build the command by hand.
+        let mut e = Encoder::new();
+        e.uid(TAG_AFFECTED_SOP_CLASS, &u("1.2.840.10008.5.1.4.1.1.2"));
+        e.us(TAG_COMMAND_FIELD, field::C_STORE_RQ);
+        e.us(TAG_MESSAGE_ID, 1);
+        e.us(TAG_DATA_SET_TYPE, 0);
+        e.element(TAG_AFFECTED_SOP_INSTANCE, b"../../etc/passwd");
+        let cmd = Command::decode(&e.finish()).expect("decodes");
         assert!(cmd.sop_instance.is_none());
         assert!(cmd.sop_instance_unusable);
     }
@@ -310,7 +338,22 @@ mod tests {
     #[test]
     fn long_comment_is_cut_to_lo_length() {
         let long = "x".repeat(200);
-        let rsp = store_rsp(1, "1.2", "1.2", 0xA700, Some(&long));
+        let rsp = store_rsp(1, &u("1.2"), &u("1.2"), 0xA700, Some(&long));
         assert!(rsp.len() < 300);
+    }
+
+    #[test]
+    fn the_largest_command_fits() {
+        let longest = u(&format!("1.{}", "2".repeat(62)));
+        assert_eq!(longest.as_str().len(), 64);
+        // A comment of multi-byte characters is cut on a character boundary.
+        let comment = "é".repeat(100);
+        let rsp = store_rsp(u16::MAX, &longest, &longest, 0xA700, Some(&comment));
+        assert!(rsp.len() <= COMMAND_CAPACITY);
+        let cmd = Command::decode(&rsp).expect("decodes");
+        assert_eq!(cmd.sop_instance.as_ref(), Some(&longest));
+        assert_eq!(cmd.status, Some(0xA700));
+        let rq = store_rq(u16::MAX, &longest, &longest);
+        assert_eq!(Command::decode(&rq).map(|c| c.sop_class), Ok(Some(longest)));
     }
 }

@@ -1,0 +1,220 @@
+//! The DIMSE services minipacs performs: the application's side of the
+//! `dimse` crate's [`Service`] and [`Observer`] traits.
+//!
+//! The protocol crate knows nothing of disks or logs; here a C-STORE
+//! becomes an object in the [`Store`], and every answered message becomes
+//! an audit record, a log line, counters and a blink of the activity LED.
+//! The fsync decision for the audit trail before a release lives here too:
+//! it follows the store's durability setting.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use dimse::command::status;
+use dimse::scp::{
+    AssociationInfo, Failure, IncomingObject, ObjectOutcome, Observer, Service, StoreRequest,
+};
+use dimse::uid::Uid;
+use tracing::{info, warn};
+
+use crate::logs::{Audit, ObjectRecord};
+use crate::service::ActivityLed;
+use crate::store::{Incoming, ObjectInfo, Store};
+
+/// Counters shared by all associations, for status reports.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// associations open now
+    pub active_associations: AtomicUsize,
+    /// objects stored since start
+    pub objects_stored: AtomicU64,
+    /// objects refused or failed since start
+    pub objects_failed: AtomicU64,
+    /// data set bytes stored since start
+    pub bytes_stored: AtomicU64,
+    /// the last failure, for status reports
+    pub last_error: std::sync::Mutex<String>,
+}
+
+impl Stats {
+    /// One line for systemd's STATUS and the log bundle.
+    pub fn summary(&self) -> String {
+        let last = self
+            .last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default();
+        format!(
+            "{} association(s); {} object(s) stored, {} failed{}",
+            self.active_associations.load(Ordering::Relaxed),
+            self.objects_stored.load(Ordering::Relaxed),
+            self.objects_failed.load(Ordering::Relaxed),
+            if last.is_empty() {
+                String::new()
+            } else {
+                format!("; last error: {last}")
+            }
+        )
+    }
+}
+
+/// Keeps the active-association counter right however an association ends.
+pub struct ActiveGuard(Arc<Stats>);
+
+impl ActiveGuard {
+    /// Counts one more active association until dropped.
+    pub fn new(stats: &Arc<Stats>) -> Self {
+        stats.active_associations.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(Arc::clone(stats))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active_associations.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What every association of the receiver shares: the store, the
+/// counters, the audit trail and the LED. One per process, behind an `Arc`.
+pub struct Receiver {
+    /// where objects go
+    pub store: Arc<Store>,
+    /// counters
+    pub stats: Arc<Stats>,
+    /// the audit trail, when its folder could be opened
+    pub audit: Option<Arc<Audit>>,
+    /// the activity LED, when the board has one
+    pub led: Option<Arc<ActivityLed>>,
+}
+
+impl Service for Receiver {
+    type Object = StoreObject;
+
+    fn store(
+        &self,
+        association: &AssociationInfo,
+        request: &StoreRequest<'_>,
+    ) -> Result<StoreObject, Failure> {
+        let info = ObjectInfo {
+            sop_class: request.sop_class,
+            sop_instance: request.sop_instance,
+            transfer_syntax: request.transfer_syntax,
+            calling_ae: &association.calling_ae,
+            called_ae: &association.called_ae,
+        };
+        match self.store.begin(&info) {
+            Ok(incoming) => Ok(StoreObject {
+                incoming,
+                sop_instance: request.sop_instance.clone(),
+            }),
+            Err(e) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
+        }
+    }
+}
+
+/// A C-STORE's data set on its way into the store.
+pub struct StoreObject {
+    incoming: Incoming,
+    sop_instance: Uid,
+}
+
+impl IncomingObject for StoreObject {
+    type Receipt = PathBuf;
+
+    fn write(&mut self, fragment: &[u8]) -> Result<(), Failure> {
+        self.incoming.write(fragment).map_err(|e| {
+            warn!(sop_instance = %self.sop_instance, error = %e, "write failed; object dropped");
+            Failure::new(status::OUT_OF_RESOURCES, e.to_string())
+        })
+    }
+
+    async fn commit(self) -> Result<PathBuf, Failure> {
+        // fdatasync, rename and folder fsync block: on a blocking thread,
+        // so that other associations keep their runtime thread.
+        let incoming = self.incoming;
+        match tokio::task::spawn_blocking(move || incoming.commit()).await {
+            Ok(Ok(path)) => Ok(path),
+            Ok(Err(e)) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
+            Err(e) => Err(Failure::new(
+                status::OUT_OF_RESOURCES,
+                format!("commit did not finish: {e}"),
+            )),
+        }
+    }
+}
+
+impl Observer<PathBuf> for Receiver {
+    fn echoed(&self, association: &AssociationInfo, status: u16) {
+        info!(peer = %association.peer, calling = %association.calling_ae,
+            status = format_args!("{status:04X}"), "C-ECHO");
+    }
+
+    fn object(&self, association: &AssociationInfo, outcome: &ObjectOutcome<'_, PathBuf>) {
+        let path = outcome.result.ok();
+        let reason = outcome.result.err().map_or("", |f| f.comment.as_str());
+        let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        if let Some(audit) = &self.audit {
+            audit.object(&ObjectRecord {
+                time: std::time::SystemTime::now(),
+                peer: association.peer,
+                calling_ae: &association.calling_ae,
+                sop_class_uid: outcome.sop_class.as_str(),
+                sop_instance_uid: outcome.sop_instance.as_str(),
+                bytes: outcome.bytes,
+                status: outcome.status,
+                milliseconds: ms as u64,
+                stored_path: path.map(|p| p.as_path()),
+            });
+        }
+        // One line per object: the same fields whatever the outcome, at
+        // info level when stored and warn level when not.
+        macro_rules! object_line {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    peer = %association.peer,
+                    calling = %association.calling_ae,
+                    sop_class = %outcome.sop_class,
+                    sop_instance = %outcome.sop_instance,
+                    bytes = outcome.bytes,
+                    ms = format_args!("{ms:.1}"),
+                    status = format_args!("{:04X}", outcome.status),
+                    path = %path.map(|p| p.display().to_string()).unwrap_or_default(),
+                    reason,
+                    $message
+                )
+            };
+        }
+        let stats = &self.stats;
+        if path.is_some() {
+            if let Some(led) = &self.led {
+                led.blink();
+            }
+            stats.objects_stored.fetch_add(1, Ordering::Relaxed);
+            stats
+                .bytes_stored
+                .fetch_add(outcome.bytes, Ordering::Relaxed);
+            object_line!(info, "C-STORE");
+        } else {
+            stats.objects_failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = stats.last_error.lock() {
+                *last = format!("{:04X} {reason}", outcome.status);
+            }
+            object_line!(warn, "C-STORE failed");
+        }
+    }
+
+    async fn releasing(&self) {
+        // The records of objects the sender was told are stored must
+        // survive a power cut right after the release: when the store is
+        // durable, so is its audit trail (one sync per association).
+        let Some(audit) = self.audit.as_ref().filter(|_| self.store.options().fsync) else {
+            return;
+        };
+        let audit = Arc::clone(audit);
+        if let Err(e) = tokio::task::spawn_blocking(move || audit.sync()).await {
+            warn!(error = %e, "audit trail sync did not finish");
+        }
+    }
+}
