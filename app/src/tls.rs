@@ -511,3 +511,38 @@ pub fn peer_common_names(certs: Option<&[CertificateDer<'_>]>) -> Vec<String> {
         .filter_map(|cn| cn.as_str().ok().map(str::to_string))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    fn certificate(dn: DistinguishedName) -> CertificateDer<'static> {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
+        params.self_signed(&key).expect("certificate").der().clone()
+    }
+
+    #[test]
+    fn common_names_are_parsed_values_not_subject_text() {
+        // O = "x, CN=PACS1": the subject's text shows "CN=PACS1" after a
+        // comma, but there is no common name attribute at all.
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "x, CN=PACS1");
+        let tricky = certificate(dn);
+        let subject = peer_subject(Some(std::slice::from_ref(&tricky))).expect("parses");
+        assert!(subject.contains("PACS1"), "{subject}");
+        assert!(peer_common_names(Some(std::slice::from_ref(&tricky))).is_empty());
+
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, "PACS1");
+        dn.push(DnType::OrganizationName, "Hospital, Radiology");
+        let honest = certificate(dn);
+        assert_eq!(
+            peer_common_names(Some(std::slice::from_ref(&honest))),
+            vec!["PACS1".to_string()]
+        );
+        assert!(peer_common_names(None).is_empty());
+    }
+}
