@@ -98,9 +98,10 @@ pub enum AssociationError {
     /// The peer was silent for longer than the DIMSE timeout.
     #[error("no data for {0} s (DIMSE timeout)")]
     Timeout(u64),
-    /// The caller asked the association to stop (service shutting down).
-    #[error("service shutting down")]
-    Shutdown,
+    /// The caller stopped the association between messages (the service
+    /// shutting down, or the association given up to make room).
+    #[error("stopped by the service")]
+    Stopped,
 }
 
 impl From<std::io::Error> for AssociationError {
@@ -125,7 +126,7 @@ impl AssociationError {
                 Some(AbortReason::InvalidPduParameter)
             }
             AssociationError::Violation(v) => Some(v.abort_reason()),
-            AssociationError::Timeout(_) | AssociationError::Shutdown => {
+            AssociationError::Timeout(_) | AssociationError::Stopped => {
                 Some(AbortReason::NotSpecified)
             }
         }

@@ -160,6 +160,11 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
         Ok(&self.buf[..want])
     }
 
+    /// The stream, e.g. to drain it after an abort.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.stream
+    }
+
     /// Reads and discards the body of a PDU we will not interpret, in chunks
     /// through the same buffer.
     pub async fn skip_body(&mut self, header: PduHeader) -> Result<(), FramingError> {

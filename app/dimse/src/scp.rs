@@ -227,10 +227,36 @@ pub async fn send_abort<W: AsyncWrite + Unpin>(stream: &mut W, reason: AbortReas
     let _ = stream.shutdown().await;
 }
 
+/// How long, and how many bytes, [`drain`] reads after an A-ABORT.
+pub const DRAIN_TIME: Duration = Duration::from_secs(2);
+/// See [`DRAIN_TIME`].
+pub const DRAIN_BYTES: u64 = 1 << 20;
+
+/// Reads and drops what the peer still sends, until it closes, for at most
+/// [`DRAIN_TIME`] and [`DRAIN_BYTES`]. Closing a socket with unread data
+/// makes the kernel answer with a reset, which can destroy the A-ABORT
+/// just sent before the peer reads it; draining first lets it arrive.
+pub async fn drain<R: AsyncRead + Unpin>(stream: &mut R) {
+    let mut sink = tokio::io::sink();
+    let mut limited = tokio::io::AsyncReadExt::take(stream, DRAIN_BYTES);
+    let _ = tokio::time::timeout(DRAIN_TIME, tokio::io::copy(&mut limited, &mut sink)).await;
+}
+
+/// Sends an A-ABORT, closes our side, and drains the peer's (see [`drain`]).
+pub async fn abort_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    reason: AbortReason,
+) {
+    send_abort(stream, reason).await;
+    drain(stream).await;
+}
+
 /// Runs an accepted association (the A-ASSOCIATE-AC has been sent) until
 /// release, abort, error, or `shutdown` resolving while no message is in
-/// flight. A message in flight is finished first, so an object being
-/// received when the service stops is still stored and answered.
+/// flight (the caller's stop: the service shutting down, or this
+/// association given up to make room). A message in flight is finished
+/// first, so an object being received when the service stops is still
+/// stored and answered.
 pub async fn run_association<St, Sv, Ob>(
     stream: St,
     association: &AssociationInfo,
@@ -261,6 +287,10 @@ where
     if let Err(e) = &result {
         if let Some(reason) = e.abort_reason() {
             send_abort(&mut handler.writer, reason).await;
+            if !matches!(e, AssociationError::Timeout(_) | AssociationError::Stopped) {
+                // A peer that broke the protocol may still be sending.
+                drain(reader.get_mut()).await;
+            }
         }
     }
     Ended {
@@ -330,7 +360,7 @@ where
             let idle = self.idle();
             let header = tokio::select! {
                 biased;
-                _ = &mut shutdown, if idle => return Err(AssociationError::Shutdown),
+                _ = &mut shutdown, if idle => return Err(AssociationError::Stopped),
                 read = tokio::time::timeout(timeout, reader.read_header()) => match read {
                     Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
                     Ok(Ok(Some(h))) => h,

@@ -591,7 +591,7 @@ async fn shutdown_stops_an_idle_association() {
     let input = pdatas(1, true, &command::echo_rq(1), 4000);
     let stop = tokio::time::sleep(Duration::from_millis(200));
     let run = run_with(service, input, 1, false, stop).await;
-    assert!(matches!(run.ended.result, Err(AssociationError::Shutdown)));
+    assert!(matches!(run.ended.result, Err(AssociationError::Stopped)));
     assert_eq!(commands(&run).len(), 1, "the echo before it was answered");
     assert_eq!(abort_reason(&run), Some(0));
 }
@@ -653,7 +653,7 @@ async fn shutdown_lets_the_object_in_flight_finish() {
     };
     feeder.abort();
     assert!(
-        matches!(run.ended.result, Err(AssociationError::Shutdown)),
+        matches!(run.ended.result, Err(AssociationError::Stopped)),
         "{:?}",
         run.ended.result
     );
@@ -665,4 +665,40 @@ async fn shutdown_lets_the_object_in_flight_finish() {
 fn violations_name_what_the_peer_did() {
     let v = ProtocolViolation::UnknownContext(5);
     assert!(v.to_string().contains("context 5"));
+}
+
+#[tokio::test]
+async fn an_oversized_associate_rq_gets_an_abort_not_a_reset() {
+    // A 200 KiB A-ASSOCIATE-RQ (over the 128 KiB limit), sent whole.
+    let body = vec![0u8; 200 * 1024];
+    let mut input = vec![0x01, 0];
+    input.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    input.extend(body);
+    let (peer, mut ours) = tokio::io::duplex(1 << 12);
+    let (mut peer_read, mut peer_write) = tokio::io::split(peer);
+    let writer = tokio::spawn(async move {
+        let _ = peer_write.write_all(&input).await;
+        let _ = peer_write.shutdown().await;
+    });
+    let err = scp::read_associate_rq(&mut ours)
+        .await
+        .expect_err("too long");
+    let reason = err.abort_reason().expect("an abort for the peer");
+    assert_eq!(reason, AbortReason::InvalidPduParameter);
+    // The rest of the request is still unread: abort, then drain, so the
+    // peer (whose writes would otherwise block or be reset) reads the abort.
+    let answer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut peer_read, &mut buf)
+            .await
+            .map(|_| buf)
+    });
+    scp::abort_and_drain(&mut ours, reason).await;
+    drop(ours);
+    writer.await.expect("writer");
+    let got = answer.await.expect("reader").expect("read");
+    assert_eq!(
+        got,
+        pdu::abort_pdu(pdu::AbortSource::ServiceProvider, reason)
+    );
 }

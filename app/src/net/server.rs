@@ -340,7 +340,9 @@ impl Listener {
             Ok(Err(e)) => {
                 warn!(peer = %addr, error = %e, "association refused before negotiation");
                 if let Some(reason) = e.abort_reason() {
-                    scp::send_abort(&mut stream, reason).await;
+                    // Drained, so that no reset destroys the A-ABORT (an
+                    // oversized A-ASSOCIATE-RQ leaves most of itself unread).
+                    scp::abort_and_drain(&mut stream, reason).await;
                 }
                 return;
             }

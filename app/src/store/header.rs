@@ -26,6 +26,20 @@ const MAX_DEPTH: u32 = 16;
 /// Returns the Study and Series Instance UIDs of the data set that starts at
 /// `offset` in `file`, each `None` when absent, invalid or unreadable.
 pub fn study_and_series(file: &mut File, offset: u64, ts: &Uid) -> (Option<Uid>, Option<Uid>) {
+    let Ok(mut handle) = file.try_clone() else {
+        return (None, None);
+    };
+    if handle.seek(SeekFrom::Start(offset)).is_err() {
+        return (None, None);
+    }
+    study_and_series_in(BufReader::with_capacity(8192, handle), ts)
+}
+
+/// Returns the Study and Series Instance UIDs of the data set `data` (in
+/// transfer syntax `ts`), reading at most 64 MiB of it (decompressed, for
+/// deflate). Whatever the bytes, it returns: the fuzz target
+/// `stored_header` holds it to that.
+pub fn study_and_series_in(data: impl Read, ts: &Uid) -> (Option<Uid>, Option<Uid>) {
     let syntax = match ts.as_str() {
         uid::IMPLICIT_VR_LE => Syntax {
             explicit: false,
@@ -40,17 +54,11 @@ pub fn study_and_series(file: &mut File, offset: u64, ts: &Uid) -> (Option<Uid>,
             big_endian: false,
         },
     };
-    let Ok(mut handle) = file.try_clone() else {
-        return (None, None);
-    };
-    if handle.seek(SeekFrom::Start(offset)).is_err() {
-        return (None, None);
-    }
-    let buffered = BufReader::with_capacity(8192, handle).take(SCAN_LIMIT);
+    let buffered = data.take(SCAN_LIMIT);
     let mut found = Found::default();
     if ts.as_str() == uid::DEFLATED_EXPLICIT_VR_LE {
         let mut scanner = Scanner {
-            r: flate2::read::DeflateDecoder::new(buffered),
+            r: flate2::read::DeflateDecoder::new(buffered).take(SCAN_LIMIT),
         };
         let _ = scanner.top_level(syntax, &mut found);
     } else {

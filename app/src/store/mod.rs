@@ -9,7 +9,7 @@
 //! A temp file is deleted whenever its object fails, and temp files left by
 //! a crash are swept when the store opens.
 
-mod header;
+pub mod header;
 mod layout;
 
 use std::fs::{self, File};
