@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::dimse::negotiation::AcceptPolicy;
 use crate::dimse::scp::{ScpShared, Stats};
 use crate::service::ServiceEvent;
@@ -227,48 +227,99 @@ pub async fn run(
     Ok(())
 }
 
-fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        root: config.output_directory.clone(),
-        layout: config.layout,
-        fsync: config.fsync,
-        reserve_percent: config.free_space_reserve_percent,
-        overwrite: config.overwrite,
+/// What the live keys set in the running receiver, made in one place for
+/// the start and for [`apply_live`]. The destructure names every field of
+/// [`LiveConfig`] (no `..`): a live key added there does not compile until
+/// it is applied here.
+struct Applied {
+    plain: PortSettings,
+    tls: PortSettings,
+    limits: ServerLimits,
+    store: StoreOptions,
+}
+
+fn applied(config: &Config) -> Applied {
+    let live = config.live();
+    let ae_titles = [live.port_aetitle(false), live.port_aetitle(true)].map(str::to_string);
+    let LiveConfig {
+        aetitle: _,     // in `ae_titles`
+        tls_aetitle: _, // in `ae_titles`
+        max_pdu,
+        accept_private_sop_classes,
+        allow,
+        dimse_timeout,
+        acse_timeout,
+        max_associations,
+        max_pending_connections,
+        shutdown_timeout,
+        layout,
+        fsync,
+        overwrite,
+        free_space_reserve_percent,
+    } = live;
+    let [plain, tls] = ae_titles.map(|ae_title| PortSettings {
+        policy: AcceptPolicy {
+            ae_title,
+            max_pdu,
+            accept_private_sop_classes,
+            allow: allow.clone(),
+        },
+        dimse_timeout: Duration::from_secs(dimse_timeout),
+    });
+    Applied {
+        plain,
+        tls,
+        limits: ServerLimits {
+            max_associations,
+            max_pending: max_pending_connections,
+            acse_timeout: Duration::from_secs(acse_timeout),
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+        },
+        store: StoreOptions {
+            // Read at start-up only: `Store::set_options` refuses another.
+            root: config.output_directory.clone(),
+            layout,
+            fsync,
+            reserve_percent: free_space_reserve_percent,
+            overwrite,
+        },
     }
 }
 
+fn store_options(config: &Config) -> StoreOptions {
+    applied(config).store
+}
+
 fn limits(config: &Config) -> ServerLimits {
-    ServerLimits {
-        max_associations: config.max_associations,
-        max_pending: config.max_pending_connections,
-        acse_timeout: Duration::from_secs(config.acse_timeout),
-        shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
-    }
+    applied(config).limits
 }
 
 /// The settings of the plain or the TLS port under `config`.
 fn port_settings(config: &Config, is_tls: bool) -> PortSettings {
-    PortSettings {
-        policy: AcceptPolicy {
-            ae_title: config.port_aetitle(is_tls).to_string(),
-            max_pdu: config.max_pdu,
-            accept_private_sop_classes: config.accept_private_sop_classes,
-            allow: config.allow.clone(),
-        },
-        dimse_timeout: Duration::from_secs(config.dimse_timeout),
+    let applied = applied(config);
+    if is_tls {
+        applied.tls
+    } else {
+        applied.plain
     }
 }
 
 /// Applies a configuration that needs no restart (the caller checked with
-/// [`Config::restart_reason`]): AE titles, negotiation, limits, timeouts
-/// and storage options take effect for what starts from now on;
-/// associations in flight keep what they began with.
+/// [`Config::restart_reason`]): every key of [`LiveConfig`] takes effect
+/// for what starts from now on; associations in flight keep what they
+/// began with.
 fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
+    let Applied {
+        plain,
+        tls,
+        limits,
+        store: options,
+    } = applied(new);
     for (listener, is_tls) in live {
-        listener.set_settings(port_settings(new, *is_tls));
+        listener.set_settings(if *is_tls { tls.clone() } else { plain.clone() });
     }
-    bounds.set_limits(limits(new));
-    if let Err(e) = store.set_options(store_options(new)) {
+    bounds.set_limits(limits);
+    if let Err(e) = store.set_options(options) {
         tracing::warn!(error = e, "storage options not applied");
     }
     info!(aetitle = %new.aetitle, "configuration applied without a restart");
