@@ -302,7 +302,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
                 .config
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
-            let config = serve_config(&args)?;
+            let config = serve_config(args)?;
             if nix::unistd::geteuid().is_root() {
                 return privsep::run_keeper(config, last_good, file_log);
             }
@@ -496,7 +496,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
 
 /// The configuration `serve` runs on: the pipeline of [`Config::load_with`]
 /// with the options given here as its top layer.
-fn serve_config(args: &ServeArgs) -> anyhow::Result<Config> {
+fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
     Ok(Config::load_with(
         args.config.as_deref(),
         args.overrides()?,
@@ -647,7 +647,7 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("not serve");
         };
-        let c = serve_config(&args).expect("valid");
+        let c = serve_config(args).expect("valid");
         assert_eq!(
             (c.port, c.layout, c.fsync, c.listen_plain),
             (4104, Layout::Study, false, false)
