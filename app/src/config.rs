@@ -2,17 +2,33 @@
 //! run a working receiver, and validation that names the key and line of
 //! every problem.
 //!
-//! The documented default file `hal-config/minipacs.toml` is embedded in the
-//! binary and must parse to exactly [`Config::default`] (a unit test holds
-//! the two together), so the file a technician reads is the truth.
+//! A configuration is made in one pipeline, as TOML tables laid one over
+//! the other and deserialized once into [`Config`]:
+//!
+//! 1. the defaults: `hal-config/minipacs.toml`, embedded in the binary (the
+//!    file a technician reads is the truth; [`Config::default`] is it);
+//! 2. the board profile the file names (`board = "pi4"`,
+//!    `hal-config/boards/*.toml`);
+//! 3. the file;
+//! 4. the command line's options ([`Config::load_with`]).
+//!
+//! Problems are located by their key path in the file's parsed document
+//! (its spans), so `port` under `[tls]` is reported at its own line.
+//!
+//! Every key is classified once, in `Config::split`, as applied while
+//! serving ([`LiveConfig`]) or read at start-up (a change restarts); a key
+//! added to [`Config`] does not compile until it is classified there.
 
-use dimse::ae::{AeTitle, AeTitleError};
-use dimse::negotiation::Allowed;
+use dimse::ae::AeTitle;
 use std::fmt;
 use std::net::IpAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use serde::de::IntoDeserializer;
 use serde::{Deserialize, Serialize};
+use toml::de::{DeTable, DeValue};
+use toml::Spanned;
 
 use crate::store::Layout;
 use crate::tls::{CipherPreference, PeerCertPolicy, ServerTlsFiles};
@@ -37,10 +53,13 @@ pub const BOARDS: &[(&str, &str)] = &[
 
 /// Profile keys that are not configuration: `target` is the build's.
 const BOARD_ONLY_KEYS: &[&str] = &["target"];
+/// Profile keys that belong under `[tls]` (a profile is one flat table).
+const BOARD_TLS_KEYS: &[&str] = &["cipher_preference"];
 
-/// The receiver's configuration.
+/// The receiver's configuration. Every key has its default in
+/// [`DEFAULT_TOML`], which is always the first layer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
     /// Board profile (`pi3`, `pi4`, `pi5`, `qemu-virt`, `x86-dev`): its
     /// values apply wherever this file does not set the key itself.
@@ -97,6 +116,7 @@ pub struct Config {
     /// Calling AE titles allowed to associate, each optionally bound to a
     /// host or a TLS client certificate name; empty: anyone who calls our
     /// AE title. Applied without a restart.
+    #[serde(default)]
     pub allow: Vec<AllowEntry>,
 }
 
@@ -114,7 +134,7 @@ pub struct AllowEntry {
 
 /// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// TCP port for DICOM over TLS (2762 is the registered one).
     pub port: u16,
@@ -136,22 +156,6 @@ pub struct TlsConfig {
     pub reload_check: u64,
 }
 
-impl Default for TlsConfig {
-    fn default() -> Self {
-        TlsConfig {
-            port: 2762,
-            key: None,
-            cert: None,
-            ca_files: Vec::new(),
-            ca_dirs: Vec::new(),
-            peer_cert: PeerCertPolicy::Require,
-            cipher_preference: CipherPreference::Aes,
-            aetitle: None,
-            reload_check: 5,
-        }
-    }
-}
-
 impl TlsConfig {
     /// The files of the TLS listener, if it is configured.
     pub fn files(&self) -> Option<ServerTlsFiles> {
@@ -167,34 +171,11 @@ impl TlsConfig {
 }
 
 impl Default for Config {
+    /// The shipped defaults file: the one place the defaults are written.
     fn default() -> Self {
-        Config {
-            board: None,
-            aetitle: "MINIPACS".into(),
-            bind: IpAddr::from([0, 0, 0, 0]),
-            port: 11112,
-            output_directory: PathBuf::from("./pacs"),
-            layout: Layout::Flat,
-            fsync: true,
-            overwrite: false,
-            free_space_reserve_percent: 5,
-            max_associations: 16,
-            max_pending_connections: 64,
-            max_pdu: 262_144,
-            acse_timeout: 30,
-            dimse_timeout: 60,
-            shutdown_timeout: 10,
-            accept_private_sop_classes: true,
-            listen_plain: true,
-            drop_directory: None,
-            activity_led: None,
-            log_directory: PathBuf::from("./minipacs-logs"),
-            log_max_bytes: 20 << 20,
-            user: DEFAULT_USER.into(),
-            group: None,
-            tls: TlsConfig::default(),
-            allow: Vec::new(),
-        }
+        // A constant compiled into the binary; the unit test
+        // `the_shipped_file_states_every_default` parses it.
+        toml::from_str(DEFAULT_TOML).expect("hal-config/minipacs.toml states every key")
     }
 }
 
@@ -210,9 +191,9 @@ pub const MAX_PDU: u32 = 16 << 20;
 /// One problem with a configuration, located where possible.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    /// the key at fault, if known
+    /// the key at fault, as a TOML key path (`tls.port`, `allow[0].aetitle`)
     pub key: Option<String>,
-    /// 1-based line in the file, if known
+    /// 1-based line in the file, if the file sets the key
     pub line: Option<usize>,
     /// what is wrong
     pub message: String,
@@ -248,34 +229,146 @@ impl fmt::Display for ConfigError {
     }
 }
 
-impl Config {
-    /// Parses and validates a TOML text; `name` labels errors.
-    pub fn from_toml(text: &str, name: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError {
-            source_name: name.to_string(),
-            problems: vec![Problem {
-                key: None,
-                line: e.span().map(|s| line_of(text, s.start)),
-                message: e.message().to_string(),
-            }],
-        })?;
-        let config = match &config.board {
-            Some(board) => with_board(text, board).map_err(|message| ConfigError {
-                source_name: name.to_string(),
-                problems: vec![Problem {
-                    key: Some("board".into()),
-                    line: line_of_key(text, "board"),
-                    message,
-                }],
-            })?,
-            None => config,
+/// The keys that take effect while serving: a new configuration that
+/// changes only these is applied without a restart (`net::apply_live`),
+/// and associations in flight keep what they began with. Made only by
+/// `Config::split`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LiveConfig {
+    /// `aetitle`
+    pub aetitle: String,
+    /// `tls.aetitle`
+    pub tls_aetitle: Option<String>,
+    /// `max_pdu`
+    pub max_pdu: u32,
+    /// `accept_private_sop_classes`
+    pub accept_private_sop_classes: bool,
+    /// `allow`
+    pub allow: Vec<AllowEntry>,
+    /// `dimse_timeout`
+    pub dimse_timeout: u64,
+    /// `acse_timeout`
+    pub acse_timeout: u64,
+    /// `max_associations`
+    pub max_associations: usize,
+    /// `max_pending_connections`
+    pub max_pending_connections: usize,
+    /// `shutdown_timeout`
+    pub shutdown_timeout: u64,
+    /// `layout`
+    pub layout: Layout,
+    /// `fsync`
+    pub fsync: bool,
+    /// `overwrite`
+    pub overwrite: bool,
+    /// `free_space_reserve_percent`
+    pub free_space_reserve_percent: u8,
+}
+
+/// The keys read once, at start-up (sockets, privileges, folders, TLS
+/// files and policy): a change of any of them needs a restart.
+#[derive(Debug, Clone, PartialEq)]
+struct RestartConfig {
+    bind: IpAddr,
+    port: u16,
+    listen_plain: bool,
+    output_directory: PathBuf,
+    drop_directory: Option<PathBuf>,
+    activity_led: Option<PathBuf>,
+    log_directory: PathBuf,
+    log_max_bytes: u64,
+    user: String,
+    group: Option<String>,
+    tls_port: u16,
+    tls_key: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_ca_files: Vec<PathBuf>,
+    tls_ca_dirs: Vec<PathBuf>,
+    tls_peer_cert: PeerCertPolicy,
+    tls_cipher_preference: CipherPreference,
+    tls_reload_check: u64,
+}
+
+impl RestartConfig {
+    /// The keys that differ from `other`, as they are written in the file.
+    #[deny(unused_variables)] // every key is compared
+    fn changed(&self, other: &RestartConfig) -> Vec<&'static str> {
+        let RestartConfig {
+            bind,
+            port,
+            listen_plain,
+            output_directory,
+            drop_directory,
+            activity_led,
+            log_directory,
+            log_max_bytes,
+            user,
+            group,
+            tls_port,
+            tls_key,
+            tls_cert,
+            tls_ca_files,
+            tls_ca_dirs,
+            tls_peer_cert,
+            tls_cipher_preference,
+            tls_reload_check,
+        } = self;
+        let mut changed = Vec::new();
+        let mut differs = |key, yes: bool| {
+            if yes {
+                changed.push(key);
+            }
         };
-        config.validate_in(text, name)?;
-        Ok(config)
+        differs("bind", *bind != other.bind);
+        differs("port", *port != other.port);
+        differs("listen_plain", *listen_plain != other.listen_plain);
+        differs(
+            "output_directory",
+            *output_directory != other.output_directory,
+        );
+        differs("drop_directory", *drop_directory != other.drop_directory);
+        differs("activity_led", *activity_led != other.activity_led);
+        differs("log_directory", *log_directory != other.log_directory);
+        differs("log_max_bytes", *log_max_bytes != other.log_max_bytes);
+        differs("user", *user != other.user);
+        differs("group", *group != other.group);
+        differs("tls.port", *tls_port != other.tls_port);
+        differs("tls.key", *tls_key != other.tls_key);
+        differs("tls.cert", *tls_cert != other.tls_cert);
+        differs("tls.ca_files", *tls_ca_files != other.tls_ca_files);
+        differs("tls.ca_dirs", *tls_ca_dirs != other.tls_ca_dirs);
+        differs("tls.peer_cert", *tls_peer_cert != other.tls_peer_cert);
+        differs(
+            "tls.cipher_preference",
+            *tls_cipher_preference != other.tls_cipher_preference,
+        );
+        differs(
+            "tls.reload_check",
+            *tls_reload_check != other.tls_reload_check,
+        );
+        changed
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML text over the defaults (and the board
+    /// profile it names); `name` labels errors.
+    pub fn from_toml(text: &str, name: &str) -> Result<Config, ConfigError> {
+        resolve(Some(FileText { name, text }), toml::Table::new())
     }
 
     /// Reads, parses and validates a TOML file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        Self::load_with(Some(path), toml::Table::new())
+    }
+
+    /// The whole pipeline: defaults, the board profile, the file (if any),
+    /// then `overrides` (the command line's options as a table; its lists
+    /// add to the file's), validated together.
+    pub fn load_with(path: Option<&Path>, overrides: toml::Table) -> Result<Config, ConfigError> {
+        let Some(path) = path else {
+            return resolve(None, overrides);
+        };
         let name = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             source_name: name.clone(),
@@ -285,85 +378,122 @@ impl Config {
                 message: format!("cannot read: {e}"),
             }],
         })?;
-        Self::from_toml(&text, &name)
-    }
-
-    /// The AE title the plain port (`tls` false) or the TLS port answers
-    /// to, as the protocol's type (an error only for an unvalidated file).
-    pub fn port_ae(&self, tls: bool) -> Result<AeTitle, AeTitleError> {
-        AeTitle::new(self.port_aetitle(tls))
-    }
-
-    /// The calling-AE allowlist as the protocol's negotiation takes it
-    /// (an error only for an unvalidated file).
-    pub fn allowlist(&self) -> Result<Vec<Allowed>, AeTitleError> {
-        self.allow
-            .iter()
-            .map(|a| {
-                Ok(Allowed {
-                    aetitle: AeTitle::new(&a.aetitle)?,
-                    host: a.host,
-                    cert_name: a.cert_name.clone(),
-                })
-            })
-            .collect()
+        resolve(
+            Some(FileText {
+                name: &name,
+                text: &text,
+            }),
+            overrides,
+        )
     }
 
     /// The AE title the plain port (`tls` false) or the TLS port answers to.
     pub fn port_aetitle(&self, tls: bool) -> &str {
-        match &self.tls.aetitle {
-            Some(tls_ae) if tls => tls_ae,
-            _ => &self.aetitle,
-        }
+        port_aetitle(&self.aetitle, self.tls.aetitle.as_deref(), tls)
     }
 
-    /// Why going from `self` to `new` needs a restart, or `None` when it
-    /// can be applied while serving (AE titles, negotiation, limits,
-    /// timeouts, storage options; renewed certificates reload on their own).
-    pub fn restart_reason(&self, new: &Config) -> Option<&'static str> {
-        let (a, b) = (self, new);
-        if (a.bind, a.port, a.listen_plain) != (b.bind, b.port, b.listen_plain) {
-            return Some("listening address or port");
-        }
-        if a.tls.port != b.tls.port || a.tls.files().is_some() != b.tls.files().is_some() {
-            return Some("TLS port, or TLS switched on or off");
-        }
-        if a.tls.files() != b.tls.files() || a.tls.reload_check != b.tls.reload_check {
-            // Renewed certificates at the same paths reload without a
-            // restart; other files or another policy restart.
-            return Some("TLS files or policy");
-        }
-        if (&a.user, &a.group) != (&b.user, &b.group) {
-            return Some("worker user or group");
-        }
-        if a.output_directory != b.output_directory {
-            return Some("store folder");
-        }
-        if (&a.log_directory, a.log_max_bytes, &a.drop_directory)
-            != (&b.log_directory, b.log_max_bytes, &b.drop_directory)
-        {
-            return Some("log or drop folder");
-        }
-        if a.activity_led != b.activity_led {
-            return Some("activity LED");
-        }
-        None
+    /// The keys that apply while serving.
+    pub fn live(&self) -> LiveConfig {
+        self.split().0
     }
 
-    /// Validates values (after command-line overrides, too).
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_in("", "configuration")
+    /// Why going from `self` to `new` needs a restart (the keys that
+    /// changed and are read only at start-up), or `None` when it can be
+    /// applied while serving. Renewed certificates at the same paths reload
+    /// on their own.
+    pub fn restart_reason(&self, new: &Config) -> Option<String> {
+        let changed = self.split().1.changed(&new.split().1);
+        (!changed.is_empty()).then(|| changed.join(", "))
     }
 
-    fn validate_in(&self, text: &str, name: &str) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
-        let mut bad = |key: &str, message: String| {
-            problems.push(Problem {
-                key: Some(key.to_string()),
-                line: line_of_key(text, key),
-                message,
-            })
+    /// Every key, classified: applied while serving, or read at start-up.
+    /// The destructure names every field (no `..`), so a key added to
+    /// `Config` or `TlsConfig` does not compile until it is put here.
+    fn split(&self) -> (LiveConfig, RestartConfig) {
+        let Config {
+            // No effect of its own: the profile's values are in the other
+            // keys (and the running configuration keeps the name for log
+            // bundles).
+            board: _,
+            aetitle,
+            bind,
+            port,
+            output_directory,
+            layout,
+            fsync,
+            overwrite,
+            free_space_reserve_percent,
+            max_associations,
+            max_pending_connections,
+            max_pdu,
+            acse_timeout,
+            dimse_timeout,
+            shutdown_timeout,
+            accept_private_sop_classes,
+            listen_plain,
+            drop_directory,
+            activity_led,
+            log_directory,
+            log_max_bytes,
+            user,
+            group,
+            tls:
+                TlsConfig {
+                    port: tls_port,
+                    key: tls_key,
+                    cert: tls_cert,
+                    ca_files: tls_ca_files,
+                    ca_dirs: tls_ca_dirs,
+                    peer_cert: tls_peer_cert,
+                    cipher_preference: tls_cipher_preference,
+                    aetitle: tls_aetitle,
+                    reload_check: tls_reload_check,
+                },
+            allow,
+        } = self.clone();
+        let live = LiveConfig {
+            aetitle,
+            tls_aetitle,
+            max_pdu,
+            accept_private_sop_classes,
+            allow,
+            dimse_timeout,
+            acse_timeout,
+            max_associations,
+            max_pending_connections,
+            shutdown_timeout,
+            layout,
+            fsync,
+            overwrite,
+            free_space_reserve_percent,
         };
+        let restart = RestartConfig {
+            bind,
+            port,
+            listen_plain,
+            output_directory,
+            drop_directory,
+            activity_led,
+            log_directory,
+            log_max_bytes,
+            user,
+            group,
+            tls_port,
+            tls_key,
+            tls_cert,
+            tls_ca_files,
+            tls_ca_dirs,
+            tls_peer_cert,
+            tls_cipher_preference,
+            tls_reload_check,
+        };
+        (live, restart)
+    }
+
+    /// Every value problem, each with the key path it is about.
+    fn problems(&self) -> Vec<(String, String)> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, message: String| problems.push((key.to_string(), message));
         if let Err(m) = check_ae_title(&self.aetitle) {
             bad("aetitle", m);
         }
@@ -403,8 +533,10 @@ impl Config {
             bad("shutdown_timeout", "must be at most 3600 s".into());
         }
         let tls = &self.tls;
-        if tls.key.is_some() != tls.cert.is_some() {
-            bad("key", "[tls] needs both key and cert, or neither".into());
+        match (&tls.key, &tls.cert) {
+            (Some(_), None) => bad("tls.key", "needs tls.cert too, or neither".into()),
+            (None, Some(_)) => bad("tls.cert", "needs tls.key too, or neither".into()),
+            _ => {}
         }
         let tls_on = tls.key.is_some() && tls.cert.is_some();
         if !self.listen_plain && !tls_on {
@@ -415,16 +547,16 @@ impl Config {
         }
         if tls_on && self.listen_plain && tls.port == self.port {
             bad(
-                "port",
+                "tls.port",
                 format!("plain and TLS listeners both on port {}", self.port),
             );
         }
         if tls.port == 0 {
-            bad("port", "[tls] port must be 1 to 65535".into());
+            bad("tls.port", "must be 1 to 65535".into());
         }
         if let Some(ae) = &tls.aetitle {
             if let Err(m) = check_ae_title(ae) {
-                bad("aetitle", format!("[tls] {m}"));
+                bad("tls.aetitle", m);
             }
         }
         if !(1 << 20..=1 << 30).contains(&self.log_max_bytes) {
@@ -433,23 +565,30 @@ impl Config {
         if self.user.is_empty() || self.user == "root" {
             bad("user", "must name an unprivileged user".into());
         }
-        for entry in &self.allow {
+        for (i, entry) in self.allow.iter().enumerate() {
             if let Err(m) = check_ae_title(&entry.aetitle) {
-                bad("aetitle", format!("[[allow]] {m}"));
+                bad(&format!("allow.{i}.aetitle"), m);
             }
         }
         if tls.reload_check == 0 || tls.reload_check > 3600 {
-            bad("reload_check", "must be 1 to 3600 s".into());
+            bad("tls.reload_check", "must be 1 to 3600 s".into());
         }
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
-            Err(ConfigError {
-                source_name: name.to_string(),
-                problems,
-            })
-        }
+        problems
+    }
+}
+
+/// The AE title of the plain or the TLS port: the TLS port's own, if set.
+fn port_aetitle<'a>(aetitle: &'a str, tls_aetitle: Option<&'a str>, tls: bool) -> &'a str {
+    match tls_aetitle {
+        Some(tls_ae) if tls => tls_ae,
+        _ => aetitle,
+    }
+}
+
+impl LiveConfig {
+    /// The AE title the plain port (`tls` false) or the TLS port answers to.
+    pub fn port_aetitle(&self, tls: bool) -> &str {
+        port_aetitle(&self.aetitle, self.tls_aetitle.as_deref(), tls)
     }
 }
 
@@ -461,34 +600,267 @@ pub fn board_profile(name: &str) -> Option<&'static str> {
         .map(|(_, text)| *text)
 }
 
-/// The configuration in `text` with the board profile's values filled in
-/// for every key the text does not set.
-fn with_board(text: &str, board: &str) -> Result<Config, String> {
-    let profile = board_profile(board).ok_or_else(|| {
+/// A board profile as a configuration layer: without the build's keys,
+/// and with the TLS keys moved under `[tls]`.
+fn board_layer(board: &str) -> Result<toml::Table, String> {
+    let text = board_profile(board).ok_or_else(|| {
         let names: Vec<_> = BOARDS.iter().map(|(n, _)| *n).collect();
         format!("unknown board \"{board}\" (known: {})", names.join(", "))
     })?;
-    let mut table: toml::Table = toml::from_str(text).map_err(|e| e.to_string())?;
-    let profile: toml::Table =
-        toml::from_str(profile).map_err(|e| format!("board profile {board}: {e}"))?;
+    let profile: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("board profile {board}: {}", e.message()))?;
+    let mut layer = toml::Table::new();
+    let mut tls = toml::Table::new();
     for (key, value) in profile {
         if BOARD_ONLY_KEYS.contains(&key.as_str()) {
             continue;
         }
-        if key == "cipher_preference" {
-            let tls = table
-                .entry("tls")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(tls) = tls.as_table_mut() {
-                tls.entry(key).or_insert(value);
-            }
-            continue;
+        if BOARD_TLS_KEYS.contains(&key.as_str()) {
+            tls.insert(key, value);
+        } else {
+            layer.insert(key, value);
         }
-        table.entry(key).or_insert(value);
     }
-    toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| format!("board profile {board}: {}", e.message()))
+    if !tls.is_empty() {
+        layer.insert("tls".into(), toml::Value::Table(tls));
+    }
+    Ok(layer)
+}
+
+/// How a layer's lists meet the ones below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lists {
+    /// The layer's list replaces the one below (a file says what it means).
+    Replace,
+    /// The layer's items are added (`--add-cert-file` adds to the file's).
+    Extend,
+}
+
+/// Lays `over` onto `base`: tables merge key by key, every other value of
+/// `over` replaces the one below it (lists as `lists` says).
+fn merge(base: &mut toml::Table, over: toml::Table, lists: Lists) {
+    for (key, value) in over {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => {
+                merge(below, above, lists)
+            }
+            (Some(toml::Value::Array(below)), toml::Value::Array(above))
+                if lists == Lists::Extend =>
+            {
+                below.extend(above)
+            }
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// The configuration file's text and the name its problems are told under.
+struct FileText<'a> {
+    name: &'a str,
+    text: &'a str,
+}
+
+/// One step of a key path: a table's key or an array's index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// A dotted key path (`tls.port`, `allow.0.aetitle`) as steps.
+fn steps(dotted: &str) -> Vec<Step> {
+    dotted
+        .split('.')
+        .map(|part| match part.parse() {
+            Ok(i) => Step::Index(i),
+            Err(_) => Step::Key(part.to_string()),
+        })
+        .collect()
+}
+
+/// A key path as TOML writes it: `tls.port`, `allow[0].aetitle`.
+fn shown(steps: &[Step]) -> String {
+    let mut out = String::new();
+    for step in steps {
+        match step {
+            Step::Key(k) if out.is_empty() => out.push_str(k),
+            Step::Key(k) => {
+                out.push('.');
+                out.push_str(k);
+            }
+            Step::Index(i) => out.push_str(&format!("[{i}]")),
+        }
+    }
+    out
+}
+
+/// Whether `table` has a value at `steps`.
+fn has_path(table: &toml::Table, steps: &[Step]) -> bool {
+    let Some((Step::Key(first), rest)) = steps.split_first() else {
+        return false;
+    };
+    let mut value = match table.get(first) {
+        Some(v) => v,
+        None => return false,
+    };
+    for step in rest {
+        let next = match (value, step) {
+            (toml::Value::Table(t), Step::Key(k)) => t.get(k),
+            (toml::Value::Array(a), Step::Index(i)) => a.get(*i),
+            _ => None,
+        };
+        match next {
+            Some(v) => value = v,
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Where the key at `steps` is written in a parsed document: its key's
+/// span, or an array item's.
+fn span_of(table: &DeTable<'_>, steps: &[Step]) -> Option<Range<usize>> {
+    let (Step::Key(first), rest) = steps.split_first()? else {
+        return None;
+    };
+    let (key, value) = table.get_key_value(first.as_str())?;
+    if rest.is_empty() {
+        return Some(key.span());
+    }
+    span_in(value, rest)
+}
+
+fn span_in(value: &Spanned<DeValue<'_>>, steps: &[Step]) -> Option<Range<usize>> {
+    match (value.get_ref(), steps.first()?) {
+        (DeValue::Table(t), Step::Key(_)) => span_of(t, steps),
+        (DeValue::Array(a), Step::Index(i)) => {
+            let item = a.get(*i)?;
+            if steps.len() == 1 {
+                Some(item.span())
+            } else {
+                span_in(item, &steps[1..])
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The layers of one configuration, kept to say where a key came from.
+struct Layers<'a> {
+    file: Option<(&'a str, Spanned<DeTable<'a>>)>,
+    board: Option<(String, toml::Table)>,
+    overrides: &'a toml::Table,
+}
+
+impl Layers<'_> {
+    /// A problem with the key at `steps`, located in the layer that set it:
+    /// the file's line, or which other layer it came from.
+    fn problem(&self, steps: &[Step], message: String) -> Problem {
+        let key = (!steps.is_empty()).then(|| shown(steps));
+        if has_path(self.overrides, steps) {
+            return Problem {
+                key,
+                line: None,
+                message: format!("{message} (from the command line)"),
+            };
+        }
+        if let Some((text, doc)) = &self.file {
+            if let Some(span) = span_of(doc.get_ref(), steps) {
+                return Problem {
+                    key,
+                    line: Some(line_of(text, span.start)),
+                    message,
+                };
+            }
+        }
+        let message = match &self.board {
+            Some((name, table)) if has_path(table, steps) => {
+                format!("{message} (from board profile {name})")
+            }
+            _ => message,
+        };
+        Problem {
+            key,
+            line: None,
+            message,
+        }
+    }
+}
+
+/// The pipeline: defaults <- board profile <- file <- overrides, merged
+/// as tables, deserialized once, validated; every problem located.
+fn resolve(file: Option<FileText<'_>>, overrides: toml::Table) -> Result<Config, ConfigError> {
+    let source_name = file
+        .as_ref()
+        .map_or("command line".to_string(), |f| f.name.to_string());
+    let fail = |problems: Vec<Problem>| ConfigError {
+        source_name: source_name.clone(),
+        problems,
+    };
+    let mut merged: toml::Table = DEFAULT_TOML.parse().map_err(|e: toml::de::Error| {
+        fail(vec![Problem {
+            key: None,
+            line: None,
+            message: format!("built-in defaults: {}", e.message()),
+        }])
+    })?;
+    let mut layers = Layers {
+        file: None,
+        board: None,
+        overrides: &overrides,
+    };
+    let mut file_table = toml::Table::new();
+    if let Some(file) = &file {
+        let syntax = |e: toml::de::Error| {
+            fail(vec![Problem {
+                key: None,
+                line: e.span().map(|s| line_of(file.text, s.start)),
+                message: e.message().to_string(),
+            }])
+        };
+        let doc = DeTable::parse(file.text).map_err(syntax)?;
+        file_table = toml::Table::deserialize(doc.clone().into_deserializer()).map_err(syntax)?;
+        layers.file = Some((file.text, doc));
+    }
+    let board = [&overrides, &file_table]
+        .iter()
+        .find_map(|t| t.get("board").and_then(toml::Value::as_str))
+        .map(str::to_string);
+    if let Some(board) = board {
+        let table =
+            board_layer(&board).map_err(|m| fail(vec![layers.problem(&steps("board"), m)]))?;
+        merge(&mut merged, table.clone(), Lists::Replace);
+        layers.board = Some((board, table));
+    }
+    merge(&mut merged, file_table, Lists::Replace);
+    merge(&mut merged, overrides.clone(), Lists::Extend);
+
+    let config: Config =
+        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let path: Vec<Step> = e
+                .path()
+                .iter()
+                .filter_map(|segment| match segment {
+                    serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                    serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                    _ => None,
+                })
+                .collect();
+            fail(vec![layers.problem(&path, e.inner().message().to_string())])
+        })?;
+    let mut problems: Vec<Problem> = config
+        .problems()
+        .into_iter()
+        .map(|(key, message)| layers.problem(&steps(&key), message))
+        .collect();
+    if problems.is_empty() {
+        return Ok(config);
+    }
+    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+    Err(fail(problems))
 }
 
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
@@ -497,18 +869,10 @@ pub fn check_ae_title(ae: &str) -> Result<(), String> {
     AeTitle::new(ae).map(drop).map_err(|e| e.to_string())
 }
 
+/// The 1-based line of byte `offset` in `text`.
 fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
-}
-
-fn line_of_key(text: &str, key: &str) -> Option<usize> {
-    text.lines()
-        .position(|l| {
-            l.trim_start()
-                .strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='))
-        })
-        .map(|i| i + 1)
+    let before = &text.as_bytes()[..offset.min(text.len())];
+    before.iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 #[cfg(test)]
@@ -516,9 +880,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn shipped_file_is_the_default() {
-        let parsed = Config::from_toml(DEFAULT_TOML, "minipacs.toml").expect("valid");
-        assert_eq!(parsed, Config::default());
+    fn the_shipped_file_states_every_default() {
+        let shipped: Config = toml::from_str(DEFAULT_TOML).expect("every key, nothing unknown");
+        assert_eq!(shipped.problems(), Vec::new(), "the defaults are valid");
+        let empty = Config::from_toml("", "x.toml").expect("an empty file is the defaults");
+        assert_eq!(empty, Config::default());
+        assert_eq!(empty.port, 11112);
     }
 
     #[test]
@@ -529,6 +896,69 @@ mod tests {
         assert_eq!(lines, vec![Some(1), Some(2), Some(3)]);
         let shown = err.to_string();
         assert!(shown.contains("line 2: aetitle"), "{shown}");
+    }
+
+    #[test]
+    fn a_tls_key_is_located_under_tls_not_at_the_top_level_key() {
+        let text = "port = 104\naetitle = \"PACS\"\n[tls]\naetitle = \"\"\nport = 0\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("tls port 0");
+        let found: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_deref(), p.line))
+            .collect();
+        assert_eq!(
+            found,
+            vec![(Some("tls.aetitle"), Some(4)), (Some("tls.port"), Some(5))]
+        );
+        assert!(
+            err.to_string().contains("line 5: tls.port: must be"),
+            "{err}"
+        );
+        // A value of the wrong type, and an unknown key, likewise.
+        let err =
+            Config::from_toml("port = 104\n[tls]\nport = \"x\"\n", "x.toml").expect_err("type");
+        assert_eq!(
+            (err.problems[0].key.as_deref(), err.problems[0].line),
+            (Some("tls.port"), Some(3))
+        );
+        let err =
+            Config::from_toml("port = 104\n[tls]\nprot = 1\n", "x.toml").expect_err("unknown");
+        assert_eq!(
+            (err.problems[0].key.as_deref(), err.problems[0].line),
+            (Some("tls.prot"), Some(3))
+        );
+        let text = "[[allow]]\naetitle = \"CT1\"\n[[allow]]\naetitle = \"\"\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("empty allowed AE");
+        assert_eq!(
+            (err.problems[0].key.as_deref(), err.problems[0].line),
+            (Some("allow[1].aetitle"), Some(4))
+        );
+    }
+
+    #[test]
+    fn the_command_line_is_the_top_layer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.toml");
+        std::fs::write(
+            &path,
+            "port = 104\nmax_pdu = 65536\n[tls]\nca_files = [\"/a.pem\"]\n",
+        )
+        .expect("write");
+        let overrides: toml::Table =
+            toml::from_str("port = 4242\n[tls]\nca_files = [\"/b.pem\"]\n").expect("table");
+        let c = Config::load_with(Some(&path), overrides).expect("valid");
+        assert_eq!((c.port, c.max_pdu), (4242, 65536), "the command line wins");
+        assert_eq!(
+            c.tls.ca_files,
+            vec![PathBuf::from("/a.pem"), PathBuf::from("/b.pem")],
+            "--add-cert-file adds to the file's"
+        );
+        let overrides: toml::Table = toml::from_str("max_pdu = 1\n").expect("table");
+        let err = Config::load_with(None, overrides).expect_err("bad pdu");
+        assert_eq!(err.problems[0].line, None);
+        assert!(err.to_string().contains("max_pdu: 1 is outside"), "{err}");
+        assert!(err.to_string().contains("(from the command line)"), "{err}");
     }
 
     #[test]
@@ -547,6 +977,7 @@ mod tests {
             (c.port_aetitle(false), c.port_aetitle(true)),
             ("PACS", "SECURE")
         );
+        assert_eq!(c.live().port_aetitle(true), "SECURE");
     }
 
     #[test]
@@ -556,14 +987,36 @@ mod tests {
         assert_eq!(c.tls.cipher_preference, CipherPreference::Chacha20);
         assert_eq!(c.output_directory, PathBuf::from("/var/lib/minipacs/store"));
         assert_eq!(c.free_space_reserve_percent, 10);
+        let c = Config::from_toml(
+            "board = \"pi4\"\n[tls]\ncipher_preference = \"aes\"\n",
+            "x.toml",
+        )
+        .expect("valid");
+        assert_eq!(c.tls.cipher_preference, CipherPreference::Aes);
         for (name, _) in BOARDS {
-            Config::from_toml(&format!("board = \"{name}\"\n"), "x.toml")
+            let c = Config::from_toml(&format!("board = \"{name}\"\n"), "x.toml")
                 .expect("every profile loads");
+            // What the keeper sends the worker reads back the same.
+            let again = toml::to_string(&c).expect("serialize");
+            assert_eq!(Config::from_toml(&again, "again").expect("reads back"), c);
         }
         let err =
             Config::from_toml("port = 104\nboard = \"pi9\"\n", "x.toml").expect_err("unknown");
         assert_eq!(err.problems[0].line, Some(2));
         assert!(err.to_string().contains("pi4"), "{err}");
+        // A problem with a value the profile set says so (the shipped
+        // profiles are valid, so this one is made up).
+        let board = board_layer("pi3").expect("profile");
+        let layers = Layers {
+            file: None,
+            board: Some(("pi3".into(), board)),
+            overrides: &toml::Table::new(),
+        };
+        let p = layers.problem(&steps("tls.cipher_preference"), "bad".into());
+        assert_eq!(
+            p.to_string(),
+            "tls.cipher_preference: bad (from board profile pi3)"
+        );
     }
 
     #[test]
@@ -574,5 +1027,39 @@ mod tests {
         assert_eq!(err.problems[0].line, Some(1));
         let err = Config::from_toml("layout = \"tree\"\n", "x.toml").expect_err("bad value");
         assert!(err.problems[0].message.contains("flat"), "{err}");
+        assert_eq!(err.problems[0].line, Some(1));
+    }
+
+    #[test]
+    fn live_keys_apply_and_the_others_restart() {
+        let running = Config::default();
+        let new = Config::from_toml(
+            "aetitle = \"BEDSIDE\"\nmax_associations = 4\nboard = \"x86-dev\"\noutput_directory = \"./pacs\"\ndrop_directory = \"./d\"\n",
+            "x.toml",
+        )
+        .expect("valid");
+        assert_eq!(
+            running.restart_reason(&new).as_deref(),
+            Some("drop_directory")
+        );
+        let new = Config {
+            drop_directory: None,
+            ..new
+        };
+        assert_eq!(running.restart_reason(&new), None);
+        assert_eq!(new.live().aetitle, "BEDSIDE");
+        assert_eq!(new.live().max_associations, 4);
+        let new = Config {
+            port: 104,
+            tls: TlsConfig {
+                port: 11112,
+                ..running.tls.clone()
+            },
+            ..running.clone()
+        };
+        assert_eq!(
+            running.restart_reason(&new).as_deref(),
+            Some("port, tls.port")
+        );
     }
 }

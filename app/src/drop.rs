@@ -8,8 +8,9 @@
 //!   A good one is checked for what validation cannot see (certificate
 //!   files that do not load, a store that cannot be made); if that fails it
 //!   is rolled back the same way. Otherwise it becomes the last-good
-//!   configuration (the `--config` file) and the service restarts cleanly
-//!   on it: objects in flight finish first.
+//!   configuration (the `--config` file) and is applied while serving if
+//!   only live keys changed ([`Config::restart_reason`]), else the service
+//!   restarts cleanly on it: objects in flight finish first.
 //! - `collect-logs`: the field log bundle is written next to it as
 //!   `minipacs-logs-<time>.tar.gz`, and the trigger is removed.
 

@@ -141,7 +141,7 @@ struct ServeArgs {
     output_directory: Option<PathBuf>,
     /// Naming of stored files.
     #[arg(long, value_enum)]
-    layout: Option<Layout>,
+    layout: Option<LayoutArg>,
     /// Concurrent associations.
     #[arg(long)]
     max_associations: Option<usize>,
@@ -178,10 +178,10 @@ struct ServeArgs {
     add_cert_dir: Vec<PathBuf>,
     /// Client certificates: require (default), verify if sent, or ignore.
     #[arg(long, value_enum)]
-    peer_cert: Option<PeerCertPolicy>,
+    peer_cert: Option<PeerCertArg>,
     /// Preferred AEAD: aes, or chacha20 on boards without AES instructions.
     #[arg(long, value_enum)]
-    cipher_preference: Option<CipherPreference>,
+    cipher_preference: Option<CipherArg>,
     /// Do not serve plain DICOM (TLS only).
     #[arg(long)]
     no_plain: bool,
@@ -494,70 +494,178 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// The file configuration (or the embedded defaults) with command-line
-/// options applied, validated.
+/// The configuration `serve` runs on: the pipeline of [`Config::load_with`]
+/// with the options given here as its top layer.
 fn serve_config(args: ServeArgs) -> anyhow::Result<Config> {
-    let mut config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
-    if let Some(v) = args.port {
-        config.port = v;
+    Ok(Config::load_with(
+        args.config.as_deref(),
+        args.overrides()?,
+    )?)
+}
+
+impl ServeArgs {
+    /// The options that were given, as a configuration layer: keys named
+    /// as in the file, so the pipeline merges and checks them like it.
+    fn overrides(&self) -> anyhow::Result<toml::Table> {
+        let mut top = Overrides::default();
+        top.set("port", self.port)?;
+        top.set("aetitle", self.aetitle.as_ref())?;
+        top.set("output_directory", self.output_directory.as_ref())?;
+        top.set("layout", self.layout.map(Layout::from))?;
+        top.set("max_associations", self.max_associations)?;
+        top.set("max_pdu", self.max_pdu)?;
+        top.set("acse_timeout", self.acse_timeout)?;
+        top.set("dimse_timeout", self.dimse_timeout)?;
+        top.set("free_space_reserve_percent", self.free_space_reserve)?;
+        top.set("fsync", self.no_fsync.then_some(false))?;
+        top.set("overwrite", self.overwrite.then_some(true))?;
+        top.set("listen_plain", self.no_plain.then_some(false))?;
+        top.set("user", self.user.as_ref())?;
+        top.set("group", self.group.as_ref())?;
+        let mut tls = Overrides::default();
+        tls.set("key", self.tls.as_ref().map(|kc| &kc[0]))?;
+        tls.set("cert", self.tls.as_ref().map(|kc| &kc[1]))?;
+        tls.set("port", self.tls_port)?;
+        tls.set(
+            "ca_files",
+            Some(&self.add_cert_file).filter(|v| !v.is_empty()),
+        )?;
+        tls.set(
+            "ca_dirs",
+            Some(&self.add_cert_dir).filter(|v| !v.is_empty()),
+        )?;
+        tls.set("peer_cert", self.peer_cert.map(PeerCertPolicy::from))?;
+        tls.set(
+            "cipher_preference",
+            self.cipher_preference.map(CipherPreference::from),
+        )?;
+        if !tls.0.is_empty() {
+            top.0.insert("tls".into(), toml::Value::Table(tls.0));
+        }
+        Ok(top.0)
     }
-    if let Some(v) = args.aetitle {
-        config.aetitle = v;
+}
+
+/// One table of command-line overrides.
+#[derive(Default)]
+struct Overrides(toml::Table);
+
+impl Overrides {
+    /// Sets `key` if the option was given.
+    fn set(&mut self, key: &str, value: Option<impl serde::Serialize>) -> anyhow::Result<()> {
+        if let Some(value) = value {
+            let value = toml::Value::try_from(value).with_context(|| format!("option {key}"))?;
+            self.0.insert(key.into(), value);
+        }
+        Ok(())
     }
-    if let Some(v) = args.output_directory {
-        config.output_directory = v;
+}
+
+/// `--layout`: the command line's names for [`Layout`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LayoutArg {
+    /// `<MOD>.<SOPInstanceUID>`, like storescp -uf
+    Flat,
+    /// `<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm`
+    Study,
+}
+
+impl From<LayoutArg> for Layout {
+    fn from(arg: LayoutArg) -> Self {
+        match arg {
+            LayoutArg::Flat => Layout::Flat,
+            LayoutArg::Study => Layout::Study,
+        }
     }
-    if let Some(v) = args.layout {
-        config.layout = v;
+}
+
+/// `--peer-cert`: the command line's names for [`PeerCertPolicy`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum PeerCertArg {
+    /// required and verified
+    Require,
+    /// verified if sent
+    Verify,
+    /// not requested
+    Ignore,
+}
+
+impl From<PeerCertArg> for PeerCertPolicy {
+    fn from(arg: PeerCertArg) -> Self {
+        match arg {
+            PeerCertArg::Require => PeerCertPolicy::Require,
+            PeerCertArg::Verify => PeerCertPolicy::Verify,
+            PeerCertArg::Ignore => PeerCertPolicy::Ignore,
+        }
     }
-    if let Some(v) = args.max_associations {
-        config.max_associations = v;
+}
+
+/// `--cipher-preference`: the command line's names for [`CipherPreference`].
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum CipherArg {
+    /// AES-GCM first
+    Aes,
+    /// ChaCha20-Poly1305 first
+    Chacha20,
+}
+
+impl From<CipherArg> for CipherPreference {
+    fn from(arg: CipherArg) -> Self {
+        match arg {
+            CipherArg::Aes => CipherPreference::Aes,
+            CipherArg::Chacha20 => CipherPreference::Chacha20,
+        }
     }
-    if let Some(v) = args.max_pdu {
-        config.max_pdu = v;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serve_options_become_the_top_layer() {
+        let cli = Cli::try_parse_from([
+            "minipacs",
+            "serve",
+            "--port",
+            "4104",
+            "--layout",
+            "study",
+            "--no-fsync",
+            "--no-plain",
+            "--tls",
+            "/k.pem",
+            "/c.pem",
+            "--add-cert-file",
+            "/ca.pem",
+            "--peer-cert",
+            "ignore",
+            "--cipher-preference",
+            "chacha20",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        let c = serve_config(args).expect("valid");
+        assert_eq!(
+            (c.port, c.layout, c.fsync, c.listen_plain),
+            (4104, Layout::Study, false, false)
+        );
+        assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
+        assert_eq!(c.tls.cert.as_deref(), Some(std::path::Path::new("/c.pem")));
+        assert_eq!(c.tls.ca_files, vec![PathBuf::from("/ca.pem")]);
+        assert_eq!(c.tls.peer_cert, PeerCertPolicy::Ignore);
+        assert_eq!(c.tls.cipher_preference, CipherPreference::Chacha20);
+        // Options not given leave the defaults alone.
+        let untouched = Config {
+            port: c.port,
+            layout: c.layout,
+            fsync: c.fsync,
+            listen_plain: c.listen_plain,
+            tls: c.tls.clone(),
+            ..Config::default()
+        };
+        assert_eq!(c, untouched);
     }
-    if let Some(v) = args.acse_timeout {
-        config.acse_timeout = v;
-    }
-    if let Some(v) = args.dimse_timeout {
-        config.dimse_timeout = v;
-    }
-    if let Some(v) = args.free_space_reserve {
-        config.free_space_reserve_percent = v;
-    }
-    if args.no_fsync {
-        config.fsync = false;
-    }
-    if args.overwrite {
-        config.overwrite = true;
-    }
-    if let Some(kc) = args.tls {
-        config.tls.key = Some(kc[0].clone());
-        config.tls.cert = Some(kc[1].clone());
-    }
-    if let Some(v) = args.tls_port {
-        config.tls.port = v;
-    }
-    config.tls.ca_files.extend(args.add_cert_file);
-    config.tls.ca_dirs.extend(args.add_cert_dir);
-    if let Some(v) = args.peer_cert {
-        config.tls.peer_cert = v;
-    }
-    if let Some(v) = args.cipher_preference {
-        config.tls.cipher_preference = v;
-    }
-    if args.no_plain {
-        config.listen_plain = false;
-    }
-    if let Some(v) = args.user {
-        config.user = v;
-    }
-    if let Some(v) = args.group {
-        config.group = Some(v);
-    }
-    config.validate()?;
-    Ok(config)
 }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 /// How the receiver treats client certificates (dcmtk `-rc`, `-vc`, `-ic`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PeerCertPolicy {
     /// A client certificate is required and verified against the CA bundle.
@@ -42,7 +42,7 @@ pub enum PeerCertPolicy {
 /// Which AEAD the receiver prefers. Boards without AES instructions (the
 /// Pi 4's Cortex-A72 in Debian's kernel config, the Pi 3) are several times
 /// faster with ChaCha20-Poly1305.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum CipherPreference {
     /// AES-GCM first (hardware AES: x86, Pi 5).

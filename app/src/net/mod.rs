@@ -11,12 +11,13 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::info;
 
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::service::ServiceEvent;
 use crate::services::{Receiver, Stats};
 use crate::store::{Store, StoreOptions};
 use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
-use dimse::negotiation::AcceptPolicy;
+use dimse::ae::AeTitle;
+use dimse::negotiation::{AcceptPolicy, Allowed};
 use server::{Listener, PortSettings, ServerLimits, SharedBounds};
 
 /// The listening sockets (and the activity LED), opened before privileges
@@ -82,7 +83,7 @@ pub async fn run(
     mut config_updates: mpsc::Receiver<Config>,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let (store, swept) = Store::open(store_options(config))?;
+    let (store, swept) = Store::open(store_options(config)?)?;
     if swept > 0 {
         info!(swept, "removed temp files left by an earlier crash");
     }
@@ -105,7 +106,7 @@ pub async fn run(
             None
         }
     };
-    let bounds = SharedBounds::new(limits(config));
+    let bounds = SharedBounds::new(limits(config)?);
     let led = sockets
         .led
         .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
@@ -228,52 +229,115 @@ pub async fn run(
     Ok(())
 }
 
-fn store_options(config: &Config) -> StoreOptions {
-    StoreOptions {
-        root: config.output_directory.clone(),
-        layout: config.layout,
-        fsync: config.fsync,
-        reserve_percent: config.free_space_reserve_percent,
-        overwrite: config.overwrite,
-    }
+/// What the live keys set in the running receiver, made in one place for
+/// the start and for [`apply_live`]. The destructure names every field of
+/// [`LiveConfig`] (no `..`): a live key added there does not compile until
+/// it is applied here.
+struct Applied {
+    plain: PortSettings,
+    tls: PortSettings,
+    limits: ServerLimits,
+    store: StoreOptions,
 }
 
-fn limits(config: &Config) -> ServerLimits {
-    ServerLimits {
-        max_associations: config.max_associations,
-        max_pending: config.max_pending_connections,
-        acse_timeout: Duration::from_secs(config.acse_timeout),
-        shutdown_timeout: Duration::from_secs(config.shutdown_timeout),
-    }
-}
-
-/// The settings of the plain or the TLS port under `config` (validated:
-/// an error here means a configuration that skipped validation).
-fn port_settings(config: &Config, is_tls: bool) -> anyhow::Result<PortSettings> {
-    Ok(PortSettings {
+fn applied(config: &Config) -> anyhow::Result<Applied> {
+    let live = config.live();
+    let ae_titles = [
+        AeTitle::new(live.port_aetitle(false)).context("aetitle")?,
+        AeTitle::new(live.port_aetitle(true)).context("tls.aetitle")?,
+    ];
+    let LiveConfig {
+        aetitle: _,     // in `ae_titles`
+        tls_aetitle: _, // in `ae_titles`
+        max_pdu,
+        accept_private_sop_classes,
+        allow,
+        dimse_timeout,
+        acse_timeout,
+        max_associations,
+        max_pending_connections,
+        shutdown_timeout,
+        layout,
+        fsync,
+        overwrite,
+        free_space_reserve_percent,
+    } = live;
+    let allow = allow
+        .iter()
+        .map(|a| {
+            Ok(Allowed {
+                aetitle: AeTitle::new(&a.aetitle).context("allow.aetitle")?,
+                host: a.host,
+                cert_name: a.cert_name.clone(),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let [plain, tls] = ae_titles.map(|ae_title| PortSettings {
         policy: AcceptPolicy {
-            ae_title: config.port_ae(is_tls).context("aetitle")?,
-            max_pdu: config.max_pdu,
-            accept_private_sop_classes: config.accept_private_sop_classes,
-            allow: config.allowlist().context("[[allow]] aetitle")?,
+            ae_title,
+            max_pdu,
+            accept_private_sop_classes,
+            allow: allow.clone(),
         },
-        dimse_timeout: Duration::from_secs(config.dimse_timeout),
+        dimse_timeout: Duration::from_secs(dimse_timeout),
+    });
+    Ok(Applied {
+        plain,
+        tls,
+        limits: ServerLimits {
+            max_associations,
+            max_pending: max_pending_connections,
+            acse_timeout: Duration::from_secs(acse_timeout),
+            shutdown_timeout: Duration::from_secs(shutdown_timeout),
+        },
+        store: StoreOptions {
+            // Read at start-up only: `Store::set_options` refuses another.
+            root: config.output_directory.clone(),
+            layout,
+            fsync,
+            reserve_percent: free_space_reserve_percent,
+            overwrite,
+        },
     })
 }
 
+fn store_options(config: &Config) -> anyhow::Result<StoreOptions> {
+    Ok(applied(config)?.store)
+}
+
+fn limits(config: &Config) -> anyhow::Result<ServerLimits> {
+    Ok(applied(config)?.limits)
+}
+
+/// The settings of the plain or the TLS port under `config`.
+fn port_settings(config: &Config, is_tls: bool) -> anyhow::Result<PortSettings> {
+    let applied = applied(config)?;
+    Ok(if is_tls { applied.tls } else { applied.plain })
+}
+
 /// Applies a configuration that needs no restart (the caller checked with
-/// [`Config::restart_reason`]): AE titles, negotiation, limits, timeouts
-/// and storage options take effect for what starts from now on;
-/// associations in flight keep what they began with.
+/// [`Config::restart_reason`]): every key of [`LiveConfig`] takes effect
+/// for what starts from now on; associations in flight keep what they
+/// began with.
 fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
-    for (listener, is_tls) in live {
-        match port_settings(new, *is_tls) {
-            Ok(settings) => listener.set_settings(settings),
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "port settings not applied"),
+    let Applied {
+        plain,
+        tls,
+        limits,
+        store: options,
+    } = match applied(new) {
+        Ok(applied) => applied,
+        Err(e) => {
+            // Only a configuration that skipped validation gets here.
+            tracing::warn!(error = %format!("{e:#}"), "configuration not applied");
+            return;
         }
+    };
+    for (listener, is_tls) in live {
+        listener.set_settings(if *is_tls { tls.clone() } else { plain.clone() });
     }
-    bounds.set_limits(limits(new));
-    if let Err(e) = store.set_options(store_options(new)) {
+    bounds.set_limits(limits);
+    if let Err(e) = store.set_options(options) {
         tracing::warn!(error = e, "storage options not applied");
     }
     info!(aetitle = %new.aetitle, "configuration applied without a restart");

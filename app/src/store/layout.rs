@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use dimse::uid::Uid;
 
 /// How stored objects are named.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Layout {
     /// `<store>/<MOD>.<SOPInstanceUID>`, like dcmtk `storescp -uf`.
