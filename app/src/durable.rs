@@ -54,6 +54,17 @@ impl DurableError {
         }
     }
 
+    /// As an `io::Error` (an existing destination is `AlreadyExists`), for
+    /// callers whose errors carry one.
+    pub fn into_io(self) -> io::Error {
+        match self {
+            DurableError::Io { source, .. } => source,
+            e @ DurableError::Exists { .. } => {
+                io::Error::new(io::ErrorKind::AlreadyExists, e.to_string())
+            }
+        }
+    }
+
     /// The operating system's error, if there is one (for callers that map
     /// into their own error types).
     pub fn io_error(&self) -> Option<&io::Error> {

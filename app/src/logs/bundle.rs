@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::redaction::redact_config;
 use super::rotation::{line_start_at_or_after, rotation_index};
 use super::{LogsError, AUDIT_FILE, KEEPER_LOG_FILE, LOG_FILE};
+use crate::durable::{Replace, Staged};
 use crate::timestamp::rfc3339;
 
 /// What [`collect_bundle`] puts in the bundle. Owned so the caller can build
@@ -319,21 +320,16 @@ fn find_log_files(dir: &Path, name: &str, cut: &mut Vec<String>) -> Vec<Found> {
     found
 }
 
-/// Streams the planned members into `<out>.tmp...`, then renames it to
-/// `out`. Returns the compressed size.
+/// Streams the planned members into a temp file beside `out`, then commits
+/// it durably under that name ([`crate::durable`]). Returns the compressed
+/// size.
 fn write_bundle(out: &Path, members: &mut [Member]) -> Result<u64, LogsError> {
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    let tmp = tempfile::Builder::new()
-        .prefix(".minipacs-bundle-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(LogsError::io("create bundle temp file in", dir))?;
-    let write_err = LogsError::io("write bundle", tmp.path());
+    // No exact mode: the drop folder may be FAT, which refuses a chmod;
+    // the temp file's 0600 is what the bundle keeps elsewhere.
+    let staged = Staged::create(out, ".minipacs-bundle-", None)?;
+    let write_err = LogsError::io("write bundle", staged.temp_path());
     let gz = flate2::write::GzEncoder::new(
-        io::BufWriter::new(tmp.as_file()),
+        io::BufWriter::new(staged.file()),
         flate2::Compression::default(),
     );
     let result = (|| -> io::Result<()> {
@@ -361,18 +357,7 @@ fn write_bundle(out: &Path, members: &mut [Member]) -> Result<u64, LogsError> {
         Ok(())
     })();
     result.map_err(write_err)?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(LogsError::io("sync bundle", tmp.path()))?;
-    let file = tmp.persist(out).map_err(|e| LogsError::Io {
-        what: "rename bundle to",
-        path: out.to_path_buf(),
-        source: e.error,
-    })?;
-    if let Ok(d) = File::open(dir) {
-        // Best effort: the bundle is a convenience, not patient data.
-        let _ = d.sync_all();
-    }
+    let file = staged.commit(Replace::Allowed)?;
     file.metadata()
         .map(|m| m.len())
         .map_err(LogsError::io("stat bundle", out))

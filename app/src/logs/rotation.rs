@@ -10,12 +10,13 @@
 use std::borrow::Cow;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{LogsError, DIR_MODE, FILE_MODE};
+use crate::durable::{Replace, Staged};
 
 /// After a failed open or write, wait this long before touching the disk
 /// again, so a dead SD card costs one syscall every few seconds, not one
@@ -374,8 +375,7 @@ impl RotatingFile {
             } else if entry.metadata().map(|m| m.len()).unwrap_or(0) > self.per_file {
                 // The current file is rotated on the next write anyway, but
                 // rotation must not carry an oversized file into `.1`.
-                keep_tail(&path, self.per_file - 1)
-                    .map_err(LogsError::io("shorten old log file", &path))?;
+                keep_tail(&path, self.per_file - 1)?;
             }
         }
         Ok(())
@@ -396,19 +396,16 @@ pub(super) fn rotation_index(name: &str, file_name: &str) -> Option<u32> {
 }
 
 /// Rewrites `path` to hold only (at most) its last `keep` bytes, starting at
-/// a line boundary, via a temp file and a rename.
-fn keep_tail(path: &Path, keep: u64) -> io::Result<()> {
-    let mut src = File::open(path)?;
-    let len = src.metadata()?.len();
-    let start = line_start_at_or_after(&src, len.saturating_sub(keep), len)?;
-    src.seek(SeekFrom::Start(start))?;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(&shrink_prefix(path))
-        .tempfile_in(dir)?;
-    io::copy(&mut src.take(len - start), tmp.as_file_mut())?;
-    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(FILE_MODE))?;
-    tmp.persist(path).map_err(|e| e.error)?;
+/// a line boundary, via a durable atomic write ([`crate::durable`]).
+fn keep_tail(path: &Path, keep: u64) -> Result<(), LogsError> {
+    let shorten = || LogsError::io("shorten old log file", path);
+    let mut src = File::open(path).map_err(shorten())?;
+    let len = src.metadata().map_err(shorten())?.len();
+    let start = line_start_at_or_after(&src, len.saturating_sub(keep), len).map_err(shorten())?;
+    src.seek(SeekFrom::Start(start)).map_err(shorten())?;
+    let staged = Staged::create(path, &shrink_prefix(path), Some(FILE_MODE))?;
+    io::copy(&mut src.take(len - start), &mut staged.file()).map_err(shorten())?;
+    staged.commit(Replace::Allowed)?;
     Ok(())
 }
 
