@@ -682,7 +682,12 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, CaError> {
 /// written and synced with exactly `mode` ([`crate::durable::Staged`]),
 /// waiting to be committed.
 fn stage(dest: &Path, contents: &[u8], mode: u32) -> Result<Staged, CaError> {
-    Ok(Staged::with_contents(dest, TEMP_PREFIX, contents, Some(mode))?)
+    Ok(Staged::with_contents(
+        dest,
+        TEMP_PREFIX,
+        contents,
+        Some(mode),
+    )?)
 }
 
 impl From<DurableError> for CaError {

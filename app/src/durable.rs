@@ -235,8 +235,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("a.txt");
         write_atomically(&dest, ".t-", b"one", None, Replace::Never).expect("first");
-        let err = write_atomically(&dest, ".t-", b"two", None, Replace::Never)
-            .expect_err("exists");
+        let err = write_atomically(&dest, ".t-", b"two", None, Replace::Never).expect_err("exists");
         assert!(matches!(err, DurableError::Exists { .. }), "{err}");
         assert_eq!(fs::read(&dest).expect("read"), b"one");
         write_atomically(&dest, ".t-", b"three", None, Replace::Allowed).expect("replace");
@@ -277,8 +276,8 @@ mod tests {
     fn a_missing_folder_is_a_typed_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let dest = dir.path().join("nope/x");
-        let err = write_atomically(&dest, ".t-", b"x", None, Replace::Allowed)
-            .expect_err("no folder");
+        let err =
+            write_atomically(&dest, ".t-", b"x", None, Replace::Allowed).expect_err("no folder");
         assert!(matches!(err, DurableError::Io { .. }), "{err}");
         assert_eq!(
             err.io_error().map(io::Error::kind),

@@ -95,3 +95,93 @@ fn slot() -> std::sync::MutexGuard<'static, Option<Arc<ServiceLog>>> {
     // The slot is only ever replaced whole, so a poisoned lock is usable.
     SERVICE_LOG.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// How the log writers of this process are doing: what the status line
+/// and the status file (and so the bundle's `status.txt`) show, because
+/// the writers never report their failures any other way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogHealth {
+    /// The service log's counters; None before the file log is attached.
+    pub service_log: Option<WriterStats>,
+    /// The audit trail's counters; None without an audit trail.
+    pub audit: Option<WriterStats>,
+}
+
+impl LogHealth {
+    /// The counters now, of this process's file log and of `audit`.
+    pub fn now(audit: Option<&super::Audit>) -> LogHealth {
+        LogHealth {
+            service_log: service_log_stats(),
+            audit: audit.map(super::Audit::stats),
+        }
+    }
+
+    /// Lines lost, of both writers together.
+    pub fn dropped(&self) -> u64 {
+        let dropped = |s: Option<WriterStats>| s.map_or(0, |s| s.records_dropped);
+        dropped(self.service_log).saturating_add(dropped(self.audit))
+    }
+
+    /// What the status line gets: `; N log line(s) dropped`, or nothing
+    /// while no line was lost.
+    pub fn status_suffix(&self) -> String {
+        match self.dropped() {
+            0 => String::new(),
+            n => format!("; {n} log line(s) dropped"),
+        }
+    }
+
+    /// One line for the status file: each writer's losses, cut lines and
+    /// I/O errors (not its running totals, so the line changes only when
+    /// something goes wrong).
+    pub fn report(&self) -> String {
+        let part = |name: &str, s: Option<WriterStats>| match s {
+            Some(s) => format!(
+                "{name}: {} line(s) dropped, {} cut, {} I/O error(s)",
+                s.records_dropped, s.records_truncated, s.io_errors
+            ),
+            None => format!("{name}: not written by this process"),
+        };
+        format!(
+            "log writers: {}; {}",
+            part("service log", self.service_log),
+            part("audit trail", self.audit)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_suffix_appears_only_when_lines_were_lost() {
+        let clean = WriterStats {
+            records_written: 10,
+            ..WriterStats::default()
+        };
+        let mut health = LogHealth {
+            service_log: Some(clean),
+            audit: Some(clean),
+        };
+        assert_eq!(health.status_suffix(), "");
+        health.service_log = Some(WriterStats {
+            records_dropped: 3,
+            ..clean
+        });
+        health.audit = Some(WriterStats {
+            records_dropped: 1,
+            io_errors: 2,
+            ..clean
+        });
+        assert_eq!(health.status_suffix(), "; 4 log line(s) dropped");
+        assert_eq!(
+            health.report(),
+            "log writers: service log: 3 line(s) dropped, 0 cut, 0 I/O error(s); \
+             audit trail: 1 line(s) dropped, 0 cut, 2 I/O error(s)"
+        );
+        assert!(LogHealth::default()
+            .report()
+            .contains("audit trail: not written by this process"));
+    }
+}

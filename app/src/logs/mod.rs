@@ -43,6 +43,7 @@ pub use audit::{
 pub use bundle::{collect_bundle, BundleInputs, BundleSummary};
 pub use init::{
     attach_file_log, flush_file_log, init_logging, service_log_stats, FileLayer, FileLogHandle,
+    LogHealth,
 };
 pub use rotation::{Budget, RotatingFile, WriterStats};
 pub use writer::{LogDir, LogWriter, ServiceLog};

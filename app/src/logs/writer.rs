@@ -250,7 +250,10 @@ mod tests {
     #[test]
     fn the_service_log_writes_from_its_own_thread_and_counts_what_it_drops() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let log = ServiceLog::start(LogDir::open(dir.path(), Budget::default()).expect("open"), 8);
+        let log = ServiceLog::start(
+            LogDir::open(dir.path(), Budget::default()).expect("open"),
+            8,
+        );
         let subscriber = tracing_subscriber::fmt()
             .with_writer(log.writer())
             .with_ansi(false)
@@ -286,7 +289,11 @@ mod tests {
         let stats = log.stats();
         let in_file = lines(&dir.path().join(LOG_FILE)).len() as u64;
         assert_eq!(in_file, stats.records_written);
-        assert_eq!(stats.records_written + stats.records_dropped, total + 1, "{stats:?}");
+        assert_eq!(
+            stats.records_written + stats.records_dropped,
+            total + 1,
+            "{stats:?}"
+        );
         assert!(stats.records_dropped >= total - 10, "{stats:?}");
     }
 
