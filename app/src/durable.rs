@@ -266,7 +266,7 @@ mod tests {
         drop(staged);
         assert!(names(dir.path()).is_empty());
         let mut staged = Staged::create(&dest, ".t-", None).expect("stage");
-        (&*staged.file()).write_all(b"03\n").expect("write");
+        staged.file().write_all(b"03\n").expect("write");
         staged.prepare().expect("prepare");
         staged.commit(Replace::Allowed).expect("commit");
         assert_eq!(fs::read(&dest).expect("read"), b"03\n");
