@@ -22,7 +22,7 @@
 //! ```
 //!
 //! Every file is first written to a temporary file in its destination folder,
-//! synced, and then renamed into place: a crash never leaves a truncated key,
+//! synced, and then renamed into place ([`crate::durable`]): a crash never leaves a truncated key,
 //! certificate or serial file behind, and private keys are created with mode
 //! 0600 so they are never readable by others, not even for an instant.
 //! Issuing holds an exclusive `flock` on the CA directory, so two concurrent

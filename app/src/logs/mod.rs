@@ -20,7 +20,8 @@
 //! - [`redaction`]: the configuration as it goes into the bundle, secrets
 //!   replaced.
 //! - [`init`]: process-wide set-up: stderr at once, the file log once the
-//!   configuration is known, and its counters for the status line.
+//!   configuration is known, and [`LogHealth`], the writers' counters for
+//!   the status line and the status file.
 //!
 //! Under systemd the same events also go to journald through stderr; the
 //! files are what survives when nobody can read the journal. Writes never
