@@ -22,14 +22,14 @@
 //! ```
 //!
 //! Every file is first written to a temporary file in its destination folder,
-//! synced, and then renamed into place: a crash never leaves a truncated key,
+//! synced, and then renamed into place ([`crate::durable`]): a crash never leaves a truncated key,
 //! certificate or serial file behind, and private keys are created with mode
 //! 0600 so they are never readable by others, not even for an instant.
 //! Issuing holds an exclusive `flock` on the CA directory, so two concurrent
 //! `issue` runs cannot hand out the same serial number.
 
 use std::fs::{self, File, Permissions};
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -43,8 +43,10 @@ use rcgen::{
 use rsa::pkcs8::EncodePrivateKey;
 use rsa::rand_core::{OsRng, RngCore};
 use rustls_pki_types::{CertificateDer, DnsName, PrivatePkcs8KeyDer};
-use tempfile::NamedTempFile;
 use time::{Duration, OffsetDateTime};
+
+use crate::durable::{DurableError, Replace, Staged};
+use crate::timestamp::{self, Precision};
 
 /// Default common name of a new CA, used when the operator gives none.
 pub const DEFAULT_CA_NAME: &str = "minipacs CA";
@@ -309,7 +311,7 @@ pub fn new_ca(dir: &Path, opts: &CaOptions) -> Result<(), CaError> {
         (dir.join(CA_CERT_FILE), cert.pem(), PUBLIC_MODE),
     ];
     for (path, contents, mode) in files {
-        Staged::new(&path, contents.as_bytes(), mode)?.commit(Replace::Never)?;
+        stage(&path, contents.as_bytes(), mode)?.commit(Replace::Never)?;
     }
     Ok(())
 }
@@ -407,14 +409,14 @@ pub fn issue(
     // path fails without using up a serial number. Then the serial goes
     // first: a crash after it wastes a number but can never reuse one.
     let staged = [
-        Staged::new(
+        stage(
             &serial_path,
             format!("{}\n", serial_hex(&next_serial)).as_bytes(),
             PUBLIC_MODE,
         )?,
-        Staged::new(&index_path, index.as_bytes(), PUBLIC_MODE)?,
-        Staged::new(key_out, key.serialize_pem().as_bytes(), KEY_MODE)?,
-        Staged::new(cert_out, cert.pem().as_bytes(), PUBLIC_MODE)?,
+        stage(&index_path, index.as_bytes(), PUBLIC_MODE)?,
+        stage(key_out, key.serialize_pem().as_bytes(), KEY_MODE)?,
+        stage(cert_out, cert.pem().as_bytes(), PUBLIC_MODE)?,
     ];
     for file in staged {
         file.commit(Replace::Allowed)?;
@@ -575,18 +577,10 @@ fn now_utc() -> OffsetDateTime {
     now - Duration::nanoseconds(i64::from(now.nanosecond()))
 }
 
-/// Formats a UTC time as RFC 3339 (`2026-01-31T12:00:00Z`). Written by hand
-/// because the `time` crate's formatter needs a feature we do not enable.
+/// A certificate date as RFC 3339 (`2026-01-31T12:00:00Z`): whole seconds,
+/// as certificates carry them.
 fn rfc3339(t: OffsetDateTime) -> String {
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    timestamp::format(t, Precision::Seconds)
 }
 
 /// One `index.txt` line in the `openssl ca` database format: status `V`,
@@ -684,71 +678,24 @@ fn lock_dir(dir: &Path) -> Result<Flock<File>, CaError> {
         .map_err(|(_, errno)| io_error("locking", dir)(io::Error::from(errno)))
 }
 
-/// Whether committing a staged file may replace an existing one.
-#[derive(Clone, Copy)]
-enum Replace {
-    /// Fail with [`CaError::CaExists`] if the destination exists.
-    Never,
-    /// Atomically replace the destination.
-    Allowed,
+/// Stages `contents` for `dest` under a temporary name in its folder,
+/// written and synced with exactly `mode` ([`crate::durable::Staged`]),
+/// waiting to be committed.
+fn stage(dest: &Path, contents: &[u8], mode: u32) -> Result<Staged, CaError> {
+    Ok(Staged::with_contents(
+        dest,
+        TEMP_PREFIX,
+        contents,
+        Some(mode),
+    )?)
 }
 
-/// A file written and synced under a temporary name next to its
-/// destination, waiting to be renamed into place.
-struct Staged {
-    /// The temporary file; removed on drop unless committed.
-    file: NamedTempFile,
-    /// Where it will go.
-    dest: PathBuf,
-}
-
-impl Staged {
-    /// Writes `contents` to a new temporary file in the destination folder.
-    /// The file is created with mode 0600, so secrets are never exposed, and
-    /// set to `mode` (exactly, whatever the umask) before it gets its name.
-    fn new(dest: &Path, contents: &[u8], mode: u32) -> Result<Self, CaError> {
-        let dir = parent_dir(dest);
-        let mut file = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .permissions(Permissions::from_mode(KEY_MODE))
-            .tempfile_in(dir)
-            .map_err(io_error("creating a temporary file in", dir))?;
-        let path = file.path().to_path_buf();
-        file.write_all(contents)
-            .map_err(io_error("writing", &path))?;
-        file.as_file()
-            .set_permissions(Permissions::from_mode(mode))
-            .map_err(io_error("setting permissions of", &path))?;
-        file.as_file()
-            .sync_all()
-            .map_err(io_error("syncing", &path))?;
-        Ok(Self {
-            file,
-            dest: dest.to_path_buf(),
-        })
-    }
-
-    /// Renames the file into place and syncs the folder so the new name is
-    /// durable too.
-    fn commit(self, replace: Replace) -> Result<(), CaError> {
-        let Self { file, dest } = self;
-        let result = match replace {
-            Replace::Never => file.persist_noclobber(&dest),
-            Replace::Allowed => file.persist(&dest),
-        };
-        result.map_err(|e| exists_or_io(e.error, "writing", &dest))?;
-        let dir = parent_dir(&dest);
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("syncing", dir))
-    }
-}
-
-/// The folder a file lives in, `.` for a bare file name.
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
+impl From<DurableError> for CaError {
+    fn from(e: DurableError) -> Self {
+        match e {
+            DurableError::Exists { path } => CaError::CaExists { path },
+            DurableError::Io { op, path, source } => CaError::Io { op, path, source },
+        }
     }
 }
 

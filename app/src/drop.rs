@@ -190,29 +190,25 @@ fn refuse(dropped: &Path, result_path: &Path, verdict: &str, why: &str) {
 }
 
 fn write_result(path: &Path, verdict: &str, detail: &str) {
-    let now = crate::logs::rfc3339(std::time::SystemTime::now());
+    let now = crate::timestamp::rfc3339(std::time::SystemTime::now());
     let text = format!("{verdict}\n{now}\n{detail}\n");
     if let Err(e) = save_atomically(path, text.as_bytes()) {
         warn!(path = %path.display(), error = %e, "cannot write the result file");
     }
 }
 
-/// Writes `bytes` to `path` by a temp file and a rename (and fsyncs), so a
-/// power cut leaves the old file or the new one, never half of one.
-pub fn save_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+/// Writes `bytes` to `path` durably and atomically ([`crate::durable`]),
+/// so a power cut leaves the old file or the new one, never half of one.
+/// The mode is left to the folder (the drop folder may be FAT, which
+/// refuses a chmod).
+pub fn save_atomically(path: &Path, bytes: &[u8]) -> Result<(), crate::durable::DurableError> {
+    crate::durable::write_atomically(
+        path,
+        ".minipacs-save-",
+        bytes,
+        None,
+        crate::durable::Replace::Allowed,
+    )
 }
 
 /// Watches the drop folder until a restart is needed or `stop` turns true;

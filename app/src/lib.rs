@@ -10,6 +10,7 @@
 pub mod ca;
 pub mod config;
 pub mod drop;
+pub mod durable;
 pub mod logs;
 pub mod net;
 pub mod part10;
@@ -18,4 +19,5 @@ pub mod send;
 pub mod service;
 pub mod services;
 pub mod store;
+pub mod timestamp;
 pub mod tls;

@@ -272,13 +272,16 @@ struct EchoArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let file_log = logs::init_logging();
-    match run(cli, &file_log) {
+    let code = match run(cli, &file_log) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("minipacs: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The file log is written from its own thread: let it finish.
+    logs::flush_file_log();
+    code
 }
 
 /// Where a configuration applied from the drop folder is saved when the

@@ -201,6 +201,7 @@ pub async fn run(
     tokio::spawn(report_status(
         Arc::clone(&stats),
         Arc::clone(&store),
+        audit.clone(),
         config.log_directory.join(crate::drop::STATUS_FILE),
         events.clone(),
     ));
@@ -344,14 +345,16 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
 }
 
 /// Sends a status line every few seconds when it changes, and keeps it in
-/// `status_file` for the field log bundle.
+/// `status_file` for the field log bundle, with the log writers' health.
 async fn report_status(
     stats: Arc<Stats>,
     store: Arc<Store>,
+    audit: Option<Arc<crate::logs::Audit>>,
     status_file: std::path::PathBuf,
     events: mpsc::Sender<ServiceEvent>,
 ) {
     let mut last = String::new();
+    let mut last_report = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
@@ -359,8 +362,10 @@ async fn report_status(
             .free_space()
             .map(|(bytes, pct)| format!("{:.1} GB free ({pct:.0} %)", bytes as f64 / 1e9))
             .unwrap_or_else(|_| "free space unknown".into());
-        let line = format!("{}; {free}", stats.summary());
-        if line != last {
+        let logs = crate::logs::LogHealth::now(audit.as_deref());
+        let line = format!("{}; {free}{}", stats.summary(), logs.status_suffix());
+        let report = logs.report();
+        if (&line, &report) != (&last, &last_report) {
             if events
                 .send(ServiceEvent::Status(line.clone()))
                 .await
@@ -369,11 +374,12 @@ async fn report_status(
                 return;
             }
             let stamped = format!(
-                "{}  {line}\n",
-                crate::logs::rfc3339(std::time::SystemTime::now())
+                "{}  {line}\n{report}\n",
+                crate::timestamp::rfc3339(std::time::SystemTime::now())
             );
             let _ = tokio::fs::write(&status_file, stamped).await;
             last = line;
+            last_report = report;
         }
     }
 }

@@ -262,6 +262,7 @@ impl Listener {
         };
         match peeked {
             Ok(Ok(1..)) if first[0] == 0x01 => {
+                self.audit_tls_failed(addr, &"plain DICOM (A-ASSOCIATE-RQ) on the TLS port");
                 return warn!(peer = %addr, "plain DICOM (A-ASSOCIATE-RQ) received on a TLS port");
             }
             Ok(Ok(1..)) => {}
@@ -277,9 +278,13 @@ impl Listener {
         };
         let stream = match handshake {
             Err(_) => {
-                return info!(peer = %addr, "TLS handshake not finished within the ACSE timeout")
+                self.audit_tls_failed(addr, &"TLS handshake not finished within the ACSE timeout");
+                return info!(peer = %addr, "TLS handshake not finished within the ACSE timeout");
             }
-            Ok(Err(e)) => return warn!(peer = %addr, error = %e, "TLS handshake failed"),
+            Ok(Err(e)) => {
+                self.audit_tls_failed(addr, &e);
+                return warn!(peer = %addr, error = %e, "TLS handshake failed");
+            }
             Ok(Ok(s)) => s,
         };
         let session = stream.get_ref().1;
@@ -339,6 +344,9 @@ impl Listener {
             }
             Ok(Err(e)) => {
                 warn!(peer = %addr, error = %e, "association refused before negotiation");
+                if !e.is_connection_lost() {
+                    self.audit_rejected(addr, ("", ""), tls.as_ref(), &e.to_string());
+                }
                 if let Some(reason) = e.abort_reason() {
                     // Drained, so that no reset destroys the A-ABORT (an
                     // oversized A-ASSOCIATE-RQ leaves most of itself unread).
@@ -361,6 +369,12 @@ impl Listener {
         let Some(_slot) = self.bounds.try_slot(limits.max_associations) else {
             warn!(peer = %addr, %calling, %called, max = limits.max_associations,
                 "association rejected (transient): association limit reached");
+            self.audit_rejected(
+                addr,
+                (&calling, &called),
+                tls.as_ref(),
+                "association limit reached",
+            );
             let _ =
                 scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy())).await;
             return;
@@ -380,6 +394,7 @@ impl Listener {
         let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
                 warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected");
+                self.audit_rejected(addr, (&calling, &called), tls.as_ref(), &why.to_string());
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
                 return;
             }
@@ -456,6 +471,37 @@ struct TlsInfo {
     peer_subject: Option<String>,
     /// the CN values of the client certificate's subject, for the allowlist
     common_names: Vec<String>,
+}
+
+/// Audit lines for connections turned away (the audit trail's own
+/// records; see [`crate::logs::audit`]).
+impl Listener {
+    fn audit_rejected(
+        &self,
+        peer: SocketAddr,
+        (calling_ae, called_ae): (&str, &str),
+        tls: Option<&TlsInfo>,
+        reason: &str,
+    ) {
+        if let Some(audit) = &self.shared.audit {
+            audit.rejected(&crate::logs::RejectedRecord {
+                time: std::time::SystemTime::now(),
+                peer,
+                calling_ae,
+                called_ae,
+                tls_version: tls.map(|t| t.version.as_str()),
+                tls_suite: tls.map(|t| t.suite.as_str()),
+                tls_peer_subject: tls.and_then(|t| t.peer_subject.as_deref()),
+                reason,
+            });
+        }
+    }
+
+    fn audit_tls_failed(&self, peer: SocketAddr, reason: &dyn std::fmt::Display) {
+        if let Some(audit) = &self.shared.audit {
+            audit.tls_failed_now(peer, reason);
+        }
+    }
 }
 
 #[cfg(test)]

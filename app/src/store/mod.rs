@@ -410,9 +410,7 @@ fn create_dirs_durably(root: &Path, dir: &Path, fsync: bool) -> Result<(), Store
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(StoreError::io("fsync of folder"))
+    crate::durable::sync_dir(dir).map_err(|e| StoreError::io("fsync of folder")(e.into_io()))
 }
 
 #[cfg(test)]
