@@ -16,5 +16,6 @@ pub mod part10;
 pub mod privsep;
 pub mod send;
 pub mod service;
+pub mod shutdown;
 pub mod store;
 pub mod tls;

@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// What the receiver tells its supervisor.
@@ -57,11 +58,16 @@ impl ServiceEvent {
     }
 }
 
-/// Sends heartbeats from the current runtime until the receiver is dropped.
-pub async fn heartbeat(events: mpsc::Sender<ServiceEvent>) {
+/// Sends heartbeats from the current runtime until `stop` is cancelled (or
+/// nobody listens any more). It holds a sender of the event channel, so it
+/// must end for the channel to close.
+pub async fn heartbeat(events: mpsc::Sender<ServiceEvent>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         if events.send(ServiceEvent::Alive).await.is_err() {
             return;
         }
@@ -162,23 +168,6 @@ impl ActivityLed {
             led.lit.store(false, Ordering::Release);
         });
     }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("stop requested");
 }
 
 #[cfg(test)]

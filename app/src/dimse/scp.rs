@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::command::{self, field, status, Command};
@@ -218,14 +218,16 @@ pub struct AssociationSettings {
 }
 
 /// Runs an accepted association until release, abort, error or shutdown.
-/// The A-ASSOCIATE-AC has been sent already.
+/// The A-ASSOCIATE-AC has been sent already. Once `shutdown` is cancelled
+/// the association is aborted as soon as it is idle: an object or command
+/// in flight is finished (and answered) first.
 pub async fn run_association<S>(
     stream: S,
     shared: &ScpShared,
     settings: &AssociationSettings,
     contexts: &ContextTable,
     peer: &PeerInfo,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
     summary: &mut AssociationSummary,
 ) -> Result<(), ScpError>
 where
@@ -240,7 +242,7 @@ where
         settings,
         contexts,
         peer,
-        &mut shutdown,
+        &shutdown,
         summary,
     )
     .await;
@@ -260,7 +262,7 @@ async fn association_loop<R, W>(
     settings: &AssociationSettings,
     contexts: &ContextTable,
     peer: &PeerInfo,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
     summary: &mut AssociationSummary,
 ) -> Result<(), ScpError>
 where
@@ -276,7 +278,7 @@ where
         let idle = in_flight.is_none() && command_context.is_none();
         let header = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop), if idle => return Err(ScpError::Shutdown),
+            _ = shutdown.cancelled(), if idle => return Err(ScpError::Shutdown),
             read = tokio::time::timeout(timeout, reader.read_header()) => match read {
                 Err(_) => return Err(ScpError::Timeout(timeout.as_secs())),
                 Ok(Ok(Some(h))) => h,
