@@ -12,7 +12,15 @@
 //! material, re-reads the certificate files on SIGHUP or when they change
 //! and sends the new set (after checking it), turns the worker's service
 //! events into sd_notify messages (it is the service's main PID), and passes
-//! SIGTERM on. When the worker dies, the keeper exits with its status.
+//! stop requests on: the first SIGTERM or SIGINT (or a restart) becomes one
+//! SIGTERM to the worker, a second one another (the worker then drops what
+//! is left), and a worker still there `shutdown_timeout` plus a grace after
+//! the first is killed. The worker runs in its own process group, so a
+//! terminal's Ctrl-C reaches it only through the keeper. When the worker
+//! dies, the keeper exits with its status.
+//!
+//! The worker runs the same [`crate::net::Service`] as the single process;
+//! only what feeds it differs (here, the control channel).
 //!
 //! The control channel carries frames: a kind byte, a big-endian u32
 //! length, the payload.
@@ -156,6 +164,10 @@ pub fn run_keeper(
     // Take SIGTERM and SIGINT before anything else, so that a stop request
     // during start-up is passed on rather than killing the keeper alone.
     let stops = runtime.block_on(async { StopSignals::new() })?;
+    // And SIGCHLD, before there is a worker: its end is seen, however early.
+    let worker_exits = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+    })?;
     let who = resolve_identity(&config.user, config.group.as_deref())?;
     hand_over_dir(&config.output_directory, who)?;
     hand_over_dir(&config.log_directory, who)?;
@@ -204,7 +216,6 @@ pub fn run_keeper(
         .process_group(0)
         .spawn()
         .context("starting the worker")?;
-    let worker = nix::unistd::Pid::from_raw(child.id() as i32);
     info!(pid = child.id(), uid = %who.uid, gid = %who.gid, "worker started; keeper stays root to read certificates");
     // The worker has its copies; the keeper keeps none of the network.
     drop(worker_end);
@@ -216,7 +227,10 @@ pub fn run_keeper(
         tls_files,
         material,
         keeper_end,
-        worker,
+        Worker {
+            child: &mut child,
+            exits: worker_exits,
+        },
         stops,
     ));
     let status = child.wait().context("waiting for the worker")?;
@@ -265,16 +279,16 @@ const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
 /// and the certificate files, and passes stop requests on. Its own tasks
 /// are tasks of its own [`Shutdown`], stopped and waited for when the
 /// worker has gone.
-#[allow(clippy::too_many_arguments)]
 async fn supervise(
     config: Config,
     last_good: PathBuf,
     tls_files: Option<crate::tls::ServerTlsFiles>,
     material: Option<TlsMaterial>,
     control: std::os::unix::net::UnixStream,
-    worker: nix::unistd::Pid,
+    mut worker: Worker<'_>,
     mut stops: StopSignals,
 ) -> anyhow::Result<Supervised> {
+    let worker_pid = nix::unistd::Pid::from_raw(worker.child.id() as i32);
     control.set_nonblocking(true)?;
     let control = tokio::net::UnixStream::from_std(control)?;
     let (mut from_worker, mut to_worker) = tokio::io::split(control);
@@ -291,6 +305,16 @@ async fn supervise(
     let shutdown = Shutdown::new();
     let (events_tx, events_rx) = mpsc::channel(64);
     shutdown.spawn(service::notify_systemd(events_rx));
+    // Frames are read by a task of their own: reading one is not
+    // cancel-safe, and the loop below waits on other things too.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    shutdown.spawn(async move {
+        while let Ok(frame) = read_frame(&mut from_worker).await {
+            if frames_tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
     let restart = Arc::new(AtomicBool::new(false));
     let (live_tx, mut live_rx) = mpsc::channel::<Config>(4);
     if let Some(dir) = config.drop_directory.clone() {
@@ -333,23 +357,35 @@ async fn supervise(
     // Set when the stop has been passed on: the worker is killed if it is
     // still there then.
     let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut worker_gone = false;
     // The watchdog is pinged only while the worker's heartbeats arrive.
     loop {
         let sent = tokio::select! {
-            frame = read_frame(&mut from_worker) => match frame {
-                Ok((FRAME_EVENT, payload)) => {
+            frame = frames.recv(), if !worker_gone => match frame {
+                Some((FRAME_EVENT, payload)) => {
                     if let Some(event) = ServiceEvent::decode(&String::from_utf8_lossy(&payload)) {
                         let _ = events_tx.send(event).await;
                     }
                     Ok(())
                 }
-                Ok(_) => {
+                Some(_) => {
                     warn!("unexpected frame from the worker");
                     Ok(())
                 }
-                // The worker closed its end: it is exiting.
-                Err(_) => break,
+                // The worker closed its end: it is stopping, and its exit
+                // (SIGCHLD) ends the loop.
+                None => {
+                    worker_gone = true;
+                    Ok(())
+                }
             },
+            _ = worker.exits.recv() => {
+                // SIGCHLD: did the worker end (not just stop or continue)?
+                if let Ok(Some(_)) = worker.child.try_wait() {
+                    break;
+                }
+                Ok(())
+            }
             Some(material) = tls_rx.recv() => {
                 write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await
             }
@@ -360,7 +396,7 @@ async fn supervise(
             _ = stops.recv() => {
                 if kill_at.is_some() {
                     info!("second stop request; passing it on: the worker drops what is left");
-                    signal_worker(worker, nix::sys::signal::Signal::SIGTERM);
+                    signal_worker(worker_pid, nix::sys::signal::Signal::SIGTERM);
                 }
                 shutdown.stop();
                 Ok(())
@@ -371,13 +407,13 @@ async fn supervise(
                 }
                 info!("stop requested; passing it to the worker");
                 let _ = events_tx.send(ServiceEvent::Stopping).await;
-                signal_worker(worker, nix::sys::signal::Signal::SIGTERM);
+                signal_worker(worker_pid, nix::sys::signal::Signal::SIGTERM);
                 kill_at = Some(tokio::time::Instant::now() + worker_bound);
                 Ok(())
             }
             _ = sleep_until(kill_at), if kill_at.is_some() => {
                 warn!(secs = worker_bound.as_secs(), "the worker did not stop in time; killing it");
-                signal_worker(worker, nix::sys::signal::Signal::SIGKILL);
+                signal_worker(worker_pid, nix::sys::signal::Signal::SIGKILL);
                 kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
                 Ok(())
             }
@@ -395,6 +431,13 @@ async fn supervise(
     } else {
         Supervised::Ended
     })
+}
+
+/// The worker process, and the SIGCHLD stream that tells when it may have
+/// ended.
+struct Worker<'a> {
+    child: &'a mut std::process::Child,
+    exits: tokio::signal::unix::Signal,
 }
 
 /// Resolves at `at`, or never.
