@@ -26,8 +26,11 @@
 //! length, the payload.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -35,12 +38,8 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::unistd::{Gid, Group, Uid, User};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
-
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
 use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::net::{Service, Sockets, TlsFeed};
@@ -204,7 +203,6 @@ pub fn run_keeper(
     if let Some(f) = &sockets.led {
         spec.push_str(&format!(",led={}", inheritable(f)?));
     }
-    use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().context("finding our own executable")?;
     // The worker gets its own process group, so that a Ctrl-C on a terminal
     // reaches the keeper alone, which passes it on once: a second signal
@@ -256,7 +254,6 @@ enum Supervised {
 /// Replaces this process with `minipacs serve --config last_good` (the same
 /// PID, so systemd sees a reload, not a crash). Returns only on failure.
 pub fn restart_on(last_good: &Path) -> anyhow::Error {
-    use std::os::unix::process::CommandExt;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
