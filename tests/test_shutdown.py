@@ -20,7 +20,7 @@ import time
 import pytest
 
 import dul
-from conftest import Server, dataset_bytes
+from conftest import Server, dataset_bytes, free_port, wait_port
 
 DATASET = b"\x08\x00\x16\x00UI\x1a\x001.2.840.10008.5.1.4.1.1.2\x00" + os.urandom(300000)
 # Well under the graceful bound these tests configure (30 s): a stop that
@@ -33,6 +33,20 @@ MODES = ["keeper", "one-process"]
 SIGNALS = [signal.SIGTERM, signal.SIGINT]
 
 
+_started = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left():
+    """A failed test leaves no server running."""
+    yield
+    while _started:
+        srv = _started.pop()
+        if srv.alive():
+            srv.proc.kill()
+            srv.proc.wait()
+
+
 def uid_of(pid):
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Uid:"):
@@ -40,19 +54,29 @@ def uid_of(pid):
     raise KeyError("Uid")
 
 
-def start(minipacs, tmp_path, mode, shutdown_timeout=30):
+def start(minipacs, tmp_path, mode, shutdown_timeout=30, more=""):
+    """A server started as root or as nobody, on a configuration file in
+    etc/ (which it may replace, as the last-good one) that names its store,
+    logs and port, so that a restart on that file alone serves the same."""
     assert os.geteuid() == 0, "these tests start the server as root and as nobody"
-    store, logs = tmp_path / "store", tmp_path / "logs"
-    cfg = tmp_path / "minipacs.toml"
-    cfg.write_text(f'shutdown_timeout = {shutdown_timeout}\nlog_directory = "{logs}"\n')
+    store, logs, etc, drop = (tmp_path / n for n in ("store", "logs", "etc", "drop"))
+    for folder in (store, logs, etc, drop):
+        folder.mkdir()
+    port = free_port()
+    cfg = etc / "minipacs.toml"
+    cfg.write_text(
+        f'port = {port}\noutput_directory = "{store}"\nlog_directory = "{logs}"\n'
+        f"shutdown_timeout = {shutdown_timeout}\n{more}"
+    )
     prefix = ()
     if mode == "one-process":
         nobody = pwd.getpwnam("nobody")
-        for folder in (store, logs):
-            folder.mkdir()
-            os.chown(folder, nobody.pw_uid, nobody.pw_gid)
+        for path in (store, logs, etc, drop, cfg):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
         prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
-    srv = Server(minipacs, store, ["--config", str(cfg)], prefix=prefix).start()
+    srv = Server(minipacs, store, ["--config", str(cfg)], port=port, prefix=prefix)
+    _started.append(srv)
+    srv.start()
     if mode == "keeper":
         assert uid_of(srv.proc.pid) == 0
         worker = srv.worker_pid()
@@ -171,6 +195,37 @@ def test_second_signal_cuts_the_graceful_phase_short(minipacs, tmp_path, mode):
     print(f"\n{mode}: second SIGINT, exited 0 in {time.monotonic() - started:.2f} s")
     assert busy.closed_by_peer(timeout=1)
     assert srv.stored_files() == [] and srv.temp_files() == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_restart_by_drop_finishes_the_object_in_flight_first(minipacs, tmp_path, mode):
+    drop = tmp_path / "drop"
+    srv = start(minipacs, tmp_path, mode, more=f'drop_directory = "{drop}"\n')
+    pid = srv.proc.pid
+    busy = begin_object(srv, "1.2.3.4.14")
+    cfg = tmp_path / "etc" / "minipacs.toml"
+    new_port = free_port()
+    text = cfg.read_text().replace(f"port = {srv.port}", f"port = {new_port}")
+    (drop / "minipacs.toml").write_text(text)
+    result = (drop / "minipacs.toml.result")
+    assert wait_until(result.exists, timeout=10), srv.logs()[-2000:]
+    assert result.read_text().startswith("APPLIED\n"), result.read_text()
+    # The restart waits for the object: send the rest, slowly.
+    time.sleep(0.5)
+    rest = DATASET[100000:]
+    for i in range(0, len(rest), 50000):
+        busy.send(dul.pdata(3, False, i + 50000 >= len(rest), rest[i : i + 50000]))
+        time.sleep(0.1)
+    assert dul.status_of(busy.read_command()) == 0
+    wait_port(new_port, srv.proc, timeout=20)
+    srv.port = new_port
+    c = associated(srv)
+    assert c.echo() == 0
+    c.release()
+    assert srv.proc.pid == pid and srv.alive(), "restarted in place (exec), same PID"
+    assert [p.name for p in srv.stored_files()] == ["CT.1.2.3.4.14"]
+    assert dataset_bytes(srv.stored_files()[0]) == DATASET
+    assert srv.stop(signal.SIGTERM, timeout=PROMPT) == 0
 
 
 def _connectable(port):

@@ -124,6 +124,13 @@ pub struct ActivityLed {
     lit: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for ActivityLed {
+    /// A service that has stopped does not leave the LED lit.
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 impl ActivityLed {
     /// Wraps an open sysfs `brightness` file (or any writable file).
     pub fn new(file: std::fs::File) -> Self {
@@ -154,7 +161,10 @@ impl ActivityLed {
         let _ = self.file.write_at(if on { b"1\n" } else { b"0\n" }, 0);
     }
 
-    /// Lights the LED for a moment (on the runtime, without blocking).
+    /// Lights the LED for a moment (on the runtime, without blocking). The
+    /// task that puts it out again is not a task of the shutdown (it lasts
+    /// 40 ms); if it is dropped with the runtime, the LED is put out when
+    /// the last holder goes (see `Drop`).
     pub fn blink(self: &std::sync::Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.lit.swap(true, Ordering::AcqRel) {
