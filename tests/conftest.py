@@ -78,8 +78,10 @@ class Server:
 
     started = 0
 
-    def __init__(self, binary, store, extra=(), port=None, aetitle="MINIPACS"):
+    def __init__(self, binary, store, extra=(), port=None, aetitle="MINIPACS", prefix=()):
         self.binary = binary
+        # e.g. a setpriv command line, to run the server as another user
+        self.prefix = list(prefix)
         self.store = pathlib.Path(store)
         self.port = port or free_port()
         self.aetitle = aetitle
@@ -92,6 +94,7 @@ class Server:
         open_for_worker(self.store)
         self.log = open(self.log_path, "ab")
         cmd = [
+            *self.prefix,
             self.binary,
             "serve",
             "--port",

@@ -211,19 +211,20 @@ pub fn save_atomically(path: &Path, bytes: &[u8]) -> Result<(), crate::durable::
     )
 }
 
-/// Watches the drop folder until a restart is needed or `stop` turns true;
-/// configurations that apply live go to `live`. Returns whether to restart.
+/// Watches the drop folder until a restart is needed or `stop` is
+/// cancelled; configurations that apply live go to `live`. Returns whether
+/// to restart.
 pub async fn watch(
     dir: PathBuf,
     mut running: Config,
     last_good: PathBuf,
     live: tokio::sync::mpsc::Sender<Config>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
 ) -> bool {
     let mut tick = tokio::time::interval(POLL);
     loop {
         tokio::select! {
-            _ = crate::net::server::stopped(&mut stop) => return false,
+            _ = stop.cancelled() => return false,
             _ = tick.tick() => {}
         }
         let (d, r, l) = (dir.clone(), running.clone(), last_good.clone());

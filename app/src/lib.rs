@@ -18,6 +18,7 @@ pub mod privsep;
 pub mod send;
 pub mod service;
 pub mod services;
+pub mod shutdown;
 pub mod store;
 pub mod timestamp;
 pub mod tls;

@@ -315,47 +315,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
                 logs::LOG_FILE,
                 config.log_max_bytes,
             );
-            tracing::info!("running unprivileged as one process (privilege separation needs root)");
-            let sockets = minipacs::net::Sockets::bind(&config)?;
-            let tls = match config.tls.files() {
-                Some(files) => minipacs::net::TlsFeed::Files(files),
-                None => minipacs::net::TlsFeed::None,
-            };
-            let restart = std::sync::atomic::AtomicBool::new(false);
-            runtime()?.block_on(async {
-                let (events, events_rx) = tokio::sync::mpsc::channel(64);
-                let notifier = tokio::spawn(service::notify_systemd(events_rx));
-                let (_never, no_stop) = tokio::sync::watch::channel(false);
-                let (live_tx, live_rx) = tokio::sync::mpsc::channel(4);
-                let dropped = async {
-                    match &config.drop_directory {
-                        Some(dir) => {
-                            minipacs::drop::watch(
-                                dir.clone(),
-                                config.clone(),
-                                last_good.clone(),
-                                live_tx,
-                                no_stop,
-                            )
-                            .await
-                        }
-                        None => std::future::pending().await,
-                    }
-                };
-                let stop = async {
-                    tokio::select! {
-                        _ = service::stop_signal() => {}
-                        true = dropped => restart.store(true, std::sync::atomic::Ordering::Relaxed),
-                    }
-                };
-                let result = minipacs::net::run(&config, sockets, tls, events, live_rx, stop).await;
-                let _ = notifier.await;
-                result
-            })?;
-            if restart.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(privsep::restart_on(&last_good));
-            }
-            Ok(ExitCode::SUCCESS)
+            serve_one_process(config, last_good)
         }
         Command::Send(args) => {
             let peer = args.peer.peer()?;
@@ -495,6 +455,49 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// Serves as one process (started as a normal user: no privilege
+/// separation). This process is its own supervisor: it watches the drop
+/// folder and speaks to systemd itself, and restarts (by exec) when a
+/// dropped configuration needs it, once the service has stopped.
+fn serve_one_process(config: Config, last_good: PathBuf) -> anyhow::Result<ExitCode> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    tracing::info!("running unprivileged as one process (privilege separation needs root)");
+    let sockets = minipacs::net::Sockets::bind(&config)?;
+    let tls = match config.tls.files() {
+        Some(files) => minipacs::net::TlsFeed::Files(files),
+        None => minipacs::net::TlsFeed::None,
+    };
+    let restart = Arc::new(AtomicBool::new(false));
+    let restart_asked = Arc::clone(&restart);
+    let saved_to = last_good.clone();
+    minipacs::net::serve_in_process(|shutdown| async move {
+        let (events, events_rx) = tokio::sync::mpsc::channel(64);
+        shutdown.spawn(service::notify_systemd(events_rx));
+        let (live_tx, config_updates) = tokio::sync::mpsc::channel(4);
+        if let Some(dir) = config.drop_directory.clone() {
+            let (running, shutdown) = (config.clone(), shutdown.clone());
+            shutdown.clone().spawn(async move {
+                let stop = shutdown.token();
+                if minipacs::drop::watch(dir, running, saved_to, live_tx, stop).await {
+                    restart_asked.store(true, Ordering::Relaxed);
+                    shutdown.stop();
+                }
+            });
+        }
+        Ok(minipacs::net::Service {
+            config,
+            sockets,
+            tls,
+            events,
+            config_updates,
+        })
+    })?;
+    if restart.load(Ordering::Relaxed) {
+        return Err(privsep::restart_on(&last_good));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The configuration `serve` runs on: the pipeline of [`Config::load_with`]

@@ -12,14 +12,25 @@
 //! material, re-reads the certificate files on SIGHUP or when they change
 //! and sends the new set (after checking it), turns the worker's service
 //! events into sd_notify messages (it is the service's main PID), and passes
-//! SIGTERM on. When the worker dies, the keeper exits with its status.
+//! stop requests on: the first SIGTERM or SIGINT (or a restart) becomes one
+//! SIGTERM to the worker, a second one another (the worker then drops what
+//! is left), and a worker still there `shutdown_timeout` plus a grace after
+//! the first is killed. The worker runs in its own process group, so a
+//! terminal's Ctrl-C reaches it only through the keeper. When the worker
+//! dies, the keeper exits with its status.
+//!
+//! The worker runs the same [`crate::net::Service`] as the single process;
+//! only what feeds it differs (here, the control channel).
 //!
 //! The control channel carries frames: a kind byte, a big-endian u32
 //! length, the payload.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -27,11 +38,13 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::unistd::{Gid, Group, Uid, User};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::net::{Sockets, TlsFeed};
+use crate::net::{Service, Sockets, TlsFeed};
 use crate::service::{self, ServiceEvent};
+use crate::shutdown::{Shutdown, StopSignals};
 use crate::tls::{PemFile, TlsMaterial};
 
 /// Environment variable that makes a process the worker; it names the
@@ -150,6 +163,10 @@ pub fn run_keeper(
     // Take SIGTERM and SIGINT before anything else, so that a stop request
     // during start-up is passed on rather than killing the keeper alone.
     let stops = runtime.block_on(async { StopSignals::new() })?;
+    // And SIGCHLD, before there is a worker: its end is seen, however early.
+    let worker_exits = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
+    })?;
     let who = resolve_identity(&config.user, config.group.as_deref())?;
     hand_over_dir(&config.output_directory, who)?;
     hand_over_dir(&config.log_directory, who)?;
@@ -187,13 +204,16 @@ pub fn run_keeper(
         spec.push_str(&format!(",led={}", inheritable(f)?));
     }
     let exe = std::env::current_exe().context("finding our own executable")?;
+    // The worker gets its own process group, so that a Ctrl-C on a terminal
+    // reaches the keeper alone, which passes it on once: a second signal
+    // straight to the worker would cut its graceful stop short.
     let mut child = std::process::Command::new(exe)
         .arg("serve")
         .env(WORKER_ENV, &spec)
         .stdin(std::process::Stdio::null())
+        .process_group(0)
         .spawn()
         .context("starting the worker")?;
-    let worker = nix::unistd::Pid::from_raw(child.id() as i32);
     info!(pid = child.id(), uid = %who.uid, gid = %who.gid, "worker started; keeper stays root to read certificates");
     // The worker has its copies; the keeper keeps none of the network.
     drop(worker_end);
@@ -205,7 +225,10 @@ pub fn run_keeper(
         tls_files,
         material,
         keeper_end,
-        worker,
+        Worker {
+            child: &mut child,
+            exits: worker_exits,
+        },
         stops,
     ));
     let status = child.wait().context("waiting for the worker")?;
@@ -217,29 +240,6 @@ pub fn run_keeper(
         Some(0) => ExitCode::SUCCESS,
         _ => ExitCode::FAILURE,
     })
-}
-
-/// SIGTERM and SIGINT, taken over from their default (die at once).
-struct StopSignals {
-    term: tokio::signal::unix::Signal,
-    int: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn new() -> anyhow::Result<Self> {
-        use tokio::signal::unix::{signal, SignalKind};
-        Ok(StopSignals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-        })
-    }
-
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
-        }
-    }
 }
 
 /// How supervision ended.
@@ -254,7 +254,6 @@ enum Supervised {
 /// Replaces this process with `minipacs serve --config last_good` (the same
 /// PID, so systemd sees a reload, not a crash). Returns only on failure.
 pub fn restart_on(last_good: &Path) -> anyhow::Error {
-    use std::os::unix::process::CommandExt;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
@@ -268,16 +267,25 @@ pub fn restart_on(last_good: &Path) -> anyhow::Error {
     anyhow::anyhow!("restart on {}: {err}", last_good.display())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// How long the keeper waits for a stopping worker beyond the worker's
+/// own bound (`shutdown_timeout`) before it kills it.
+const WORKER_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The keeper's side while the worker serves: sends it its configuration
+/// and certificates, relays its events to systemd, watches the drop folder
+/// and the certificate files, and passes stop requests on. Its own tasks
+/// are tasks of its own [`Shutdown`], stopped and waited for when the
+/// worker has gone.
 async fn supervise(
     config: Config,
     last_good: PathBuf,
     tls_files: Option<crate::tls::ServerTlsFiles>,
     material: Option<TlsMaterial>,
     control: std::os::unix::net::UnixStream,
-    worker: nix::unistd::Pid,
+    mut worker: Worker<'_>,
     mut stops: StopSignals,
 ) -> anyhow::Result<Supervised> {
+    let worker_pid = nix::unistd::Pid::from_raw(worker.child.id() as i32);
     control.set_nonblocking(true)?;
     let control = tokio::net::UnixStream::from_std(control)?;
     let (mut from_worker, mut to_worker) = tokio::io::split(control);
@@ -291,30 +299,40 @@ async fn supervise(
         write_frame(&mut to_worker, FRAME_TLS, &encode_material(material)).await?;
     }
 
+    let shutdown = Shutdown::new();
     let (events_tx, events_rx) = mpsc::channel(64);
-    tokio::spawn(service::notify_systemd(events_rx));
-    // Certificates: re-read on SIGHUP and on change, checked here, sent on.
-    let (tls_tx, mut tls_rx) = mpsc::channel::<TlsMaterial>(4);
-    let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut restart = false;
-    let (restart_tx, mut restart_rx) = mpsc::channel::<()>(1);
+    shutdown.spawn(service::notify_systemd(events_rx));
+    // Frames are read by a task of their own: reading one is not
+    // cancel-safe, and the loop below waits on other things too.
+    let (frames_tx, mut frames) = mpsc::channel(16);
+    shutdown.spawn(async move {
+        while let Ok(frame) = read_frame(&mut from_worker).await {
+            if frames_tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let restart = Arc::new(AtomicBool::new(false));
     let (live_tx, mut live_rx) = mpsc::channel::<Config>(4);
     if let Some(dir) = config.drop_directory.clone() {
-        let (running, stop) = (config.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            if crate::drop::watch(dir, running, last_good, live_tx, stop).await {
-                let _ = restart_tx.send(()).await;
+        let (running, restart, shutdown) = (config.clone(), Arc::clone(&restart), shutdown.clone());
+        shutdown.clone().spawn(async move {
+            if crate::drop::watch(dir, running, last_good, live_tx, shutdown.token()).await {
+                restart.store(true, Ordering::Relaxed);
+                shutdown.stop();
             }
         });
     }
+    // Certificates: re-read on SIGHUP and on change, checked here, sent on.
+    let (tls_tx, mut tls_rx) = mpsc::channel::<TlsMaterial>(4);
     if let Some(files) = tls_files {
         let policy = files.policy();
         let poll = Duration::from_secs(config.tls.reload_check);
         let notify = events_tx.clone();
-        tokio::spawn(crate::tls::watch_files(
+        shutdown.spawn(crate::tls::watch_files(
             files,
             poll,
-            stop_rx,
+            shutdown.token(),
             move |m, why| {
                 let _ = notify.try_send(ServiceEvent::Reloading);
                 match crate::tls::server_config(&m, policy) {
@@ -332,41 +350,105 @@ async fn supervise(
     } else {
         drop(tls_tx);
     }
+    let mut worker_bound = Duration::from_secs(config.shutdown_timeout) + WORKER_STOP_GRACE;
+    // Set when the stop has been passed on: the worker is killed if it is
+    // still there then.
+    let mut kill_at: Option<tokio::time::Instant> = None;
+    let mut worker_gone = false;
     // The watchdog is pinged only while the worker's heartbeats arrive.
     loop {
-        tokio::select! {
-            frame = read_frame(&mut from_worker) => match frame {
-                Ok((FRAME_EVENT, payload)) => {
+        let sent = tokio::select! {
+            frame = frames.recv(), if !worker_gone => match frame {
+                Some((FRAME_EVENT, payload)) => {
                     if let Some(event) = ServiceEvent::decode(&String::from_utf8_lossy(&payload)) {
                         let _ = events_tx.send(event).await;
                     }
+                    Ok(())
                 }
-                Ok(_) => warn!("unexpected frame from the worker"),
-                // The worker closed its end: it is exiting.
-                Err(_) => {
-                    return Ok(if restart { Supervised::Restart } else { Supervised::Ended })
+                Some(_) => {
+                    warn!("unexpected frame from the worker");
+                    Ok(())
+                }
+                // The worker closed its end: it is stopping, and its exit
+                // (SIGCHLD) ends the loop.
+                None => {
+                    worker_gone = true;
+                    Ok(())
                 }
             },
+            _ = worker.exits.recv() => {
+                // SIGCHLD: did the worker end (not just stop or continue)?
+                if let Ok(Some(_)) = worker.child.try_wait() {
+                    break;
+                }
+                Ok(())
+            }
             Some(material) = tls_rx.recv() => {
-                write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await?;
+                write_frame(&mut to_worker, FRAME_TLS, &encode_material(&material)).await
             }
             Some(new) = live_rx.recv() => {
-                write_frame(&mut to_worker, FRAME_CONFIG, toml::to_string(&new)?.as_bytes()).await?;
+                worker_bound = Duration::from_secs(new.shutdown_timeout) + WORKER_STOP_GRACE;
+                write_frame(&mut to_worker, FRAME_CONFIG, toml::to_string(&new)?.as_bytes()).await
             }
-            _ = stops.recv() => forward_stop(worker, &events_tx).await,
-            Some(()) = restart_rx.recv(), if !restart => {
-                restart = true;
-                let _ = events_tx.send(ServiceEvent::Reloading).await;
-                forward_stop(worker, &events_tx).await;
+            _ = stops.recv() => {
+                if kill_at.is_some() {
+                    info!("second stop request; passing it on: the worker drops what is left");
+                    signal_worker(worker_pid, nix::sys::signal::Signal::SIGTERM);
+                }
+                shutdown.stop();
+                Ok(())
             }
+            _ = shutdown.stopped(), if kill_at.is_none() => {
+                if restart.load(Ordering::Relaxed) {
+                    let _ = events_tx.send(ServiceEvent::Reloading).await;
+                }
+                info!("stop requested; passing it to the worker");
+                let _ = events_tx.send(ServiceEvent::Stopping).await;
+                signal_worker(worker_pid, nix::sys::signal::Signal::SIGTERM);
+                kill_at = Some(tokio::time::Instant::now() + worker_bound);
+                Ok(())
+            }
+            _ = sleep_until(kill_at), if kill_at.is_some() => {
+                warn!(secs = worker_bound.as_secs(), "the worker did not stop in time; killing it");
+                signal_worker(worker_pid, nix::sys::signal::Signal::SIGKILL);
+                kill_at = Some(tokio::time::Instant::now() + Duration::from_secs(3600));
+                Ok(())
+            }
+        };
+        if let Err(e) = sent {
+            warn!(error = %e, "writing to the worker failed");
         }
+    }
+    // The keeper's own tasks end on the stop; the systemd notifier when
+    // the last event sender is gone.
+    drop(events_tx);
+    shutdown.drain(Duration::from_secs(1), stops.recv()).await;
+    Ok(if restart.load(Ordering::Relaxed) {
+        Supervised::Restart
+    } else {
+        Supervised::Ended
+    })
+}
+
+/// The worker process, and the SIGCHLD stream that tells when it may have
+/// ended.
+struct Worker<'a> {
+    child: &'a mut std::process::Child,
+    exits: tokio::signal::unix::Signal,
+}
+
+/// Resolves at `at`, or never.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
-async fn forward_stop(worker: nix::unistd::Pid, events: &mpsc::Sender<ServiceEvent>) {
-    info!("stop requested; passing it to the worker");
-    let _ = events.send(ServiceEvent::Stopping).await;
-    let _ = nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGTERM);
+fn signal_worker(worker: nix::unistd::Pid, signal: nix::sys::signal::Signal) {
+    if let Err(e) = nix::sys::signal::kill(worker, signal) {
+        warn!(error = %e, ?signal, "cannot signal the worker");
+    }
 }
 
 /// What the keeper handed the worker.
@@ -466,15 +548,11 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
         bail!("the keeper is gone");
     }
     info!(uid = %inherited.who.uid, gid = %inherited.who.gid, "worker running unprivileged");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the worker's runtime")?;
-    runtime.block_on(async move {
+    crate::net::serve_in_process(|shutdown| async move {
         let control = std::os::unix::net::UnixStream::from(inherited.control);
         control.set_nonblocking(true)?;
         let control = tokio::net::UnixStream::from_std(control)?;
-        let (mut from_keeper, mut to_keeper) = tokio::io::split(control);
+        let (mut from_keeper, to_keeper) = tokio::io::split(control);
         let (kind, payload) = read_frame(&mut from_keeper).await?;
         if kind != FRAME_CONFIG {
             bail!("the keeper sent no configuration");
@@ -500,7 +578,7 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
             led: inherited.led.map(std::fs::File::from),
         };
         let (tls_tx, tls_rx) = mpsc::channel(4);
-        let tls_feed = match (&sockets.tls, config.tls.files()) {
+        let tls = match (&sockets.tls, config.tls.files()) {
             (Some(_), Some(files)) => {
                 let (kind, payload) = read_frame(&mut from_keeper).await?;
                 if kind != FRAME_TLS {
@@ -514,53 +592,78 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
             }
             _ => TlsFeed::None,
         };
-        // Later frames from the keeper: renewed certificates, and
-        // configurations to apply while serving.
-        let (config_tx, config_rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            while let Ok((kind, payload)) = read_frame(&mut from_keeper).await {
-                match kind {
-                    FRAME_TLS => match decode_material(&payload) {
-                        Ok(m) => {
-                            let _ = tls_tx.send(m).await;
-                        }
-                        Err(e) => warn!(error = %e, "bad TLS material from the keeper"),
-                    },
-                    FRAME_CONFIG => match Config::from_toml(
-                        &String::from_utf8_lossy(&payload),
-                        "configuration from the keeper",
-                    ) {
-                        Ok(c) => {
-                            let _ = config_tx.send(c).await;
-                        }
-                        Err(e) => warn!(error = %e, "bad configuration from the keeper"),
-                    },
-                    _ => warn!(kind, "unexpected frame from the keeper"),
-                }
-            }
-        });
-        let (events_tx, mut events_rx) = mpsc::channel::<ServiceEvent>(64);
-        tokio::spawn(async move {
-            while let Some(event) = events_rx.recv().await {
-                if write_frame(&mut to_keeper, FRAME_EVENT, event.encode().as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
-        crate::net::run(
-            &config,
+        let (config_tx, config_updates) = mpsc::channel(4);
+        shutdown.spawn(from_keeper_frames(
+            from_keeper,
+            tls_tx,
+            config_tx,
+            shutdown.token(),
+        ));
+        let (events, events_rx) = mpsc::channel::<ServiceEvent>(64);
+        shutdown.spawn(events_to_keeper(events_rx, to_keeper));
+        Ok(Service {
+            config,
             sockets,
-            tls_feed,
-            events_tx,
-            config_rx,
-            crate::service::stop_signal(),
-        )
-        .await
+            tls,
+            events,
+            config_updates,
+        })
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The worker's side of later frames from the keeper: renewed
+/// certificates, and configurations to apply while serving. Ends at the
+/// stop, or when the keeper is gone.
+async fn from_keeper_frames<R: AsyncRead + Unpin>(
+    mut from_keeper: R,
+    tls: mpsc::Sender<TlsMaterial>,
+    configs: mpsc::Sender<Config>,
+    stop: CancellationToken,
+) {
+    loop {
+        let (kind, payload) = tokio::select! {
+            _ = stop.cancelled() => return,
+            frame = read_frame(&mut from_keeper) => match frame {
+                Ok(frame) => frame,
+                Err(_) => return,
+            },
+        };
+        match kind {
+            FRAME_TLS => match decode_material(&payload) {
+                Ok(m) => {
+                    let _ = tls.send(m).await;
+                }
+                Err(e) => warn!(error = %e, "bad TLS material from the keeper"),
+            },
+            FRAME_CONFIG => match Config::from_toml(
+                &String::from_utf8_lossy(&payload),
+                "configuration from the keeper",
+            ) {
+                Ok(c) => {
+                    let _ = configs.send(c).await;
+                }
+                Err(e) => warn!(error = %e, "bad configuration from the keeper"),
+            },
+            _ => warn!(kind, "unexpected frame from the keeper"),
+        }
+    }
+}
+
+/// The worker's event sink: each service event goes to the keeper (which
+/// notifies systemd), until the service drops its last sender.
+async fn events_to_keeper<W: AsyncWrite + Unpin>(
+    mut events: mpsc::Receiver<ServiceEvent>,
+    mut to_keeper: W,
+) {
+    while let Some(event) = events.recv().await {
+        if write_frame(&mut to_keeper, FRAME_EVENT, event.encode().as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(

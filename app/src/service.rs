@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// What the receiver tells its supervisor.
@@ -57,11 +58,16 @@ impl ServiceEvent {
     }
 }
 
-/// Sends heartbeats from the current runtime until the receiver is dropped.
-pub async fn heartbeat(events: mpsc::Sender<ServiceEvent>) {
+/// Sends heartbeats from the current runtime until `stop` is cancelled (or
+/// nobody listens any more). It holds a sender of the event channel, so it
+/// must end for the channel to close.
+pub async fn heartbeat(events: mpsc::Sender<ServiceEvent>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         if events.send(ServiceEvent::Alive).await.is_err() {
             return;
         }
@@ -118,6 +124,13 @@ pub struct ActivityLed {
     lit: std::sync::atomic::AtomicBool,
 }
 
+impl Drop for ActivityLed {
+    /// A service that has stopped does not leave the LED lit.
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 impl ActivityLed {
     /// Wraps an open sysfs `brightness` file (or any writable file).
     pub fn new(file: std::fs::File) -> Self {
@@ -148,7 +161,10 @@ impl ActivityLed {
         let _ = self.file.write_at(if on { b"1\n" } else { b"0\n" }, 0);
     }
 
-    /// Lights the LED for a moment (on the runtime, without blocking).
+    /// Lights the LED for a moment (on the runtime, without blocking). The
+    /// task that puts it out again is not a task of the shutdown (it lasts
+    /// 40 ms); if it is dropped with the runtime, the LED is put out when
+    /// the last holder goes (see `Drop`).
     pub fn blink(self: &std::sync::Arc<Self>) {
         use std::sync::atomic::Ordering;
         if self.lit.swap(true, Ordering::AcqRel) {
@@ -162,23 +178,6 @@ impl ActivityLed {
             led.lit.store(false, Ordering::Release);
         });
     }
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-    tracing::info!("stop requested");
 }
 
 #[cfg(test)]

@@ -388,11 +388,12 @@ impl TlsReloader {
 /// Watches a receiver's TLS files: SIGHUP, or a change of any file (checked
 /// every `poll`; certbot replaces the symlinks in `live/`, which a change
 /// of inode shows), reads them again and hands the new material to
-/// `apply`, which logs and says whether it took.
+/// `apply`, which logs and says whether it took. Ends when `stop` is
+/// cancelled.
 pub async fn watch_files(
     files: ServerTlsFiles,
     poll: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
     mut apply: impl FnMut(TlsMaterial, &str),
 ) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -402,7 +403,7 @@ pub async fn watch_files(
     let mut last = stamp(&files);
     loop {
         let why = tokio::select! {
-            _ = crate::net::server::stopped(&mut stop) => return,
+            _ = stop.cancelled() => return,
             Some(_) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             _ = tick.tick() => {
                 if stamp(&files) == last {

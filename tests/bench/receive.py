@@ -96,6 +96,7 @@ import sys
 import tempfile
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -636,10 +637,12 @@ class Suite:
     no_fsync: Receiver
     reference: Receiver  # dcmtk: the other side of every ratio
     python_floors: bool
+    # rows of another minipacs build (--baseline), ratios against dcmtk too
+    baseline_rows: tuple[str, ...] = ()
 
     @property
-    def minipacs_rows(self) -> tuple[str, str]:
-        return (self.durable.name, self.no_fsync.name)
+    def minipacs_rows(self) -> tuple[str, ...]:
+        return (self.durable.name, self.no_fsync.name, *self.baseline_rows)
 
 
 PLAIN = Suite("plain", RECEIVERS, SENDERS, DURABLE, NO_FSYNC, DCMTK, python_floors=True)
@@ -1048,7 +1051,7 @@ def print_table(workload: Workload, sender: Sender, rows: dict[str, Row], runs: 
                 suite: Suite = PLAIN) -> None:
     dcmtk = rows[suite.reference.name]
     print()
-    tag = "" if suite is PLAIN else f"{suite.name} -- "
+    tag = "" if suite.name == PLAIN.name else f"{suite.name} -- "
     print(f"{tag}{workload.title} -- sender: {sender.name} -- best of {runs}")
     header = (f"{'receiver':<44} {'best wall s':>11} {workload.unit:>10} {'recv CPU s':>10} "
               f"{'peak RSS MiB':>12} {'wall ratio':>10} {'CPU ratio':>9}")
@@ -1299,6 +1302,10 @@ def parse_args() -> argparse.Namespace:
                      help="after the plain measurements, measure DICOM over TLS too")
     tls.add_argument("--only-tls", action="store_true",
                      help="measure DICOM over TLS only")
+    p.add_argument("--baseline", type=Path, metavar="BIN",
+                   help="also measure this other minipacs binary (durable and --no-fsync), "
+                        "interleaved with the others, e.g. a build of an earlier commit, "
+                        "so that before/after ratios come from one run")
     p.add_argument("--workdir", type=Path,
                    help="where data, outputs and logs go; kept and reused "
                         "(default: a fresh temp dir under /tmp, removed at the end)")
@@ -1307,7 +1314,19 @@ def parse_args() -> argparse.Namespace:
         args.runs = 1 if args.quick else 5
     if args.runs < 1:
         p.error("--runs must be at least 1")
-    args.suites = (TLS,) if args.only_tls else (PLAIN, TLS) if args.tls else (PLAIN,)
+    plain = PLAIN
+    if args.baseline is not None:
+        if not args.baseline.exists():
+            p.error(f"--baseline {args.baseline}: no such file")
+        serve = (str(args.baseline.resolve()), *MINIPACS_SERVE[1:])
+        extra = (Receiver("baseline durable", serve, dcmtk=False, stores=True),
+                 Receiver("baseline --no-fsync", serve + ("--no-fsync",), dcmtk=False,
+                          stores=True))
+        plain = dataclasses.replace(
+            PLAIN, receivers=(*PLAIN.receivers[:2], *extra, *PLAIN.receivers[2:]),
+            baseline_rows=tuple(r.name for r in extra))
+    args.plain = plain
+    args.suites = (TLS,) if args.only_tls else (plain, TLS) if args.tls else (plain,)
     return args
 
 
@@ -1318,7 +1337,7 @@ def measure_suite(bench: Bench, suite: Suite, workloads: list[Workload],
     results = {}
     for workload in workloads:
         for sender in suite.senders:
-            tag = "" if suite is PLAIN else f" over {suite.name}"
+            tag = "" if suite.name == PLAIN.name else f" over {suite.name}"
             print(f"\nmeasuring {workload.title}{tag}, sender {sender.name}, {runs} round(s)",
                   flush=True)
             results[(workload.key, sender.name)] = measure(bench, workload, sender, runs, suite)
@@ -1364,7 +1383,7 @@ def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
             for sender in suite.senders:
                 print_table(workload, sender, results[suite.name][(workload.key, sender.name)],
                             args.runs, suite)
-    if PLAIN in args.suites:
+    if args.plain in args.suites:
         print_checks(results[PLAIN.name])
     if with_tls:
         print_tls_checks(results[TLS.name])

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{Config, LiveConfig};
 use crate::service::ServiceEvent;
 use crate::services::{Receiver, Stats};
+use crate::shutdown::{Shutdown, StopSignals};
 use crate::store::{Store, StoreOptions};
 use crate::tls::{ServerTlsFiles, TlsMaterial, TlsPolicy, TlsReloader};
 use dimse::ae::AeTitle;
@@ -73,161 +75,236 @@ pub enum TlsFeed {
     },
 }
 
-/// Opens the store and serves on `sockets` until `stop` resolves, telling
-/// `events` how it goes.
-pub async fn run(
-    config: &Config,
-    sockets: Sockets,
-    tls_feed: TlsFeed,
-    events: mpsc::Sender<ServiceEvent>,
-    mut config_updates: mpsc::Receiver<Config>,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let (store, swept) = Store::open(store_options(config)?)?;
-    if swept > 0 {
-        info!(swept, "removed temp files left by an earlier crash");
-    }
-    let free = store
-        .free_space()
-        .map(|(bytes, pct)| format!("{:.1} GB ({pct:.1} %)", bytes as f64 / 1e9))
-        .unwrap_or_else(|e| e.to_string());
-    let store = Arc::new(store);
-    let stats = Arc::new(Stats::default());
-    let audit = match crate::logs::Audit::open(
-        &config.log_directory,
-        crate::logs::Budget {
-            max_bytes: config.log_max_bytes,
-            files: crate::logs::Budget::DEFAULT.files,
-        },
-    ) {
-        Ok(a) => Some(Arc::new(a)),
-        Err(e) => {
-            tracing::warn!(error = %e, "audit trail unavailable");
-            None
-        }
-    };
-    let bounds = SharedBounds::new(limits(config)?);
-    let led = sockets
-        .led
-        .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
-    let receiver = Arc::new(Receiver {
-        store: Arc::clone(&store),
-        stats: Arc::clone(&stats),
-        audit: audit.clone(),
-        led,
-    });
-    let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
-        let is_tls = tls.is_some();
-        Ok(Arc::new(Listener {
-            shared: Arc::clone(&receiver),
-            settings: std::sync::RwLock::new(port_settings(config, is_tls)?),
-            tls,
-            bounds: bounds.clone(),
-        }))
-    };
-    // The listeners and whether each is the TLS one, for live changes.
-    let mut live: Vec<(Arc<Listener>, bool)> = Vec::new();
+/// One receiver, as whoever starts it hands it over: the single process
+/// (started as a normal user) and the privilege-separated worker (started
+/// by the root keeper) build this and nothing else of the service.
+pub struct Service {
+    /// the configuration to start with
+    pub config: Config,
+    /// the listening sockets (and the LED), already bound
+    pub sockets: Sockets,
+    /// where the TLS listener's certificates come from
+    pub tls: TlsFeed,
+    /// the event sink (systemd, directly or through the keeper); the
+    /// service holds its senders only until it has stopped, so the sink
+    /// sees the channel close when the service is done
+    pub events: mpsc::Sender<ServiceEvent>,
+    /// configurations to apply while serving (from the drop folder)
+    pub config_updates: mpsc::Receiver<Config>,
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut listeners = tokio::task::JoinSet::new();
-    if let Some(socket) = sockets.plain {
-        let socket = TcpListener::from_std(socket)?;
-        info!(
-            aetitle = %config.aetitle, addr = %socket.local_addr()?, tls = false,
-            store = %config.output_directory.display(), layout = ?config.layout,
-            fsync = config.fsync, free = %free, "listening"
-        );
-        let listener = listener_for(None)?;
-        live.push((Arc::clone(&listener), false));
-        listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
-    }
-    if let Some(socket) = sockets.tls {
-        let (first, policy, updates, files) = match tls_feed {
-            TlsFeed::None => anyhow::bail!("a TLS port without TLS material"),
-            TlsFeed::Files(files) => (
-                TlsMaterial::read(&files).context("TLS configuration")?,
-                files.policy(),
-                None,
-                Some(files),
-            ),
-            TlsFeed::Keeper {
-                first,
-                policy,
-                updates,
-            } => (first, policy, Some(updates), None),
+/// Runs a receiver in this process until it is stopped, on a runtime of its
+/// own, and returns once every task of it has ended (see [`crate::shutdown`]).
+///
+/// `start` builds the [`Service`]; it may spawn what feeds it (a drop
+/// folder watcher, the channel from the keeper) on the [`Shutdown`] it is
+/// given, which stops and waits for them with the rest. SIGINT and SIGTERM
+/// are taken over before `start` runs. A stop comes from the first of them,
+/// or from anything calling [`Shutdown::stop`] (a restart).
+pub fn serve_in_process<F, Fut>(start: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Service>>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        let mut signals = StopSignals::new().context("taking over SIGINT and SIGTERM")?;
+        let shutdown = Shutdown::new();
+        let result = match start(shutdown.clone()).await {
+            Ok(service) => service.run(&shutdown, &mut signals).await,
+            Err(e) => Err(e),
         };
-        let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
-        let reloader = Arc::new(reloader);
-        let socket = TcpListener::from_std(socket)?;
-        let aetitle = config.port_aetitle(true);
-        info!(
-            %aetitle, addr = %socket.local_addr()?, tls = true,
-            subject = %cert.subject, serial = %cert.serial, not_after = %cert.not_after,
-            peer_cert = ?policy.peer_cert, cipher_preference = ?policy.cipher_preference,
-            store = %config.output_directory.display(), free = %free, "listening"
-        );
-        let target = Arc::clone(&reloader);
-        let notify = events.clone();
-        let apply = move |material: TlsMaterial, why: &str| {
-            let _ = notify.try_send(ServiceEvent::Reloading);
-            crate::tls::apply_logged(&target, &material, why);
-            let _ = notify.try_send(ServiceEvent::Reloaded);
-        };
-        match (files, updates) {
-            (Some(files), _) => {
-                tokio::spawn(crate::tls::watch_files(
-                    files,
-                    Duration::from_secs(config.tls.reload_check),
-                    stop_rx.clone(),
-                    apply,
-                ));
-            }
-            (None, Some(mut updates)) => {
-                let apply = apply;
-                tokio::spawn(async move {
-                    while let Some(material) = updates.recv().await {
-                        apply(material, "new certificate from the keeper");
-                    }
-                });
-            }
-            (None, None) => {}
+        if result.is_err() {
+            // Failed to start: stop whatever had been started already.
+            shutdown.drain(Duration::from_secs(1), signals.recv()).await;
         }
-        let listener = listener_for(Some(reloader))?;
-        live.push((Arc::clone(&listener), true));
-        listeners.spawn(server::serve(socket, listener, stop_rx.clone()));
+        result
+    });
+    // Every task has ended. Blocking work cut off by the bound (a look at
+    // the drop folder) is not waited for.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+impl Service {
+    /// Opens the store and serves on the sockets until a stop signal or
+    /// [`Shutdown::stop`], telling `events` how it goes; then drains: no new
+    /// connections, idle associations aborted, objects in flight finished
+    /// within `shutdown_timeout` (or until a second signal), the rest
+    /// dropped. Every task it starts is a task of `shutdown`.
+    pub async fn run(self, shutdown: &Shutdown, signals: &mut StopSignals) -> anyhow::Result<()> {
+        let Service {
+            config,
+            sockets,
+            tls: tls_feed,
+            events,
+            mut config_updates,
+        } = self;
+        let config = &config;
+        let (store, swept) = Store::open(store_options(config)?)?;
+        if swept > 0 {
+            info!(swept, "removed temp files left by an earlier crash");
+        }
+        let free = store
+            .free_space()
+            .map(|(bytes, pct)| format!("{:.1} GB ({pct:.1} %)", bytes as f64 / 1e9))
+            .unwrap_or_else(|e| e.to_string());
+        let store = Arc::new(store);
+        let stats = Arc::new(Stats::default());
+        let audit = match crate::logs::Audit::open(
+            &config.log_directory,
+            crate::logs::Budget {
+                max_bytes: config.log_max_bytes,
+                files: crate::logs::Budget::DEFAULT.files,
+            },
+        ) {
+            Ok(a) => Some(Arc::new(a)),
+            Err(e) => {
+                tracing::warn!(error = %e, "audit trail unavailable");
+                None
+            }
+        };
+        let bounds = SharedBounds::new(limits(config)?);
+        let led = sockets
+            .led
+            .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
+        let receiver = Arc::new(Receiver {
+            store: Arc::clone(&store),
+            stats: Arc::clone(&stats),
+            audit: audit.clone(),
+            led,
+        });
+        let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
+            let is_tls = tls.is_some();
+            Ok(Arc::new(Listener {
+                shared: Arc::clone(&receiver),
+                settings: std::sync::RwLock::new(port_settings(config, is_tls)?),
+                tls,
+                bounds: bounds.clone(),
+            }))
+        };
+        // The listeners and whether each is the TLS one, for live changes.
+        let mut live: Vec<(Arc<Listener>, bool)> = Vec::new();
+
+        if let Some(socket) = sockets.plain {
+            let socket = TcpListener::from_std(socket)?;
+            info!(
+                aetitle = %config.aetitle, addr = %socket.local_addr()?, tls = false,
+                store = %config.output_directory.display(), layout = ?config.layout,
+                fsync = config.fsync, free = %free, "listening"
+            );
+            let listener = listener_for(None)?;
+            live.push((Arc::clone(&listener), false));
+            shutdown.spawn(server::serve(socket, listener, shutdown.clone()));
+        }
+        if let Some(socket) = sockets.tls {
+            let (first, policy, updates, files) = match tls_feed {
+                TlsFeed::None => anyhow::bail!("a TLS port without TLS material"),
+                TlsFeed::Files(files) => (
+                    TlsMaterial::read(&files).context("TLS configuration")?,
+                    files.policy(),
+                    None,
+                    Some(files),
+                ),
+                TlsFeed::Keeper {
+                    first,
+                    policy,
+                    updates,
+                } => (first, policy, Some(updates), None),
+            };
+            let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
+            let reloader = Arc::new(reloader);
+            let socket = TcpListener::from_std(socket)?;
+            let aetitle = config.port_aetitle(true);
+            info!(
+                %aetitle, addr = %socket.local_addr()?, tls = true,
+                subject = %cert.subject, serial = %cert.serial, not_after = %cert.not_after,
+                peer_cert = ?policy.peer_cert, cipher_preference = ?policy.cipher_preference,
+                store = %config.output_directory.display(), free = %free, "listening"
+            );
+            let target = Arc::clone(&reloader);
+            let notify = events.clone();
+            let apply = move |material: TlsMaterial, why: &str| {
+                let _ = notify.try_send(ServiceEvent::Reloading);
+                crate::tls::apply_logged(&target, &material, why);
+                let _ = notify.try_send(ServiceEvent::Reloaded);
+            };
+            match (files, updates) {
+                (Some(files), _) => {
+                    shutdown.spawn(crate::tls::watch_files(
+                        files,
+                        Duration::from_secs(config.tls.reload_check),
+                        shutdown.token(),
+                        apply,
+                    ));
+                }
+                (None, Some(updates)) => {
+                    shutdown.spawn(apply_from_keeper(updates, shutdown.token(), apply));
+                }
+                (None, None) => {}
+            }
+            let listener = listener_for(Some(reloader))?;
+            live.push((Arc::clone(&listener), true));
+            shutdown.spawn(server::serve(socket, listener, shutdown.clone()));
+        }
+        let _ = events.send(ServiceEvent::Ready).await;
+        shutdown.spawn(crate::service::heartbeat(events.clone(), shutdown.token()));
+        shutdown.spawn(report_status(
+            Arc::clone(&stats),
+            Arc::clone(&store),
+            audit.clone(),
+            config.log_directory.join(crate::drop::STATUS_FILE),
+            events.clone(),
+            shutdown.token(),
+        ));
+        loop {
+            tokio::select! {
+                _ = signals.recv() => break,
+                _ = shutdown.stopped() => break,
+                Some(new) = config_updates.recv() => {
+                    let _ = events.send(ServiceEvent::Reloading).await;
+                    apply_live(&new, &live, &bounds, &store);
+                    let _ = events.send(ServiceEvent::Reloaded).await;
+                }
+            }
+        }
+        shutdown.stop();
+        let _ = events.send(ServiceEvent::Stopping).await;
+        // The event sink is a task of the shutdown too: it ends when the
+        // last sender (each held by a task that ends on stop) is gone.
+        drop(events);
+        drop(config_updates);
+        let bound = bounds.limits().shutdown_timeout;
+        info!(
+            tasks = shutdown.running(),
+            shutdown_timeout = bound.as_secs(),
+            "stopping: no new connections, idle associations aborted, objects in flight finish"
+        );
+        let outcome = shutdown.drain(bound, signals.recv()).await;
+        info!(?outcome, "stopped");
+        Ok(())
     }
-    let _ = events.send(ServiceEvent::Ready).await;
-    tokio::spawn(crate::service::heartbeat(events.clone()));
-    tokio::spawn(report_status(
-        Arc::clone(&stats),
-        Arc::clone(&store),
-        audit.clone(),
-        config.log_directory.join(crate::drop::STATUS_FILE),
-        events.clone(),
-    ));
-    tokio::pin!(stop);
+}
+
+/// Applies certificates the keeper sends until the stop.
+async fn apply_from_keeper(
+    mut updates: mpsc::Receiver<TlsMaterial>,
+    stop: CancellationToken,
+    apply: impl Fn(TlsMaterial, &str),
+) {
     loop {
-        tokio::select! {
-            _ = &mut stop => break,
-            Some(ended) = listeners.join_next() => {
-                // A listener only ends on its own by failing.
-                ended.context("listener task")??;
-                break;
-            }
-            Some(new) = config_updates.recv() => {
-                let _ = events.send(ServiceEvent::Reloading).await;
-                apply_live(&new, &live, &bounds, &store);
-                let _ = events.send(ServiceEvent::Reloaded).await;
-            }
-        }
+        let material = tokio::select! {
+            _ = stop.cancelled() => return,
+            next = updates.recv() => match next {
+                Some(material) => material,
+                None => return,
+            },
+        };
+        apply(material, "new certificate from the keeper");
     }
-    let _ = events.send(ServiceEvent::Stopping).await;
-    let _ = stop_tx.send(true);
-    while let Some(ended) = listeners.join_next().await {
-        ended.context("listener task")??;
-    }
-    info!("stopped");
-    Ok(())
 }
 
 /// What the live keys set in the running receiver, made in one place for
@@ -352,12 +429,16 @@ async fn report_status(
     audit: Option<Arc<crate::logs::Audit>>,
     status_file: std::path::PathBuf,
     events: mpsc::Sender<ServiceEvent>,
+    stop: CancellationToken,
 ) {
     let mut last = String::new();
     let mut last_report = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
         let free = store
             .free_space()
             .map(|(bytes, pct)| format!("{:.1} GB free ({pct:.0} %)", bytes as f64 / 1e9))

@@ -19,11 +19,12 @@ use std::time::{Duration, Instant};
 use dimse::ul::Pdu;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinSet;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::services::{ActiveGuard, Receiver};
+use crate::shutdown::Shutdown;
 use crate::tls::TlsReloader;
 use dimse::error::AssociationError;
 use dimse::negotiation::{self, AcceptPolicy, Negotiated};
@@ -162,59 +163,32 @@ impl Listener {
     }
 }
 
-/// Serves associations on `listener` until `stop` turns true, then lets
-/// objects in flight finish (within the shutdown timeout) and returns.
-pub async fn serve(
-    socket: TcpListener,
-    listener: Arc<Listener>,
-    mut stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let shutdown = stop.clone();
-    let mut tasks = JoinSet::new();
+/// Serves associations on `listener` until the shutdown's stop, then
+/// returns at once: each connection is a task of `shutdown`, which lets
+/// objects in flight finish (and drops the rest at its bound).
+pub async fn serve(socket: TcpListener, listener: Arc<Listener>, shutdown: Shutdown) {
     loop {
-        tokio::select! {
-            _ = stopped(&mut stop) => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            accepted = socket.accept() => match accepted {
-                Ok((stream, addr)) => {
-                    let listener = Arc::clone(&listener);
-                    let shutdown = shutdown.clone();
-                    tasks.spawn(async move { listener.connection(stream, addr, shutdown).await });
-                }
-                Err(e) => {
-                    // EMFILE and friends: back off rather than spin.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    }
-    drop(socket);
-    if !tasks.is_empty() {
-        info!(
-            connections = tasks.len(),
-            "stopping: no new connections; finishing objects in flight"
-        );
-    }
-    let deadline = tokio::time::sleep(listener.bounds.limits().shutdown_timeout);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = tasks.join_next() => if next.is_none() { break },
-            _ = &mut deadline => {
-                warn!(connections = tasks.len(), "shutdown timeout: aborting what is left");
-                tasks.abort_all();
-                while tasks.join_next().await.is_some() {}
-                break;
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.stopped() => break,
+            accepted = socket.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                let listener = Arc::clone(&listener);
+                let stop = shutdown.token();
+                shutdown.spawn(async move { listener.connection(stream, addr, stop).await });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off rather than spin.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    Ok(())
-}
-
-/// Resolves once `stop` is true (or its sender is gone).
-pub async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
+    if let Ok(addr) = socket.local_addr() {
+        info!(%addr, "stopping: no new connections on this port");
+    }
 }
 
 /// Ends the pending phase of a connection: dropped out of the pending set
@@ -235,7 +209,7 @@ impl Listener {
         self: Arc<Self>,
         stream: TcpStream,
         addr: SocketAddr,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) {
         if let Err(e) = stream.set_nodelay(true) {
             debug!(peer = %addr, error = %e, "TCP_NODELAY");
@@ -258,6 +232,7 @@ impl Listener {
         let mut first = [0u8; 1];
         let peeked = tokio::select! {
             _ = &mut evicted => return info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room"),
+            _ = shutdown.cancelled() => return info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ"),
             r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
         };
         match peeked {
@@ -274,6 +249,7 @@ impl Listener {
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let handshake = tokio::select! {
             _ = &mut evicted => return info!(peer = %addr, "dropped a connection in TLS handshake to make room"),
+            _ = shutdown.cancelled() => return info!(peer = %addr, "stopping: dropped a connection in TLS handshake"),
             r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
         };
         let stream = match handshake {
@@ -323,7 +299,7 @@ impl Listener {
         ticket: PendingTicket<'_>,
         mut evicted: oneshot::Receiver<()>,
         deadline: tokio::time::Instant,
-        shutdown: watch::Receiver<bool>,
+        shutdown: CancellationToken,
     ) where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
@@ -332,6 +308,10 @@ impl Listener {
         let rq = tokio::select! {
             _ = &mut evicted => {
                 info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
+                return;
+            }
+            _ = shutdown.cancelled() => {
+                info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ");
                 return;
             }
             rq = tokio::time::timeout_at(deadline, scp::read_associate_rq(&mut stream)) => rq,
@@ -415,14 +395,13 @@ impl Listener {
             max_pdu: policy.max_pdu,
         };
         let receiver = &*self.shared;
-        let mut shutdown = shutdown;
         let ended = scp::run_association(
             stream,
             &association,
             &contexts,
             receiver,
             receiver,
-            async move { stopped(&mut shutdown).await },
+            shutdown.cancelled(),
         )
         .await;
         let summary = ended.summary;
