@@ -80,8 +80,15 @@ pub struct Config {
     pub overwrite: bool,
     /// Refuse objects (A700) while free space is below this percentage.
     pub free_space_reserve_percent: u8,
-    /// Concurrent associations; one more is answered with A-ASSOCIATE-RJ (transient).
+    /// Concurrent associations; one more is answered with A-ASSOCIATE-RJ
+    /// (transient), unless one has been idle `evict_idle_after` seconds.
     pub max_associations: usize,
+    /// Concurrent associations from one address (0: no cap of its own).
+    pub max_associations_per_peer: usize,
+    /// With every association slot taken, the association idle longest, if
+    /// idle at least this many seconds, is stopped to admit a new one (0:
+    /// never).
+    pub evict_idle_after: u64,
     /// Connections that have not yet sent an A-ASSOCIATE-RQ; past this the
     /// oldest of them is dropped to make room.
     pub max_pending_connections: usize,
@@ -251,6 +258,10 @@ pub struct LiveConfig {
     pub acse_timeout: u64,
     /// `max_associations`
     pub max_associations: usize,
+    /// `max_associations_per_peer`
+    pub max_associations_per_peer: usize,
+    /// `evict_idle_after`
+    pub evict_idle_after: u64,
     /// `max_pending_connections`
     pub max_pending_connections: usize,
     /// `shutdown_timeout`
@@ -424,6 +435,8 @@ impl Config {
             overwrite,
             free_space_reserve_percent,
             max_associations,
+            max_associations_per_peer,
+            evict_idle_after,
             max_pending_connections,
             max_pdu,
             acse_timeout,
@@ -460,6 +473,8 @@ impl Config {
             dimse_timeout,
             acse_timeout,
             max_associations,
+            max_associations_per_peer,
+            evict_idle_after,
             max_pending_connections,
             shutdown_timeout,
             layout,
@@ -511,6 +526,18 @@ impl Config {
         }
         if self.max_associations == 0 || self.max_associations > 1024 {
             bad("max_associations", "must be 1 to 1024".into());
+        }
+        if self.max_associations_per_peer > self.max_associations {
+            bad(
+                "max_associations_per_peer",
+                format!(
+                    "{} is over max_associations ({})",
+                    self.max_associations_per_peer, self.max_associations
+                ),
+            );
+        }
+        if self.evict_idle_after > 86_400 {
+            bad("evict_idle_after", "must be 0 to 86400 seconds".into());
         }
         if self.max_pending_connections == 0 || self.max_pending_connections > 4096 {
             bad("max_pending_connections", "must be 1 to 4096".into());

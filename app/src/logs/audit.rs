@@ -34,6 +34,9 @@ pub enum AssociationOutcome {
     Aborted,
     /// A timer expired (ARTIM, idle, or a stalled transfer).
     TimedOut,
+    /// Stopped between messages to make room for a new association, after
+    /// being idle longest with every slot taken.
+    Evicted,
     /// The connection closed or failed without a release.
     ConnectionLost,
     /// The TLS handshake failed; no association was negotiated.

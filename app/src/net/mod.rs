@@ -2,6 +2,8 @@
 //! the wiring of a configuration into a running receiver.
 
 pub mod server;
+pub mod slots;
+pub mod throttle;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -333,6 +335,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         dimse_timeout,
         acse_timeout,
         max_associations,
+        max_associations_per_peer,
+        evict_idle_after,
         max_pending_connections,
         shutdown_timeout,
         layout,
@@ -364,6 +368,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         tls,
         limits: ServerLimits {
             max_associations,
+            max_associations_per_peer,
+            evict_idle_after: Duration::from_secs(evict_idle_after),
             max_pending: max_pending_connections,
             acse_timeout: Duration::from_secs(acse_timeout),
             shutdown_timeout: Duration::from_secs(shutdown_timeout),

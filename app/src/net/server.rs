@@ -12,7 +12,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,8 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::slots::{NoSlot, SlotLimits, Slots, Tracked};
+use super::throttle::Throttle;
 use crate::services::{ActiveGuard, Receiver};
 use crate::shutdown::Shutdown;
 use crate::tls::TlsReloader;
@@ -35,6 +36,11 @@ use dimse::scp::{self, AssociationInfo};
 pub struct ServerLimits {
     /// concurrent associations
     pub max_associations: usize,
+    /// concurrent associations from one address (0: no cap of its own)
+    pub max_associations_per_peer: usize,
+    /// an association idle this long may be stopped to admit a new one
+    /// when every slot is taken (zero: never)
+    pub evict_idle_after: Duration,
     /// connections waiting for their A-ASSOCIATE-RQ
     pub max_pending: usize,
     /// time allowed for association negotiation
@@ -74,30 +80,24 @@ impl PendingSet {
 }
 
 /// What all listeners of one receiver share: association slots and the
-/// pending set bound memory for the whole process, not per port.
+/// pending set bound memory for the whole process, not per port; the
+/// throttle bounds what connection events write to the logs.
 #[derive(Clone)]
 pub struct SharedBounds {
-    active: Arc<AtomicUsize>,
+    slots: Slots,
     pending: Arc<Mutex<PendingSet>>,
     limits: Arc<RwLock<ServerLimits>>,
-}
-
-/// An association slot, given back when dropped.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
+    throttle: Arc<Throttle>,
 }
 
 impl SharedBounds {
     /// Bounds for a receiver with these limits.
     pub fn new(limits: ServerLimits) -> Self {
         SharedBounds {
-            active: Arc::new(AtomicUsize::new(0)),
+            slots: Slots::default(),
             pending: Arc::new(Mutex::new(PendingSet::default())),
             limits: Arc::new(RwLock::new(limits)),
+            throttle: Arc::new(Throttle::default()),
         }
     }
 
@@ -115,11 +115,10 @@ impl SharedBounds {
         *self.limits.write().unwrap_or_else(PoisonError::into_inner) = limits;
     }
 
-    /// Takes an association slot if fewer than `max` are taken.
-    fn try_slot(&self, max: usize) -> Option<Slot> {
-        let taken = self.active.fetch_add(1, Ordering::AcqRel);
-        let slot = Slot(Arc::clone(&self.active));
-        (taken < max).then_some(slot)
+    /// True when a connection event from `peer` is to be logged and
+    /// audited (see [`Throttle`]).
+    fn record(&self, peer: SocketAddr) -> bool {
+        self.throttle.allow(peer.ip().to_canonical())
     }
 
     /// The pending set. A panic while holding the lock cannot leave it
@@ -167,10 +166,16 @@ impl Listener {
 /// returns at once: each connection is a task of `shutdown`, which lets
 /// objects in flight finish (and drops the rest at its bound).
 pub async fn serve(socket: TcpListener, listener: Arc<Listener>, shutdown: Shutdown) {
+    // Summaries of throttled connection events, even once a flood stops.
+    let mut sweep = tokio::time::interval(super::throttle::WINDOW);
     loop {
         let accepted = tokio::select! {
             biased;
             _ = shutdown.stopped() => break,
+            _ = sweep.tick() => {
+                listener.bounds.throttle.sweep();
+                continue;
+            }
             accepted = socket.accept() => accepted,
         };
         match accepted {
@@ -231,35 +236,50 @@ impl Listener {
         // failed handshake.
         let mut first = [0u8; 1];
         let peeked = tokio::select! {
-            _ = &mut evicted => return info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room"),
+            _ = &mut evicted => return self.dropped_to_make_room(addr),
             _ = shutdown.cancelled() => return info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ"),
             r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
         };
         match peeked {
             Ok(Ok(1..)) if first[0] == 0x01 => {
-                self.audit_tls_failed(addr, &"plain DICOM (A-ASSOCIATE-RQ) on the TLS port");
-                return warn!(peer = %addr, "plain DICOM (A-ASSOCIATE-RQ) received on a TLS port");
+                if self.bounds.record(addr) {
+                    self.audit_tls_failed(addr, &"plain DICOM (A-ASSOCIATE-RQ) on the TLS port");
+                    warn!(peer = %addr, "plain DICOM (A-ASSOCIATE-RQ) received on a TLS port");
+                }
+                return;
             }
             Ok(Ok(1..)) => {}
             Ok(_) => return,
             Err(_) => {
-                return info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no TLS handshake within the ACSE timeout")
+                if self.bounds.record(addr) {
+                    info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no TLS handshake within the ACSE timeout");
+                }
+                return;
             }
         }
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
         let handshake = tokio::select! {
-            _ = &mut evicted => return info!(peer = %addr, "dropped a connection in TLS handshake to make room"),
+            _ = &mut evicted => return self.dropped_to_make_room(addr),
             _ = shutdown.cancelled() => return info!(peer = %addr, "stopping: dropped a connection in TLS handshake"),
             r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
         };
         let stream = match handshake {
             Err(_) => {
-                self.audit_tls_failed(addr, &"TLS handshake not finished within the ACSE timeout");
-                return info!(peer = %addr, "TLS handshake not finished within the ACSE timeout");
+                if self.bounds.record(addr) {
+                    self.audit_tls_failed(
+                        addr,
+                        &"TLS handshake not finished within the ACSE timeout",
+                    );
+                    info!(peer = %addr, "TLS handshake not finished within the ACSE timeout");
+                }
+                return;
             }
             Ok(Err(e)) => {
-                self.audit_tls_failed(addr, &e);
-                return warn!(peer = %addr, error = %e, "TLS handshake failed");
+                if self.bounds.record(addr) {
+                    self.audit_tls_failed(addr, &e);
+                    warn!(peer = %addr, error = %e, "TLS handshake failed");
+                }
+                return;
             }
             Ok(Ok(s)) => s,
         };
@@ -306,10 +326,7 @@ impl Listener {
         let started = Instant::now();
         let limits = self.bounds.limits();
         let rq = tokio::select! {
-            _ = &mut evicted => {
-                info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
-                return;
-            }
+            _ = &mut evicted => return self.dropped_to_make_room(addr),
             _ = shutdown.cancelled() => {
                 info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ");
                 return;
@@ -319,13 +336,17 @@ impl Listener {
         drop(ticket);
         let rq = match rq {
             Err(_) => {
-                info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no A-ASSOCIATE-RQ within the ACSE timeout");
+                if self.bounds.record(addr) {
+                    info!(peer = %addr, secs = limits.acse_timeout.as_secs(), "no A-ASSOCIATE-RQ within the ACSE timeout");
+                }
                 return;
             }
             Ok(Err(e)) => {
-                warn!(peer = %addr, error = %e, "association refused before negotiation");
-                if !e.is_connection_lost() {
-                    self.audit_rejected(addr, ("", ""), tls.as_ref(), &e.to_string());
+                if self.bounds.record(addr) {
+                    warn!(peer = %addr, error = %e, "association refused before negotiation");
+                    if !e.is_connection_lost() {
+                        self.audit_rejected(addr, ("", ""), tls.as_ref(), &e.to_string());
+                    }
                 }
                 if let Some(reason) = e.abort_reason() {
                     // Drained, so that no reset destroys the A-ABORT (an
@@ -346,18 +367,39 @@ impl Listener {
             .as_ref()
             .and_then(|t| t.peer_subject.clone())
             .unwrap_or_default();
-        let Some(_slot) = self.bounds.try_slot(limits.max_associations) else {
-            warn!(peer = %addr, %calling, %called, max = limits.max_associations,
-                "association rejected (transient): association limit reached");
-            self.audit_rejected(
-                addr,
-                (&calling, &called),
-                tls.as_ref(),
-                "association limit reached",
-            );
-            let _ =
-                scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy())).await;
-            return;
+        let slot_limits = SlotLimits {
+            max_associations: limits.max_associations,
+            max_per_peer: limits.max_associations_per_peer,
+            evict_idle_after: limits.evict_idle_after,
+        };
+        let slot = match self
+            .bounds
+            .slots
+            .take(addr.ip().to_canonical(), slot_limits, &shutdown)
+        {
+            Ok((slot, evicted)) => {
+                if let Some(evicted) = evicted {
+                    warn!(peer = %addr, %calling, %called, evicted_peer = %evicted.peer,
+                        idle_secs = evicted.idle.as_secs(), max = limits.max_associations,
+                        "association limit reached: the association idle longest is stopped to make room");
+                }
+                slot
+            }
+            Err(why) => {
+                let reason = match why {
+                    NoSlot::Full => "association limit reached",
+                    NoSlot::PeerFull => "association limit per peer address reached",
+                };
+                if self.bounds.record(addr) {
+                    warn!(peer = %addr, %calling, %called, max = limits.max_associations,
+                        max_per_peer = limits.max_associations_per_peer,
+                        "association rejected (transient): {reason}");
+                    self.audit_rejected(addr, (&calling, &called), tls.as_ref(), reason);
+                }
+                let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(negotiation::reject_busy()))
+                    .await;
+                return;
+            }
         };
         let PortSettings {
             policy,
@@ -373,8 +415,10 @@ impl Listener {
         };
         let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
-                warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected");
-                self.audit_rejected(addr, (&calling, &called), tls.as_ref(), &why.to_string());
+                if self.bounds.record(addr) {
+                    warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected");
+                    self.audit_rejected(addr, (&calling, &called), tls.as_ref(), &why.to_string());
+                }
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
                 return;
             }
@@ -395,19 +439,25 @@ impl Listener {
             max_pdu: policy.max_pdu,
         };
         let receiver = &*self.shared;
+        // Reads stamp the slot's activity, so that the association idle
+        // longest can be found; its stop is the shutdown or an eviction.
         let ended = scp::run_association(
-            stream,
+            Tracked::new(stream, Arc::clone(&slot.activity)),
             &association,
             &contexts,
             receiver,
             receiver,
-            shutdown.cancelled(),
+            slot.stop.cancelled(),
         )
         .await;
+        let evicted =
+            matches!(ended.result, Err(AssociationError::Stopped)) && !shutdown.is_cancelled();
+        drop(slot);
         let summary = ended.summary;
         let secs = started.elapsed().as_secs_f64();
         let outcome = match &ended.result {
             Ok(()) => "released".to_string(),
+            Err(_) if evicted => "stopped to make room for another association".to_string(),
             Err(e) => e.to_string(),
         };
         if let Some(audit) = &self.shared.audit {
@@ -424,6 +474,7 @@ impl Listener {
                     Ok(()) => O::Released,
                     Err(AssociationError::PeerAborted) => O::AbortedByPeer,
                     Err(AssociationError::Timeout(_)) => O::TimedOut,
+                    Err(_) if evicted => O::Evicted,
                     Err(e) if e.is_connection_lost() => O::ConnectionLost,
                     Err(_) => O::Aborted,
                 },
@@ -455,6 +506,13 @@ struct TlsInfo {
 /// Audit lines for connections turned away (the audit trail's own
 /// records; see [`crate::logs::audit`]).
 impl Listener {
+    /// A connection dropped from the pending set for a newer one.
+    fn dropped_to_make_room(&self, addr: SocketAddr) {
+        if self.bounds.record(addr) {
+            info!(peer = %addr, "dropped a connection without A-ASSOCIATE-RQ to make room");
+        }
+    }
+
     fn audit_rejected(
         &self,
         peer: SocketAddr,
