@@ -104,7 +104,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[2]
-MINIPACS = REPO / "target" / "release" / "minipacs"
+# MINIPACS_BIN selects another build (as in the tests).
+MINIPACS = Path(os.environ.get("MINIPACS_BIN", REPO / "target" / "release" / "minipacs"))
 # Absolute paths on purpose: pynetdicom installs shims with the same names
 # earlier on PATH.
 STORESCP = "/usr/bin/storescp"
