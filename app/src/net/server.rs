@@ -196,6 +196,19 @@ pub async fn serve(socket: TcpListener, listener: Arc<Listener>, shutdown: Shutd
     }
 }
 
+/// A connection that has not sent its A-ASSOCIATE-RQ yet: who, over what,
+/// its place in the pending set, and until when.
+struct Pending<'a> {
+    addr: SocketAddr,
+    tls: Option<TlsInfo>,
+    ticket: PendingTicket<'a>,
+    /// fires when the pending set drops this connection for a newer one
+    evicted: oneshot::Receiver<()>,
+    /// the ACSE timeout's end
+    deadline: tokio::time::Instant,
+    shutdown: CancellationToken,
+}
+
 /// Ends the pending phase of a connection: dropped out of the pending set
 /// however the phase ends.
 struct PendingTicket<'a> {
@@ -227,9 +240,15 @@ impl Listener {
             id,
         };
         let Some(tls) = &self.tls else {
-            return self
-                .session(stream, addr, None, ticket, evicted, deadline, shutdown)
-                .await;
+            let pending = Pending {
+                addr,
+                tls: None,
+                ticket,
+                evicted,
+                deadline,
+                shutdown,
+            };
+            return self.session(stream, pending).await;
         };
         // Plain DICOM on the TLS port shows as an A-ASSOCIATE-RQ (0x01)
         // where a TLS record (0x16) should be: say so rather than report a
@@ -296,33 +315,31 @@ impl Listener {
             peer_subject: crate::tls::peer_subject(session.peer_certificates()),
             common_names: crate::tls::peer_common_names(session.peer_certificates()),
         };
-        self.session(
-            stream,
+        let pending = Pending {
             addr,
-            Some(tls_info),
+            tls: Some(tls_info),
             ticket,
             evicted,
             deadline,
             shutdown,
-        )
-        .await
+        };
+        self.session(stream, pending).await
     }
 
     /// Waits for the A-ASSOCIATE-RQ (still pending), then negotiates and
     /// runs the association.
-    #[allow(clippy::too_many_arguments)]
-    async fn session<S>(
-        &self,
-        mut stream: S,
-        addr: SocketAddr,
-        tls: Option<TlsInfo>,
-        ticket: PendingTicket<'_>,
-        mut evicted: oneshot::Receiver<()>,
-        deadline: tokio::time::Instant,
-        shutdown: CancellationToken,
-    ) where
+    async fn session<S>(&self, mut stream: S, pending: Pending<'_>)
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let Pending {
+            addr,
+            tls,
+            ticket,
+            mut evicted,
+            deadline,
+            shutdown,
+        } = pending;
         let started = Instant::now();
         let limits = self.bounds.limits();
         let rq = tokio::select! {
