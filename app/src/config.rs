@@ -13,7 +13,10 @@
 //! 4. the command line's options ([`Config::load_with`]).
 //!
 //! Problems are located by their key path in the file's parsed document
-//! (its spans), so `port` under `[tls]` is reported at its own line.
+//! (its spans), so `port` under `[tls]` is reported at its own line. A
+//! check tells every problem at once: unknown keys (each with the known key
+//! it most likely meant) are set aside, and a value of the wrong type is
+//! replaced by its default, so that the rest of the file is checked too.
 //!
 //! Every key is classified once, in `Config::split`, as applied while
 //! serving ([`LiveConfig`]) or read at start-up (a change restarts); a key
@@ -575,7 +578,12 @@ impl Config {
         if tls_on && self.listen_plain && tls.port == self.port {
             bad(
                 "tls.port",
-                format!("plain and TLS listeners both on port {}", self.port),
+                format!(
+                    "plain and TLS listeners both on port {}: give TLS its own port \
+                     (--tls-port, tls.port), or serve TLS only on it with --no-plain \
+                     (listen_plain = false) and --tls-port {}",
+                    self.port, self.port
+                ),
             );
         }
         if tls.port == 0 {
@@ -840,6 +848,7 @@ fn resolve(file: Option<FileText<'_>>, overrides: toml::Table) -> Result<Config,
         overrides: &overrides,
     };
     let mut file_table = toml::Table::new();
+    let mut problems = Vec::new();
     if let Some(file) = &file {
         let syntax = |e: toml::de::Error| {
             fail(vec![Problem {
@@ -851,6 +860,12 @@ fn resolve(file: Option<FileText<'_>>, overrides: toml::Table) -> Result<Config,
         let doc = DeTable::parse(file.text).map_err(syntax)?;
         file_table = toml::Table::deserialize(doc.clone().into_deserializer()).map_err(syntax)?;
         layers.file = Some((file.text, doc));
+        // Unknown keys are told (each with its nearest known key) and set
+        // aside, so that the rest of the file is checked too.
+        for (path, message) in unknown_keys(&file_table) {
+            problems.push(layers.problem(&path, message));
+            remove_path(&mut file_table, &path);
+        }
     }
     let board = [&overrides, &file_table]
         .iter()
@@ -862,32 +877,201 @@ fn resolve(file: Option<FileText<'_>>, overrides: toml::Table) -> Result<Config,
         merge(&mut merged, table.clone(), Lists::Replace);
         layers.board = Some((board, table));
     }
+    let defaults = merged.clone();
     merge(&mut merged, file_table, Lists::Replace);
     merge(&mut merged, overrides.clone(), Lists::Extend);
 
-    let config: Config =
-        serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
-            let path: Vec<Step> = e
-                .path()
-                .iter()
-                .filter_map(|segment| match segment {
-                    serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
-                    serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
-                    _ => None,
-                })
-                .collect();
-            fail(vec![layers.problem(&path, e.inner().message().to_string())])
-        })?;
-    let mut problems: Vec<Problem> = config
-        .problems()
-        .into_iter()
-        .map(|(key, message)| layers.problem(&steps(&key), message))
-        .collect();
-    if problems.is_empty() {
-        return Ok(config);
+    // A value of the wrong type stops deserialization: tell it, put the
+    // default back in its place, and go on, so that every one is told.
+    let config = loop {
+        match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(merged.clone())) {
+            Ok(config) => break Some(config),
+            Err(e) => {
+                let path: Vec<Step> = e
+                    .path()
+                    .iter()
+                    .filter_map(|segment| match segment {
+                        serde_path_to_error::Segment::Map { key } => Some(Step::Key(key.clone())),
+                        serde_path_to_error::Segment::Seq { index } => Some(Step::Index(*index)),
+                        _ => None,
+                    })
+                    .collect();
+                problems.push(layers.problem(&path, e.inner().message().to_string()));
+                if problems.len() >= MAX_TYPE_PROBLEMS
+                    || !restore_default(&mut merged, &defaults, &path)
+                {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(config) = &config {
+        problems.extend(
+            config
+                .problems()
+                .into_iter()
+                .map(|(key, message)| layers.problem(&steps(&key), message)),
+        );
     }
-    problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
-    Err(fail(problems))
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => {
+            problems.sort_by_key(|p| p.line.unwrap_or(usize::MAX));
+            Err(fail(problems))
+        }
+    }
+}
+
+/// Values of the wrong type told in one check, at most (each costs one
+/// more deserialization of the whole configuration).
+const MAX_TYPE_PROBLEMS: usize = 64;
+
+/// The keys of `file` that no configuration has, each with its problem
+/// text: "unknown key", and the known key it most likely meant.
+fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
+    let tables: [(&str, &[&str]); 3] = [
+        (
+            "",
+            serde_aux::serde_introspection::serde_introspect::<Config>(),
+        ),
+        (
+            "tls",
+            serde_aux::serde_introspection::serde_introspect::<TlsConfig>(),
+        ),
+        (
+            "allow",
+            serde_aux::serde_introspection::serde_introspect::<AllowEntry>(),
+        ),
+    ];
+    let mut found = Vec::new();
+    let mut check = |table: &toml::Table, at: Vec<Step>, name: &str| {
+        let known = tables
+            .iter()
+            .find(|(t, _)| *t == name)
+            .map_or(&[][..], |(_, k)| *k);
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let mut path = at.clone();
+                path.push(Step::Key(key.clone()));
+                found.push((path, unknown_key_message(key, name, &tables)));
+            }
+        }
+    };
+    check(file, Vec::new(), "");
+    if let Some(toml::Value::Table(tls)) = file.get("tls") {
+        check(tls, steps("tls"), "tls");
+    }
+    if let Some(toml::Value::Array(allow)) = file.get("allow") {
+        for (i, entry) in allow.iter().enumerate() {
+            if let toml::Value::Table(entry) = entry {
+                check(
+                    entry,
+                    vec![Step::Key("allow".into()), Step::Index(i)],
+                    "allow",
+                );
+            }
+        }
+    }
+    found
+}
+
+/// "unknown key", with a did-you-mean: the nearest known key of the same
+/// table, or one of another table (`key` at the top means `tls.key`).
+fn unknown_key_message(key: &str, table: &str, tables: &[(&str, &[&str])]) -> String {
+    let nearest = tables
+        .iter()
+        .flat_map(|(t, keys)| keys.iter().map(move |k| (*t, *k)))
+        .map(|(t, k)| {
+            let distance = strsim::damerau_levenshtein(key, k);
+            // A key of this table wins a tie with another table's.
+            ((distance, t != table), t, k)
+        })
+        .min();
+    let near_enough = |distance: usize| distance <= (key.chars().count() / 3).max(1);
+    match nearest {
+        Some(((distance, _), t, k)) if t == table && near_enough(distance) => {
+            format!("unknown key; did you mean {k}?")
+        }
+        Some(((distance, _), t, k)) if near_enough(distance) => {
+            let section = if t == "allow" { "[[allow]]" } else { "[tls]" };
+            let section = if t.is_empty() {
+                "the top, before any [section]"
+            } else {
+                section
+            };
+            let shown = if t.is_empty() {
+                k.to_string()
+            } else {
+                format!("{t}.{k}")
+            };
+            format!("unknown key; did you mean {shown} (it goes under {section})?")
+        }
+        _ => "unknown key".to_string(),
+    }
+}
+
+/// The value at `path` in `table`, to change it.
+fn value_at_mut<'a>(table: &'a mut toml::Table, path: &[Step]) -> Option<&'a mut toml::Value> {
+    let (Step::Key(first), rest) = path.split_first()? else {
+        return None;
+    };
+    let mut value = table.get_mut(first)?;
+    for step in rest {
+        value = match (value, step) {
+            (toml::Value::Table(t), Step::Key(k)) => t.get_mut(k)?,
+            (toml::Value::Array(a), Step::Index(i)) => a.get_mut(*i)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// The value at `path` in `table`.
+fn value_at<'a>(table: &'a toml::Table, path: &[Step]) -> Option<&'a toml::Value> {
+    let (Step::Key(first), rest) = path.split_first()? else {
+        return None;
+    };
+    let mut value = table.get(first)?;
+    for step in rest {
+        value = match (value, step) {
+            (toml::Value::Table(t), Step::Key(k)) => t.get(k)?,
+            (toml::Value::Array(a), Step::Index(i)) => a.get(*i)?,
+            _ => return None,
+        };
+    }
+    Some(value)
+}
+
+/// Removes the value at `path` (a table's key; an array's item is left
+/// alone, as removing it would renumber the items after it). Whether it
+/// was removed.
+fn remove_path(table: &mut toml::Table, path: &[Step]) -> bool {
+    let Some((Step::Key(last), parent)) = path.split_last() else {
+        return false;
+    };
+    let parent = if parent.is_empty() {
+        Some(table)
+    } else {
+        match value_at_mut(table, parent) {
+            Some(toml::Value::Table(t)) => Some(t),
+            _ => None,
+        }
+    };
+    parent.is_some_and(|t| t.remove(last).is_some())
+}
+
+/// Puts the default value back at `path` in `merged` (or removes the key
+/// where there is no default), so that checking can go past a bad value.
+/// Whether anything changed (if not, checking cannot go on).
+fn restore_default(merged: &mut toml::Table, defaults: &toml::Table, path: &[Step]) -> bool {
+    match (value_at(defaults, path), value_at_mut(merged, path)) {
+        (Some(default), Some(value)) if default != value => {
+            *value = default.clone();
+            true
+        }
+        (Some(_), _) => false,
+        (None, _) => remove_path(merged, path),
+    }
 }
 
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
@@ -1043,6 +1227,52 @@ mod tests {
         assert_eq!(
             p.to_string(),
             "tls.cipher_preference: bad (from board profile pi3)"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_told_at_once_unknown_keys_and_types_included() {
+        let text = "aetilte = \"PACS\"\nport = \"104\"\nmax_pdu = 12\nkey = \"/k.pem\"\n\
+                    [tls]\nprot = 2762\npeer_cert = 5\nzzzz = 1\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("invalid");
+        let found: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.line, p.key.as_deref().unwrap_or(""), p.message.as_str()))
+            .collect();
+        assert_eq!(found.len(), 7, "{err}");
+        assert_eq!(
+            found[0],
+            (Some(1), "aetilte", "unknown key; did you mean aetitle?")
+        );
+        assert_eq!(found[1].0, Some(2));
+        assert_eq!(found[1].1, "port");
+        assert!(found[1].2.contains("expected u16"), "{err}");
+        assert_eq!(found[2].1, "max_pdu");
+        assert_eq!(
+            found[3],
+            (
+                Some(4),
+                "key",
+                "unknown key; did you mean tls.key (it goes under [tls])?"
+            )
+        );
+        assert_eq!(
+            found[4],
+            (Some(6), "tls.prot", "unknown key; did you mean port?")
+        );
+        assert_eq!(found[5].1, "tls.peer_cert");
+        assert_eq!(found[6], (Some(8), "tls.zzzz", "unknown key"));
+        // An [[allow]] entry's keys are known too.
+        let err = Config::from_toml(
+            "[[allow]]\naetitle = \"CT1\"\nhots = \"192.0.2.1\"\n",
+            "x.toml",
+        )
+        .expect_err("unknown");
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(
+            err.problems[0].to_string(),
+            "line 3: allow[0].hots: unknown key; did you mean host?"
         );
     }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use dimse::scu::ScuOptions;
 use minipacs::ca;
@@ -130,7 +130,10 @@ struct ServeArgs {
     /// Configuration file (TOML); options given here win over it.
     #[arg(long, short = 'c')]
     config: Option<PathBuf>,
-    /// TCP port to listen on.
+    /// Address both listeners bind to (e.g. 127.0.0.1 for a trial on this machine only).
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<std::net::IpAddr>,
+    /// TCP port of the plain DICOM listener.
     #[arg(long, short = 'p')]
     port: Option<u16>,
     /// Our AE title.
@@ -167,7 +170,7 @@ struct ServeArgs {
     /// (dcmtk's +tls order: key, then certificate).
     #[arg(long, num_args = 2, value_names = ["KEY", "CERT"])]
     tls: Option<Vec<PathBuf>>,
-    /// TCP port of the TLS listener (default 2762).
+    /// TCP port of the TLS listener.
     #[arg(long)]
     tls_port: Option<u16>,
     /// CA certificate that client certificates must chain to (repeatable).
@@ -176,7 +179,7 @@ struct ServeArgs {
     /// Folder of CA certificates (repeatable).
     #[arg(long)]
     add_cert_dir: Vec<PathBuf>,
-    /// Client certificates: require (default), verify if sent, or ignore.
+    /// Client certificates: require, verify if sent, or ignore.
     #[arg(long, value_enum)]
     peer_cert: Option<PeerCertArg>,
     /// Preferred AEAD: aes, or chacha20 on boards without AES instructions.
@@ -188,9 +191,12 @@ struct ServeArgs {
     /// When started as root: the user the network-facing worker runs as.
     #[arg(long)]
     user: Option<String>,
-    /// When started as root: the worker's group.
+    /// When started as root: the worker's group [default: the user's group].
     #[arg(long)]
     group: Option<String>,
+    /// Folder of the service logs and the audit trail.
+    #[arg(long, value_name = "DIR")]
+    log_directory: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -270,7 +276,7 @@ struct EchoArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&command_line().get_matches()).unwrap_or_else(|e| e.exit());
     let file_log = logs::init_logging();
     let code = match run(cli, &file_log) {
         Ok(code) => code,
@@ -282,6 +288,60 @@ fn main() -> ExitCode {
     // The file log is written from its own thread: let it finish.
     logs::flush_file_log();
     code
+}
+
+/// The command line, with `serve --help` showing the defaults. They are
+/// not clap defaults (an option given wins over the file, one not given
+/// must not), so they are written into the help from [`Config::default`],
+/// the shipped file: the one place they are stated.
+fn command_line() -> clap::Command {
+    let d = Config::default();
+    let defaults = [
+        ("bind", shown(d.bind)),
+        ("port", shown(d.port)),
+        ("aetitle", shown(&d.aetitle)),
+        ("output_directory", shown(&d.output_directory)),
+        ("layout", shown(d.layout)),
+        ("max_associations", shown(d.max_associations)),
+        ("max_pdu", shown(d.max_pdu)),
+        ("acse_timeout", shown(d.acse_timeout)),
+        ("dimse_timeout", shown(d.dimse_timeout)),
+        ("free_space_reserve", shown(d.free_space_reserve_percent)),
+        ("tls_port", shown(d.tls.port)),
+        ("peer_cert", shown(d.tls.peer_cert)),
+        ("cipher_preference", shown(d.tls.cipher_preference)),
+        ("user", shown(&d.user)),
+        ("log_directory", shown(&d.log_directory)),
+    ];
+    let listeners = format!(
+        "Listeners:\n  \
+         plain DICOM  on --bind:--port ({bind}:{port}); --no-plain turns it off\n  \
+         DICOM/TLS    on --bind:--tls-port ({bind}:{tls_port}) when --tls KEY CERT is given\n\n\
+         The defaults are the shipped minipacs.toml's; a --config file (and the board \
+         profile it names) changes them, and options given here win over both.",
+        bind = d.bind,
+        port = d.port,
+        tls_port = d.tls.port,
+    );
+    Cli::command().mut_subcommand("serve", |mut serve| {
+        for (id, value) in defaults {
+            serve = serve.mut_arg(id, |arg| {
+                let help = arg.get_help().map(ToString::to_string).unwrap_or_default();
+                arg.help(format!("{help} [default: {value}]"))
+            });
+        }
+        serve.after_help(listeners)
+    })
+}
+
+/// A configuration value as the help shows it: as written in the file,
+/// without quotes.
+fn shown(value: impl serde::Serialize) -> String {
+    match toml::Value::try_from(value) {
+        Ok(toml::Value::String(s)) => s,
+        Ok(other) => other.to_string(),
+        Err(e) => format!("({e})"),
+    }
 }
 
 /// Where a configuration applied from the drop folder is saved when the
@@ -514,6 +574,15 @@ impl ServeArgs {
     /// as in the file, so the pipeline merges and checks them like it.
     fn overrides(&self) -> anyhow::Result<toml::Table> {
         let mut top = Overrides::default();
+        if self.no_plain {
+            if let Some(port) = self.port {
+                anyhow::bail!(
+                    "--port sets the plain DICOM listener, which --no-plain turns off: \
+                     give the TLS listener's port with --tls-port {port}"
+                );
+            }
+        }
+        top.set("bind", self.bind)?;
         top.set("port", self.port)?;
         top.set("aetitle", self.aetitle.as_ref())?;
         top.set("output_directory", self.output_directory.as_ref())?;
@@ -528,6 +597,7 @@ impl ServeArgs {
         top.set("listen_plain", self.no_plain.then_some(false))?;
         top.set("user", self.user.as_ref())?;
         top.set("group", self.group.as_ref())?;
+        top.set("log_directory", self.log_directory.as_ref())?;
         let mut tls = Overrides::default();
         tls.set("key", self.tls.as_ref().map(|kc| &kc[0]))?;
         tls.set("cert", self.tls.as_ref().map(|kc| &kc[1]))?;
@@ -633,7 +703,7 @@ mod tests {
         let cli = Cli::try_parse_from([
             "minipacs",
             "serve",
-            "--port",
+            "--tls-port",
             "4104",
             "--layout",
             "study",
@@ -655,7 +725,7 @@ mod tests {
         };
         let c = serve_config(args).expect("valid");
         assert_eq!(
-            (c.port, c.layout, c.fsync, c.listen_plain),
+            (c.tls.port, c.layout, c.fsync, c.listen_plain),
             (4104, Layout::Study, false, false)
         );
         assert_eq!(c.tls.key.as_deref(), Some(std::path::Path::new("/k.pem")));
@@ -665,7 +735,6 @@ mod tests {
         assert_eq!(c.tls.cipher_preference, CipherPreference::Chacha20);
         // Options not given leave the defaults alone.
         let untouched = Config {
-            port: c.port,
             layout: c.layout,
             fsync: c.fsync,
             listen_plain: c.listen_plain,
@@ -673,5 +742,69 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(c, untouched);
+    }
+
+    fn serve(args: &[&str]) -> ServeArgs {
+        let cli = Cli::try_parse_from(["minipacs", "serve"].iter().chain(args)).expect("parses");
+        let Command::Serve(args) = cli.command else {
+            panic!("not serve");
+        };
+        args
+    }
+
+    #[test]
+    fn bind_and_log_directory_are_options() {
+        let c = serve_config(serve(&[
+            "--bind",
+            "127.0.0.1",
+            "--log-directory",
+            "/var/log/x",
+        ]))
+        .expect("valid");
+        assert_eq!(c.bind, std::net::IpAddr::from([127, 0, 0, 1]));
+        assert_eq!(c.log_directory, PathBuf::from("/var/log/x"));
+    }
+
+    #[test]
+    fn a_port_with_no_plain_is_refused_naming_tls_port() {
+        let args = serve(&["--port", "2762", "--no-plain", "--tls", "/k", "/c"]);
+        let err = serve_config(args).expect_err("--port means nothing with --no-plain");
+        assert!(err.to_string().contains("--tls-port 2762"), "{err}");
+        // dcmtk's habit, one port with TLS on it: the clash names both fixes.
+        let err = serve_config(serve(&["--port", "2762", "--tls", "/k", "/c"]))
+            .expect_err("both listeners on 2762");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("--tls-port") && text.contains("--no-plain"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn serve_help_shows_the_shipped_defaults_and_both_listeners() {
+        let mut cmd = command_line();
+        cmd.build();
+        let serve = cmd.find_subcommand_mut("serve").expect("serve");
+        let help = serve.render_help().to_string();
+        let d = Config::default();
+        for default in [
+            format!("[default: {}]", d.port),
+            format!("[default: {}]", d.aetitle),
+            format!("[default: {}]", d.output_directory.display()),
+            format!("[default: {}]", d.tls.port),
+            format!("[default: {}]", d.log_directory.display()),
+            format!("[default: {}]", d.bind),
+            "[default: flat]".to_string(),
+        ] {
+            assert!(help.contains(&default), "{default} missing:\n{help}");
+        }
+        let listeners: Vec<_> = help
+            .lines()
+            .filter(|l| {
+                l.trim_start().starts_with("plain DICOM") || l.trim_start().starts_with("DICOM/TLS")
+            })
+            .collect();
+        assert_eq!(listeners.len(), 2, "{help}");
+        assert!(listeners[1].contains("--tls KEY CERT"), "{help}");
     }
 }

@@ -81,6 +81,31 @@ pub enum TlsError {
         /// end of validity
         not_after: String,
     },
+    /// The file holds the other half of the identity: a certificate where
+    /// the key goes, or the reverse (the two paths given in the wrong order).
+    #[error(
+        "{path} holds a {holds}, not a {wanted}: --tls takes KEY then CERT \
+         (in a configuration file: tls.key and tls.cert)"
+    )]
+    Swapped {
+        /// the file
+        path: PathBuf,
+        /// what it holds (its PEM label)
+        holds: String,
+        /// what was expected there
+        wanted: &'static str,
+    },
+    /// The private key is protected by a passphrase, which a service
+    /// started unattended cannot type.
+    #[error(
+        "{path} holds an encrypted private key, which cannot be used unattended: \
+         write a decrypted copy readable only by root, e.g. \
+         openssl pkcs8 -topk8 -nocrypt -in {path} -out key.pem"
+    )]
+    EncryptedKey {
+        /// the file
+        path: PathBuf,
+    },
     /// rustls refused the combination (e.g. key and certificate do not match).
     #[error("{0}")]
     Rustls(String),
@@ -158,6 +183,17 @@ impl PemFile {
                 what: format!("bad PEM: {e}"),
             })?;
         if certs.is_empty() {
+            if let Some(key) = self
+                .labels()
+                .into_iter()
+                .find(|l| l.ends_with("PRIVATE KEY"))
+            {
+                return Err(TlsError::Swapped {
+                    path: self.path.clone(),
+                    holds: key,
+                    wanted: "certificate",
+                });
+            }
             return Err(TlsError::Pem {
                 path: self.path.clone(),
                 what: "no CERTIFICATE in file".into(),
@@ -166,12 +202,49 @@ impl PemFile {
         Ok(certs)
     }
 
-    /// The private key in the file (PKCS#8, SEC1 or PKCS#1).
+    /// The private key in the file (PKCS#8, SEC1 or PKCS#1). A file that
+    /// holds a certificate, or an encrypted key, is told apart by its
+    /// content, so that the error names the fix.
     pub fn key(&self) -> Result<PrivateKeyDer<'static>, TlsError> {
-        PrivateKeyDer::from_pem_slice(&self.pem).map_err(|e| TlsError::Pem {
-            path: self.path.clone(),
-            what: format!("no usable private key ({e}); encrypted keys are not supported"),
+        let labels = self.labels();
+        // OpenSSL's legacy encryption keeps the plain key's label and adds
+        // a Proc-Type header; PKCS#8 encryption has its own label.
+        let legacy_encrypted = self
+            .pem
+            .windows(b"Proc-Type: 4,ENCRYPTED".len())
+            .any(|w| w == b"Proc-Type: 4,ENCRYPTED");
+        if legacy_encrypted || labels.iter().any(|l| l == "ENCRYPTED PRIVATE KEY") {
+            return Err(TlsError::EncryptedKey {
+                path: self.path.clone(),
+            });
+        }
+        PrivateKeyDer::from_pem_slice(&self.pem).map_err(|e| {
+            match labels.into_iter().find(|l| l == "CERTIFICATE") {
+                Some(holds) => TlsError::Swapped {
+                    path: self.path.clone(),
+                    holds,
+                    wanted: "private key",
+                },
+                None => TlsError::Pem {
+                    path: self.path.clone(),
+                    what: format!("no usable private key ({e})"),
+                },
+            }
         })
+    }
+
+    /// The labels of the file's PEM sections (`CERTIFICATE`, `PRIVATE
+    /// KEY`, ...), in order.
+    fn labels(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.pem)
+            .lines()
+            .filter_map(|line| {
+                line.trim()
+                    .strip_prefix("-----BEGIN ")?
+                    .strip_suffix("-----")
+                    .map(str::to_string)
+            })
+            .collect()
     }
 }
 
@@ -545,5 +618,59 @@ mod tests {
             vec!["PACS1".to_string()]
         );
         assert!(peer_common_names(None).is_empty());
+    }
+
+    fn pem_file(name: &str, pem: String) -> PemFile {
+        PemFile {
+            path: PathBuf::from(name),
+            pem: pem.into_bytes(),
+        }
+    }
+
+    #[test]
+    fn a_swapped_key_and_certificate_are_named_by_content() {
+        let key = KeyPair::generate().expect("key");
+        let cert = CertificateParams::new(vec!["pacs.example".into()])
+            .expect("params")
+            .self_signed(&key)
+            .expect("certificate");
+        let cert_file = pem_file("server.pem", cert.pem());
+        let key_file = pem_file("key.pem", key.serialize_pem());
+        assert!(key_file.key().is_ok() && cert_file.certs().is_ok());
+
+        let err = cert_file.key().expect_err("a certificate is no key");
+        assert_eq!(
+            err.to_string(),
+            "server.pem holds a CERTIFICATE, not a private key: --tls takes KEY then CERT \
+             (in a configuration file: tls.key and tls.cert)"
+        );
+        let err = key_file.certs().expect_err("a key is no certificate");
+        assert!(
+            err.to_string().starts_with(
+                "key.pem holds a PRIVATE KEY, not a certificate: --tls takes KEY then CERT"
+            ),
+            "{err}"
+        );
+        // Neither: no hint that would mislead.
+        let err = pem_file("notes.txt", "hello\n".into())
+            .key()
+            .expect_err("empty");
+        assert!(!err.to_string().contains("--tls"), "{err}");
+    }
+
+    #[test]
+    fn an_encrypted_key_says_how_to_decrypt_it() {
+        let pkcs8 = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let legacy = "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-256-CBC,0123456789ABCDEF0123456789ABCDEF\n\nMIIBvTBXBgkqhkiG9w0BBQ0wSjApBgkqhkiG9w0BBQwwHAQI\n-----END RSA PRIVATE KEY-----\n";
+        for text in [pkcs8, legacy] {
+            let err = pem_file("privkey.pem", text.into())
+                .key()
+                .expect_err("encrypted");
+            assert!(
+                err.to_string()
+                    .contains("openssl pkcs8 -topk8 -nocrypt -in privkey.pem -out key.pem"),
+                "{err}"
+            );
+        }
     }
 }

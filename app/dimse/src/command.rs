@@ -6,6 +6,7 @@
 //! allocation on the receive path.
 
 use heapless::Vec as HVec;
+use std::borrow::Cow;
 
 use crate::uid::{self, Uid};
 
@@ -238,8 +239,83 @@ pub fn store_rq(message_id: u16, sop_class: &Uid, sop_instance: &Uid) -> Encoded
     e.finish()
 }
 
+/// The longest Error Comment (0000,0902): its VR, LO, allows 64 characters.
+pub const MAX_COMMENT: usize = 64;
+
+/// A failure reason made to fit the Error Comment without being cut in the
+/// middle of a word or a path: what the sender prints is what an operator
+/// reads. In order, until it fits: paths are shortened to their last
+/// component (`.../name`), paths are left out, and the text is cut after
+/// its last whole word, marked with `...`. The full reason stays in the
+/// receiver's own log.
+pub fn fit_comment(reason: &str) -> Cow<'_, str> {
+    if reason.len() <= MAX_COMMENT {
+        return Cow::Borrowed(reason);
+    }
+    // A path starts with '/', './' or '../' (after an opening quote or
+    // parenthesis): "Input/output" is a word.
+    let is_path = |word: &&str| {
+        let word = word.trim_start_matches(['"', '\'', '(', '[']);
+        word.starts_with('/') || word.starts_with("./") || word.starts_with("../")
+    };
+    // The text before a path's first '/' (a quote, say) is kept.
+    let short_path = |word: &str| match (word.find('/'), word.rfind('/')) {
+        (Some(first), Some(last)) if last + 1 < word.len() => {
+            format!("{}.../{}", &word[..first], &word[last + 1..])
+        }
+        _ => word.to_string(),
+    };
+    let words: Vec<&str> = reason.split_whitespace().collect();
+    let shortened = words
+        .iter()
+        .map(|w| {
+            if is_path(w) {
+                short_path(w)
+            } else {
+                w.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    if shortened.len() <= MAX_COMMENT {
+        return Cow::Owned(shortened);
+    }
+    let without_paths = words
+        .iter()
+        .filter(|w| !is_path(w))
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+    if without_paths.len() <= MAX_COMMENT {
+        return Cow::Owned(without_paths);
+    }
+    let budget = MAX_COMMENT - "...".len();
+    let mut kept = String::new();
+    for word in without_paths.split(' ') {
+        let more = if kept.is_empty() { 0 } else { 1 } + word.len();
+        if kept.len() + more > budget {
+            break;
+        }
+        if !kept.is_empty() {
+            kept.push(' ');
+        }
+        kept.push_str(word);
+    }
+    if kept.is_empty() {
+        // One word longer than the whole comment: cut it (on a character
+        // boundary), as there is no better place.
+        let cut = (0..=budget)
+            .rev()
+            .find(|&i| without_paths.is_char_boundary(i))
+            .unwrap_or(0);
+        kept.push_str(&without_paths[..cut]);
+    }
+    kept.push_str("...");
+    Cow::Owned(kept)
+}
+
 /// Encodes a C-STORE-RSP. `comment` becomes the Error Comment (0000,0902)
-/// of a failure status, cut to the 64 characters its VR (LO) allows.
+/// of a failure status, made to fit its 64 characters by [`fit_comment`].
 pub fn store_rsp(
     message_id: u16,
     sop_class: &Uid,
@@ -254,12 +330,7 @@ pub fn store_rsp(
     e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
     e.us(TAG_STATUS, status_code);
     if let Some(comment) = comment {
-        let cut = comment.len().min(64);
-        let cut = (0..=cut)
-            .rev()
-            .find(|&i| comment.is_char_boundary(i))
-            .unwrap_or(0);
-        e.element(TAG_ERROR_COMMENT, &comment.as_bytes()[..cut]);
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
     }
     e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
     e.finish()
@@ -340,6 +411,40 @@ mod tests {
         let long = "x".repeat(200);
         let rsp = store_rsp(1, &u("1.2"), &u("1.2"), 0xA700, Some(&long));
         assert!(rsp.len() < 300);
+    }
+
+    #[test]
+    fn a_long_reason_is_never_cut_in_a_word_or_a_path() {
+        assert_eq!(fit_comment("disk full"), "disk full");
+        // tempfile's error for a store that cannot be written.
+        let reason = "creating temp file: Permission denied (os error 13) at path \
+                      \"/reserve/playground/pacs/.incoming/.tmpAbC123\"";
+        assert_eq!(
+            fit_comment(reason),
+            "creating temp file: Permission denied (os error 13) at path"
+        );
+        let reason = "writing data set: Input/output error (os error 5) /var/lib/minipacs/x.tmp";
+        assert_eq!(
+            fit_comment(reason),
+            "writing data set: Input/output error (os error 5) .../x.tmp"
+        );
+        let prose = "word ".repeat(30);
+        let fitted = fit_comment(&prose);
+        assert!(
+            fitted.len() <= MAX_COMMENT && fitted.ends_with("word..."),
+            "{fitted}"
+        );
+        let one_word = "x".repeat(200);
+        assert_eq!(fit_comment(&one_word).len(), MAX_COMMENT);
+        // What the sender decodes is the fitted text.
+        let rsp = store_rsp(1, &u("1.2"), &u("1.2"), 0xA700, Some(reason));
+        let at = rsp
+            .windows(b"writing".len())
+            .position(|w| w == b"writing")
+            .expect("comment encoded");
+        assert!(
+            rsp[at..].starts_with(b"writing data set: Input/output error (os error 5) .../x.tmp")
+        );
     }
 
     #[test]

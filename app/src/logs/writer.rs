@@ -294,7 +294,10 @@ mod tests {
             total + 1,
             "{stats:?}"
         );
-        assert!(stats.records_dropped >= total - 10, "{stats:?}");
+        // What got through is bounded by the queue (8 lines, plus what the
+        // writer thread had taken before it stalled), not by the callers.
+        assert!(stats.records_dropped > 0, "{stats:?}");
+        assert!(stats.records_written <= 1 + 4 * 8, "{stats:?}");
     }
 
     #[test]

@@ -433,7 +433,8 @@ impl Listener {
         let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
                 if self.bounds.record(addr) {
-                    warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected");
+                    let fix = reject_fix(why, (&calling, &called), policy.ae_title.as_str());
+                    warn!(peer = %addr, %calling, %called, tls = %tls_text, peer_cert = %peer_cert, reason = %why, "association rejected{fix}");
                     self.audit_rejected(addr, (&calling, &called), tls.as_ref(), &why.to_string());
                 }
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
@@ -520,6 +521,30 @@ struct TlsInfo {
     common_names: Vec<String>,
 }
 
+/// What the operator of either side can change about a rejected
+/// association, for its log line: the titles involved and the options
+/// that set them (ours, and the sender's in dcmtk and in minipacs).
+fn reject_fix(
+    why: negotiation::RejectReason,
+    (calling, called): (&str, &str),
+    ours: &str,
+) -> String {
+    use negotiation::RejectReason;
+    match why {
+        RejectReason::CalledAeTitle => format!(
+            ": the sender called \"{called}\", we answer to \"{ours}\"; the sender must call \
+             {ours} (storescu/echoscu -aec {ours}, minipacs send --call {ours}), \
+             or we answer to it with --aetitle {called} (aetitle in the file)"
+        ),
+        RejectReason::CallingAeTitle => format!(
+            ": the sender's title \"{calling}\" (from this host or certificate) is not in \
+             the [[allow]] list; add an [[allow]] entry for it, or the sender calls as an \
+             allowed title (storescu/echoscu -aet, minipacs send --aetitle)"
+        ),
+        _ => String::new(),
+    }
+}
+
 /// Audit lines for connections turned away (the audit trail's own
 /// records; see [`crate::logs::audit`]).
 impl Listener {
@@ -561,6 +586,31 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejected_title_names_both_titles_and_the_options() {
+        use negotiation::RejectReason;
+        let fix = reject_fix(RejectReason::CalledAeTitle, ("CT1", "PACS"), "MINIPACS");
+        for part in [
+            "\"PACS\"",
+            "\"MINIPACS\"",
+            "-aec MINIPACS",
+            "--call MINIPACS",
+            "--aetitle PACS",
+        ] {
+            assert!(fix.contains(part), "{part}: {fix}");
+        }
+        let fix = reject_fix(
+            RejectReason::CallingAeTitle,
+            ("CT1", "MINIPACS"),
+            "MINIPACS",
+        );
+        assert!(
+            fix.contains("\"CT1\"") && fix.contains("[[allow]]") && fix.contains("-aet"),
+            "{fix}"
+        );
+        assert_eq!(reject_fix(RejectReason::Busy, ("A", "B"), "B"), "");
+    }
 
     #[test]
     fn pending_set_evicts_the_oldest() {
