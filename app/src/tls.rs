@@ -106,9 +106,37 @@ pub enum TlsError {
         /// the file
         path: PathBuf,
     },
-    /// rustls refused the combination (e.g. key and certificate do not match).
-    #[error("{0}")]
-    Rustls(String),
+    /// rustls refused the configuration (the protocol versions).
+    #[error("TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+    /// rustls refused the key with the certificate (they do not match, or
+    /// the key's type is not usable).
+    #[error("{} and {}: {source}", key.display(), cert.display())]
+    KeyMismatch {
+        /// the key file
+        key: PathBuf,
+        /// the certificate file
+        cert: PathBuf,
+        /// why
+        source: rustls::Error,
+    },
+    /// Client certificates are to be verified but no CA was given.
+    #[error(
+        "client certificates are verified but no CA certificate was given \
+         (--add-cert-file / --add-cert-dir, or --peer-cert ignore)"
+    )]
+    NoClientCa,
+    /// The CA certificates cannot verify client certificates.
+    #[error("client verifier: {0}")]
+    ClientVerifier(#[source] rustls::server::VerifierBuilderError),
+    /// Not a DNS name or an IP address.
+    #[error("server name {name}: {source}")]
+    ServerName {
+        /// the name given
+        name: String,
+        /// why
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
 }
 
 /// The files of a receiver's TLS identity and trust.
@@ -370,17 +398,13 @@ pub fn server_config(
     let provider = Arc::new(provider(policy.cipher_preference));
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+        .map_err(TlsError::Config)?;
     let builder = match policy.peer_cert {
         PeerCertPolicy::Ignore => builder.with_no_client_auth(),
         peer_cert => {
             let roots = roots_of(&material.cas)?;
             if roots.is_empty() {
-                return Err(TlsError::Rustls(
-                    "client certificates are verified but no CA certificate was given \
-                     (--add-cert-file / --add-cert-dir, or --peer-cert ignore)"
-                        .into(),
-                ));
+                return Err(TlsError::NoClientCa);
             }
             let verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider));
@@ -389,19 +413,18 @@ pub fn server_config(
             } else {
                 verifier
             };
-            let verifier = verifier
-                .build()
-                .map_err(|e| TlsError::Rustls(format!("client verifier: {e}")))?;
+            let verifier = verifier.build().map_err(TlsError::ClientVerifier)?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        TlsError::Rustls(format!(
-            "{} and {}: {e}",
-            material.key.path.display(),
-            material.cert.path.display()
-        ))
-    })?;
+    let mut config =
+        builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::KeyMismatch {
+                key: material.key.path.clone(),
+                cert: material.cert.path.clone(),
+                source,
+            })?;
     config.ignore_client_order = policy.cipher_preference == CipherPreference::Chacha20;
     Ok((config, summary))
 }
@@ -541,7 +564,7 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
     };
     let builder = ClientConfig::builder_with_provider(Arc::new(provider(CipherPreference::Aes)))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError::Rustls(e.to_string()))?
+        .map_err(TlsError::Config)?
         .with_root_certificates(roots);
     match &files.identity {
         None => Ok(builder.with_no_client_auth()),
@@ -550,8 +573,10 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
             check_leaf(cert, &chain[0])?;
             builder
                 .with_client_auth_cert(chain, read_key(key)?)
-                .map_err(|e| {
-                    TlsError::Rustls(format!("{} and {}: {e}", key.display(), cert.display()))
+                .map_err(|source| TlsError::KeyMismatch {
+                    key: key.clone(),
+                    cert: cert.clone(),
+                    source,
                 })
         }
     }
@@ -559,8 +584,10 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
 
 /// Parses a server name for certificate verification (a DNS name or an IP).
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
-    ServerName::try_from(name.to_string())
-        .map_err(|e| TlsError::Rustls(format!("server name {name}: {e}")))
+    ServerName::try_from(name.to_string()).map_err(|source| TlsError::ServerName {
+        name: name.to_string(),
+        source,
+    })
 }
 
 /// The subject of the peer's leaf certificate, if it sent one.
