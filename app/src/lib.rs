@@ -21,3 +21,4 @@ pub mod services;
 pub mod store;
 pub mod timestamp;
 pub mod tls;
+pub mod write_window;
