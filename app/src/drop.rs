@@ -66,8 +66,20 @@ pub fn bundle_inputs(config: &Config) -> BundleInputs {
 pub const STATUS_FILE: &str = "status.txt";
 
 /// Looks at the drop folder once. `running` is the configuration in force,
-/// `last_good` where a new good one is saved.
+/// `last_good` where a new good one is saved. When something was dropped,
+/// the folder is written (results, renames, bundles) inside one write
+/// window ([`crate::write_window`]): on the image its file system is
+/// read-only at all other times.
 pub fn look(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
+    if !dir.join(LOGS_TRIGGER).exists() && !dir.join(CONFIG_DROP).exists() {
+        return DropAction::None;
+    }
+    let _window = crate::write_window::open();
+    handle(dir, running, last_good)
+}
+
+/// [`look`] once something was dropped and the folder is writable.
+fn handle(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
     let trigger = dir.join(LOGS_TRIGGER);
     if trigger.exists() {
         let stamp = time::OffsetDateTime::now_utc()

@@ -22,3 +22,4 @@ pub mod shutdown;
 pub mod store;
 pub mod timestamp;
 pub mod tls;
+pub mod write_window;
