@@ -417,3 +417,165 @@ impl<R: Read> Walker<R> {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// One element in `s`'s encoding (short-length VRs only, plus SQ).
+    fn element(out: &mut Vec<u8>, s: Syntax, tag: u32, vr: &[u8; 2], value: &[u8]) {
+        let (g, e) = ((tag >> 16) as u16, tag as u16);
+        let be = s.big_endian;
+        let u16b = |v: u16| if be { v.to_be_bytes() } else { v.to_le_bytes() };
+        out.extend_from_slice(&u16b(g));
+        out.extend_from_slice(&u16b(e));
+        if s.explicit {
+            out.extend_from_slice(vr);
+            out.extend_from_slice(&u16b(value.len() as u16));
+        } else {
+            let len = value.len() as u32;
+            out.extend_from_slice(&if be {
+                len.to_be_bytes()
+            } else {
+                len.to_le_bytes()
+            });
+        }
+        out.extend_from_slice(value);
+    }
+
+    fn part10(ts: &str, data_set: &[u8]) -> Vec<u8> {
+        let mut ts_value = ts.as_bytes().to_vec();
+        if ts_value.len() % 2 == 1 {
+            ts_value.push(0);
+        }
+        let mut meta = Vec::new();
+        element(
+            &mut meta,
+            Syntax::EXPLICIT_LE,
+            0x0002_0010,
+            b"UI",
+            &ts_value,
+        );
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        element(
+            &mut out,
+            Syntax::EXPLICIT_LE,
+            0x0002_0000,
+            b"UL",
+            &(meta.len() as u32).to_le_bytes(),
+        );
+        out.extend_from_slice(&meta);
+        out.extend_from_slice(data_set);
+        out
+    }
+
+    fn data_set(s: Syntax) -> Vec<u8> {
+        let mut ds = Vec::new();
+        element(&mut ds, s, 0x0008_0005, b"CS", b"ISO_IR 100");
+        element(
+            &mut ds,
+            s,
+            0x0008_0016,
+            b"UI",
+            b"1.2.840.10008.5.1.4.1.1.2\0",
+        );
+        element(&mut ds, s, 0x0008_0018, b"UI", b"1.2.3.4.5.6\0");
+        element(&mut ds, s, 0x0008_0060, b"CS", b"CT");
+        // An undefined-length sequence to skip: (0008,1140), one empty item.
+        let mut sq = Vec::new();
+        element(&mut sq, s, 0x0008_1140, b"SQ", b"");
+        sq.truncate(sq.len() - if s.explicit { 2 } else { 4 });
+        if s.explicit {
+            sq.extend_from_slice(&[0, 0]);
+        }
+        ds.extend_from_slice(&sq);
+        let u32b = |v: u32| {
+            if s.big_endian {
+                v.to_be_bytes()
+            } else {
+                v.to_le_bytes()
+            }
+        };
+        ds.extend_from_slice(&u32b(UNDEFINED));
+        for (tag, len) in [
+            (ITEM, UNDEFINED),
+            (ITEM_DELIMITATION, 0),
+            (SEQUENCE_DELIMITATION, 0),
+        ] {
+            let (g, e) = ((tag >> 16) as u16, tag as u16);
+            let u16b = |v: u16| {
+                if s.big_endian {
+                    v.to_be_bytes()
+                } else {
+                    v.to_le_bytes()
+                }
+            };
+            ds.extend_from_slice(&u16b(g));
+            ds.extend_from_slice(&u16b(e));
+            ds.extend_from_slice(&u32b(len));
+        }
+        element(&mut ds, s, 0x0010_0010, b"PN", b"Buc^J\xe9r\xf4me");
+        element(&mut ds, s, 0x0010_0020, b"LO", b"ID1 ");
+        element(&mut ds, s, 0x0020_000D, b"UI", b"1.2.3\0");
+        element(&mut ds, s, 0x0020_000E, b"UI", b"1.2.3.4\0");
+        element(&mut ds, s, 0x0020_0013, b"IS", b"7 ");
+        // Past the last wanted tag: never read (a bogus length proves it).
+        element(&mut ds, s, 0x7FE0_0010, b"OB", b"");
+        ds.extend_from_slice(&[0xFF; 16]);
+        ds
+    }
+
+    fn check(a: &Attributes) {
+        assert_eq!(a.sop_instance_uid, "1.2.3.4.5.6");
+        assert_eq!(a.study_instance_uid, "1.2.3");
+        assert_eq!(a.series_instance_uid, "1.2.3.4");
+        assert_eq!(a.patient_name, "Buc^Jérôme");
+        assert_eq!(a.patient_id, "ID1");
+        assert_eq!(a.modality, "CT");
+        assert_eq!(a.instance_number, Some(7));
+    }
+
+    #[test]
+    fn reads_every_transfer_syntax_the_store_takes() {
+        let be = Syntax {
+            explicit: true,
+            big_endian: true,
+        };
+        for (ts, s) in [
+            (uid::IMPLICIT_VR_LE, Syntax::IMPLICIT_LE),
+            (uid::EXPLICIT_VR_LE, Syntax::EXPLICIT_LE),
+            (uid::EXPLICIT_VR_BE, be),
+        ] {
+            let a = read(part10(ts, &data_set(s)).as_slice()).expect(ts);
+            assert_eq!(a.transfer_syntax, ts);
+            check(&a);
+        }
+        let mut deflated =
+            flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+        deflated
+            .write_all(&data_set(Syntax::EXPLICIT_LE))
+            .expect("deflate");
+        let bytes = part10(
+            uid::DEFLATED_EXPLICIT_VR_LE,
+            &deflated.finish().expect("deflate"),
+        );
+        check(&read(bytes.as_slice()).expect("deflate"));
+    }
+
+    #[test]
+    fn not_part10_and_missing_uids_are_errors() {
+        assert!(matches!(
+            read(&[0u8; 200][..]),
+            Err(HeaderError::NotPart10(_))
+        ));
+        let mut ds = Vec::new();
+        element(&mut ds, Syntax::EXPLICIT_LE, 0x0008_0018, b"UI", b"1.2\0");
+        let bytes = part10(uid::EXPLICIT_VR_LE, &ds);
+        assert!(matches!(
+            read(bytes.as_slice()),
+            Err(HeaderError::Missing(_))
+        ));
+    }
+}
