@@ -11,6 +11,7 @@ pub mod ca;
 pub mod config;
 pub mod drop;
 pub mod durable;
+pub mod index;
 pub mod logs;
 pub mod net;
 pub mod part10;
