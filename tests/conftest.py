@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -63,16 +62,6 @@ def wait_port(port, proc=None, timeout=10):
     raise AssertionError(f"port {port} never opened")
 
 
-def open_for_worker(store):
-    """Started as root, the server runs its network side as an unprivileged
-    user, which must be able to reach the store: pytest makes its temporary
-    folders 0700, so open the store's ancestors for traversal (not for
-    reading)."""
-    for folder in pathlib.Path(store).parents:
-        if str(folder).startswith(tempfile.gettempdir() + "/") and folder.stat().st_uid == os.getuid():
-            os.chmod(folder, folder.stat().st_mode | 0o711)
-
-
 class Server:
     """A `minipacs serve` process on a free port with its own store."""
 
@@ -91,7 +80,6 @@ class Server:
         self.proc = None
 
     def start(self):
-        open_for_worker(self.store)
         self.log = open(self.log_path, "ab")
         cmd = [
             *self.prefix,

@@ -96,6 +96,9 @@ pub enum HandoverError {
         /// how to name another one
         fix: &'static str,
     },
+    /// The store's lock could not be taken (another server has it).
+    #[error("{0}")]
+    Store(String),
     /// Something is there that is not a folder.
     #[error("{} is not a folder", path.display())]
     NotAFolder {
@@ -150,8 +153,9 @@ enum Standing {
 }
 
 /// Prepares the store and log folders of `config` for a worker running as
-/// `who`, in that order: the store is checked, made if new, and locked
-/// before anything in it changes. Call after the ports are bound.
+/// `who`: both are checked first (a refusal changes nothing), then the
+/// store is made if new and locked before anything in it changes, then
+/// the log folder is prepared. Call after the ports are bound.
 pub fn prepare(config: &Config, who: Identity) -> Result<Handed, HandoverError> {
     let mut changes = Vec::new();
     let store_path = &config.output_directory;
@@ -167,21 +171,29 @@ pub fn prepare(config: &Config, who: Identity) -> Result<Handed, HandoverError> 
             false,
         )?;
     }
+    let log_path = &config.log_directory;
+    let log_fix = "log_directory = \"DIR\" in the configuration";
+    let log_standing = standing_of(log_path, "log folder", who, log_fix)?;
+    if log_standing == Standing::Others {
+        // The worker must be able to write, rotate and replace its files.
+        if let Ok(entries) = std::fs::read_dir(log_path) {
+            let sticky = std::fs::metadata(log_path).is_ok_and(|m| m.mode() & 0o1000 != 0);
+            for entry in entries.flatten() {
+                if crate::logs::is_worker_file(&entry.file_name().to_string_lossy()) {
+                    check_writable(&entry.path(), "file", who, log_fix, sticky)?;
+                }
+            }
+        }
+    }
+    // Checked: from here on, things change.
     let store = open_folder(store_path, standing, STORE_DIR_MODE, who, &mut changes)?;
     let had_lock = store
         .stat_at(LOCK_FILE)
         .map_err(io_err("looking at", &store.display_path(LOCK_FILE)))?
         .is_some();
-    let lock_file = crate::store::open_lock_file(&store).map_err(|e| HandoverError::Io {
-        what: "opening",
-        path: store.display_path(LOCK_FILE),
-        source: io::Error::other(format!("{e:#}")),
-    })?;
-    let lock = crate::store::take_lock(lock_file, &store).map_err(|e| HandoverError::Io {
-        what: "locking",
-        path: store.path().to_path_buf(),
-        source: io::Error::other(format!("{e:#}")),
-    })?;
+    let lock = crate::store::open_lock_file(&store)
+        .and_then(|file| crate::store::take_lock(file, &store))
+        .map_err(|e| HandoverError::Store(format!("{e:#}")))?;
     // Locked: from here on no other server uses this store.
     if !had_lock {
         give(&store, LOCK_FILE, who, "made", &mut changes)?;
@@ -205,22 +217,8 @@ pub fn prepare(config: &Config, who: Identity) -> Result<Handed, HandoverError> 
         }
     }
 
-    let log_path = &config.log_directory;
-    let log_fix = "log_directory = \"DIR\" in the configuration";
-    let standing = standing_of(log_path, "log folder", who, log_fix)?;
-    if standing == Standing::Others {
-        // The worker must be able to write, rotate and replace its files.
-        if let Ok(entries) = std::fs::read_dir(log_path) {
-            let sticky = std::fs::metadata(log_path).is_ok_and(|m| m.mode() & 0o1000 != 0);
-            for entry in entries.flatten() {
-                if crate::logs::is_worker_file(&entry.file_name().to_string_lossy()) {
-                    check_writable(&entry.path(), "file", who, log_fix, sticky)?;
-                }
-            }
-        }
-    }
-    let logs = open_folder(log_path, standing, LOG_DIR_MODE, who, &mut changes)?;
-    if standing != Standing::Others {
+    let logs = open_folder(log_path, log_standing, LOG_DIR_MODE, who, &mut changes)?;
+    if log_standing != Standing::Others {
         let entries = logs.entries().map_err(io_err("listing", logs.path()))?;
         for entry in entries.iter().filter(|e| e.is_file) {
             let name = entry.name.to_string_lossy();
