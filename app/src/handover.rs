@@ -78,8 +78,7 @@ pub enum HandoverError {
     /// user and the worker cannot write to it.
     #[error(
         "{what} {} belongs to user {owner} (mode {mode:04o}) and the worker runs as user {worker}, \
-         who cannot write to it; nothing was changed. Start with --user {owner}, \
-         or give minipacs a {what} of its own ({fix})",
+         who cannot write to it; nothing was changed. {fixes}",
         path.display()
     )]
     NotWritable {
@@ -93,8 +92,8 @@ pub enum HandoverError {
         worker: String,
         /// its permission bits
         mode: u32,
-        /// how to name another one
-        fix: &'static str,
+        /// what would fix it
+        fixes: String,
     },
     /// The store's lock could not be taken (another server has it).
     #[error("{0}")]
@@ -292,13 +291,25 @@ fn check_writable(
     if bits.writable_by(who) && (!sticky || bits.uid == who.uid.as_raw()) {
         return Ok(());
     }
+    let (owner, worker) = (user_name(Uid::from_raw(bits.uid)), user_name(who.uid));
+    // The worker never runs as root: for a folder of root's, the fix is
+    // to give it to the worker's user, or to use another.
+    let fixes = if bits.uid == 0 {
+        format!(
+            "Give it to the worker's user (chown {worker} {}), or give minipacs a {what} of \
+             its own ({fix})",
+            path.display()
+        )
+    } else {
+        format!("Start with --user {owner}, or give minipacs a {what} of its own ({fix})")
+    };
     Err(HandoverError::NotWritable {
         what,
         path: path.to_path_buf(),
-        owner: user_name(Uid::from_raw(bits.uid)),
-        worker: user_name(who.uid),
+        owner,
+        worker,
         mode: bits.mode & 0o7777,
-        fix,
+        fixes,
     })
 }
 
@@ -431,7 +442,9 @@ mod tests {
             owner: "gabriel".into(),
             worker: "minipacs".into(),
             mode: 0o755,
-            fix: "--output-directory DIR",
+            fixes: "Start with --user gabriel, or give minipacs a store folder of its own \
+                    (--output-directory DIR)"
+                .into(),
         };
         assert_eq!(
             e.to_string(),
