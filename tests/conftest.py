@@ -63,11 +63,12 @@ def wait_port(port, proc=None, timeout=10):
     raise AssertionError(f"port {port} never opened")
 
 
-def open_for_worker(store):
-    """Started as root, the server runs its network side as an unprivileged
-    user, which must be able to reach the store: pytest makes its temporary
-    folders 0700, so open the store's ancestors for traversal (not for
-    reading)."""
+def open_for_other_user(store):
+    """A server started as another user (a `prefix` such as setpriv) runs as
+    one process and opens its paths itself, so it must be able to traverse
+    pytest's 0700 temporary folders: open the store's ancestors for
+    traversal (not for reading). A root start needs none of this: the
+    keeper hands its worker the folders as descriptors."""
     for folder in pathlib.Path(store).parents:
         if str(folder).startswith(tempfile.gettempdir() + "/") and folder.stat().st_uid == os.getuid():
             os.chmod(folder, folder.stat().st_mode | 0o711)
@@ -91,7 +92,8 @@ class Server:
         self.proc = None
 
     def start(self):
-        open_for_worker(self.store)
+        if self.prefix:
+            open_for_other_user(self.store)
         self.log = open(self.log_path, "ab")
         cmd = [
             *self.prefix,

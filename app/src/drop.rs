@@ -180,14 +180,27 @@ fn handle(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
 }
 
 /// Checks what validation cannot: that the certificate files load and make
-/// a working TLS configuration, and that the store can be made.
+/// a working TLS configuration, and that the store is a folder or can be
+/// made (it is not made here: run by the root keeper, that would make it
+/// root's; the restarted service makes it for its worker).
 fn appliable(config: &Config) -> Result<(), String> {
     if let Some(files) = config.tls.files() {
         let material = crate::tls::TlsMaterial::read(&files).map_err(|e| e.to_string())?;
         crate::tls::server_config(&material, files.policy()).map_err(|e| e.to_string())?;
     }
-    fs::create_dir_all(&config.output_directory)
-        .map_err(|e| format!("store {}: {e}", config.output_directory.display()))?;
+    let store = &config.output_directory;
+    let existing = store
+        .ancestors()
+        .find(|p| p.as_os_str().is_empty() || p.exists())
+        .unwrap_or(store);
+    let is_dir = existing.as_os_str().is_empty() || existing.is_dir();
+    if !is_dir {
+        return Err(format!(
+            "store {}: {} is not a folder",
+            store.display(),
+            existing.display()
+        ));
+    }
     Ok(())
 }
 

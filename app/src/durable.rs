@@ -10,18 +10,19 @@
 //! states only what differs: the temp file's prefix, the file's mode, and
 //! whether an existing file may be replaced.
 //!
-//! Built on `tempfile` (already the store's dependency): its
-//! `persist_noclobber` is `renameat2(RENAME_NOREPLACE)` on Linux, atomic
+//! Built on [`Folder`]: every step is relative to the destination's open
+//! folder, and "never replace" is `renameat2(RENAME_NOREPLACE)`, atomic
 //! where a check-then-rename is not. (`atomic-write-file` was considered:
 //! it always replaces and cannot stage a file to commit later, both of
-//! which the CA needs.)
+//! which the CA needs; `tempfile` cannot create relative to a descriptor.)
 
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use tempfile::NamedTempFile;
+use crate::dirfd::Folder;
 
 /// Why a durable write failed. The temp file is removed in every case.
 #[derive(Debug, thiserror::Error)]
@@ -91,12 +92,19 @@ pub enum Replace {
 /// Two phases, so that a caller with several files (the CA: serial,
 /// index, key, certificate) can write and sync them all before making any
 /// visible, and fail without side effects if one cannot be written.
+///
+/// Every step is relative to the destination's folder, held open
+/// ([`Folder`]): the same code serves a path and a folder handed over by
+/// descriptor (the worker's log folder).
 #[derive(Debug)]
 pub struct Staged {
-    file: NamedTempFile,
-    dest: PathBuf,
+    file: File,
+    dir: Folder,
+    temp: OsString,
+    dest: OsString,
     mode: Option<u32>,
     prepared: bool,
+    committed: bool,
 }
 
 impl Staged {
@@ -107,16 +115,34 @@ impl Staged {
     /// defaults (on FAT, say, where a chmod is refused).
     pub fn create(dest: &Path, prefix: &str, mode: Option<u32>) -> Result<Staged, DurableError> {
         let dir = parent_dir(dest);
-        let file = tempfile::Builder::new()
-            .prefix(prefix)
-            .permissions(Permissions::from_mode(0o600))
-            .tempfile_in(dir)
-            .map_err(DurableError::io("creating a temporary file in", dir))?;
+        let name = dest.file_name().ok_or_else(|| DurableError::Io {
+            op: "naming",
+            path: dest.to_path_buf(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "no file name"),
+        })?;
+        let folder =
+            Folder::open(dir).map_err(DurableError::io("creating a temporary file in", dir))?;
+        Staged::create_in(folder, name, prefix, mode)
+    }
+
+    /// As [`Staged::create`], for the file `name` in the open folder `dir`.
+    pub fn create_in(
+        dir: Folder,
+        name: &OsStr,
+        prefix: &str,
+        mode: Option<u32>,
+    ) -> Result<Staged, DurableError> {
+        let (file, temp) = dir
+            .create_unique(prefix, "", 0o600)
+            .map_err(DurableError::io("creating a temporary file in", dir.path()))?;
         Ok(Staged {
             file,
-            dest: dest.to_path_buf(),
+            dir,
+            temp,
+            dest: name.to_os_string(),
             mode,
             prepared: false,
+            committed: false,
         })
     }
 
@@ -128,22 +154,26 @@ impl Staged {
         mode: Option<u32>,
     ) -> Result<Staged, DurableError> {
         let mut staged = Staged::create(dest, prefix, mode)?;
-        staged
-            .file
-            .write_all(contents)
-            .map_err(DurableError::io("writing", staged.file.path()))?;
-        staged.prepare()?;
+        staged.write_and_prepare(contents)?;
         Ok(staged)
+    }
+
+    fn write_and_prepare(&mut self, contents: &[u8]) -> Result<(), DurableError> {
+        let path = self.temp_path();
+        (&self.file)
+            .write_all(contents)
+            .map_err(DurableError::io("writing", &path))?;
+        self.prepare()
     }
 
     /// The temp file, to write into.
     pub fn file(&self) -> &File {
-        self.file.as_file()
+        &self.file
     }
 
     /// The temp file's path (for error messages).
-    pub fn temp_path(&self) -> &Path {
-        self.file.path()
+    pub fn temp_path(&self) -> PathBuf {
+        self.dir.display_path(&self.temp)
     }
 
     /// Sets the final mode and fdatasyncs the contents. [`Staged::commit`]
@@ -153,17 +183,15 @@ impl Staged {
         if self.prepared {
             return Ok(());
         }
-        let path = self.file.path();
+        let path = self.temp_path();
         if let Some(mode) = self.mode {
             self.file
-                .as_file()
                 .set_permissions(Permissions::from_mode(mode))
-                .map_err(DurableError::io("setting permissions of", path))?;
+                .map_err(DurableError::io("setting permissions of", &path))?;
         }
         self.file
-            .as_file()
             .sync_data()
-            .map_err(DurableError::io("syncing", path))?;
+            .map_err(DurableError::io("syncing", &path))?;
         self.prepared = true;
         Ok(())
     }
@@ -172,17 +200,33 @@ impl Staged {
     /// fsync the folder. Returns the file, open, at its final name.
     pub fn commit(mut self, replace: Replace) -> Result<File, DurableError> {
         self.prepare()?;
-        let Staged { file, dest, .. } = self;
-        let renamed = match replace {
-            Replace::Never => file.persist_noclobber(&dest),
-            Replace::Allowed => file.persist(&dest),
-        };
-        let file = renamed.map_err(|e| match e.error.kind() {
-            io::ErrorKind::AlreadyExists => DurableError::Exists { path: dest.clone() },
-            _ => DurableError::io("renaming into place", &dest)(e.error),
-        })?;
-        sync_dir(parent_dir(&dest))?;
-        Ok(file)
+        let dest = self.dir.display_path(&self.dest);
+        self.dir
+            .rename(
+                &self.temp,
+                &self.dir,
+                &self.dest,
+                replace == Replace::Allowed,
+            )
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => DurableError::Exists { path: dest.clone() },
+                _ => DurableError::io("renaming into place", &dest)(e),
+            })?;
+        self.committed = true;
+        self.dir
+            .sync()
+            .map_err(DurableError::io("syncing folder", self.dir.path()))?;
+        self.file
+            .try_clone()
+            .map_err(DurableError::io("reopening", &dest))
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = self.dir.remove_file(&self.temp);
+        }
     }
 }
 
@@ -197,6 +241,23 @@ pub fn write_atomically(
     Staged::with_contents(dest, prefix, contents, mode)?
         .commit(replace)
         .map(drop)
+}
+
+/// As [`write_atomically`], for the file `name` in the open folder `dir`.
+pub fn write_atomically_in(
+    dir: &Folder,
+    name: &OsStr,
+    prefix: &str,
+    contents: &[u8],
+    mode: Option<u32>,
+    replace: Replace,
+) -> Result<(), DurableError> {
+    let folder = dir
+        .try_clone()
+        .map_err(DurableError::io("opening", dir.path()))?;
+    let mut staged = Staged::create_in(folder, name, prefix, mode)?;
+    staged.write_and_prepare(contents)?;
+    staged.commit(replace).map(drop)
 }
 
 /// Fsyncs a folder, so that names created, renamed or removed in it

@@ -9,8 +9,10 @@
 
 pub mod ca;
 pub mod config;
+pub mod dirfd;
 pub mod drop;
 pub mod durable;
+pub mod handover;
 pub mod index;
 pub mod logs;
 pub mod net;

@@ -369,13 +369,7 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             if nix::unistd::geteuid().is_root() {
                 return privsep::run_keeper(config, last_good, file_log);
             }
-            logs::attach_file_log(
-                file_log,
-                &config.log_directory,
-                logs::LOG_FILE,
-                config.log_max_bytes,
-            );
-            serve_one_process(config, last_good)
+            serve_one_process(config, last_good, file_log)
         }
         Command::Send(args) => {
             let peer = args.peer.peer()?;
@@ -521,10 +515,18 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
 /// separation). This process is its own supervisor: it watches the drop
 /// folder and speaks to systemd itself, and restarts (by exec) when a
 /// dropped configuration needs it, once the service has stopped.
-fn serve_one_process(config: Config, last_good: PathBuf) -> anyhow::Result<ExitCode> {
+fn serve_one_process(
+    config: Config,
+    last_good: PathBuf,
+    file_log: &logs::FileLogHandle,
+) -> anyhow::Result<ExitCode> {
     use std::sync::atomic::{AtomicBool, Ordering};
     tracing::info!("running unprivileged as one process (privilege separation needs root)");
     let sockets = minipacs::net::Sockets::bind(&config)?;
+    let folders = minipacs::handover::Folders::open_own(&config)?;
+    if let Some(dir) = &folders.logs {
+        logs::attach_file_log(file_log, dir, logs::LOG_FILE, config.log_max_bytes);
+    }
     let tls = match config.tls.files() {
         Some(files) => minipacs::net::TlsFeed::Files(files),
         None => minipacs::net::TlsFeed::None,
@@ -549,6 +551,7 @@ fn serve_one_process(config: Config, last_good: PathBuf) -> anyhow::Result<ExitC
         Ok(minipacs::net::Service {
             config,
             sockets,
+            folders,
             tls,
             events,
             config_updates,

@@ -2,7 +2,8 @@
 //!
 //! Started as root, `minipacs serve` binds its ports (104 and 2762 need
 //! root), reads the TLS private key (Let's Encrypt keeps it root-only), and
-//! starts itself again as the worker, handing it the listening sockets and a
+//! starts itself again as the worker, handing it the listening sockets, its
+//! store and log folders as open descriptors ([`crate::handover`]), and a
 //! control socket. Before it reads a single byte from the network the worker
 //! drops to the configured user and group (setgroups, setgid, setuid), sets
 //! no_new_privs, and asks to die with its keeper. Every byte a peer sends is
@@ -42,6 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::dirfd::Folder;
+use crate::handover::{Folders, Handed};
 use crate::net::{Service, Sockets, TlsFeed};
 use crate::service::{self, ServiceEvent};
 use crate::shutdown::{Shutdown, StopSignals};
@@ -103,46 +106,6 @@ pub fn resolve_identity(user: &str, group: Option<&str>) -> anyhow::Result<Ident
     })
 }
 
-/// Gives `path` (created if missing) and its store housekeeping entries to
-/// the worker, so that it can write there after dropping privileges. On
-/// the appliance tmpfiles.d has done this already and the unit grants no
-/// CAP_CHOWN: only what the worker cannot write yet is changed, and a
-/// refusal is logged (the worker then says exactly what it cannot write).
-fn hand_over_dir(path: &Path, who: Identity) -> anyhow::Result<()> {
-    std::fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    for p in [
-        path.to_path_buf(),
-        path.join(crate::store::INCOMING_DIR),
-        path.join(".lock"),
-    ] {
-        let Ok(meta) = std::fs::metadata(&p) else {
-            continue;
-        };
-        if worker_can_write(&meta, who) {
-            continue;
-        }
-        if let Err(e) = nix::unistd::chown(&p, Some(who.uid), Some(who.gid)) {
-            warn!(path = %p.display(), error = %e, "cannot give this to the worker's user");
-        }
-    }
-    Ok(())
-}
-
-/// Whether the worker may write to this file or folder, by the permission
-/// bits that apply to it (owner, else group, else others): e.g. its own
-/// store, or the log folder it shares with the keeper (root:minipacs 1770).
-fn worker_can_write(meta: &std::fs::Metadata, who: Identity) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    let (mode, owner, group) = (meta.mode(), meta.uid(), meta.gid());
-    if owner == who.uid.as_raw() {
-        mode & 0o200 != 0
-    } else if group == who.gid.as_raw() {
-        mode & 0o020 != 0
-    } else {
-        mode & 0o002 != 0
-    }
-}
-
 /// Lets `fd` survive the exec of the worker, and returns its number.
 fn inheritable(fd: &impl AsFd) -> anyhow::Result<RawFd> {
     fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty())).context("clearing FD_CLOEXEC")?;
@@ -168,15 +131,18 @@ pub fn run_keeper(
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())
     })?;
     let who = resolve_identity(&config.user, config.group.as_deref())?;
-    hand_over_dir(&config.output_directory, who)?;
-    hand_over_dir(&config.log_directory, who)?;
+    // Bind first: a start that fails here has changed nothing on disk.
+    let sockets = Sockets::bind(&config)?;
+    let handed = crate::handover::prepare(&config, who)?;
     crate::logs::attach_file_log(
         file_log,
-        &config.log_directory,
+        &handed.logs,
         crate::logs::KEEPER_LOG_FILE,
         config.log_max_bytes,
     );
-    let sockets = Sockets::bind(&config)?;
+    for change in &handed.changes {
+        info!("{change}");
+    }
     let tls_files = config.tls.files();
     let material = match &tls_files {
         Some(files) => {
@@ -203,6 +169,17 @@ pub fn run_keeper(
     if let Some(f) = &sockets.led {
         spec.push_str(&format!(",led={}", inheritable(f)?));
     }
+    // The worker's folders, by descriptor; its lock is a second descriptor
+    // of the keeper's locked file, so both hold the one lock.
+    let store_dir = handed.store.try_clone().context("store folder")?;
+    let logs_dir = handed.logs.try_clone().context("log folder")?;
+    let lock = handed.lock.try_clone().context("store lock")?;
+    spec.push_str(&format!(
+        ",store={},lock={},logs={}",
+        inheritable(&store_dir)?,
+        inheritable(&lock)?,
+        inheritable(&logs_dir)?
+    ));
     let exe = std::env::current_exe().context("finding our own executable")?;
     // The worker gets its own process group, so that a Ctrl-C on a terminal
     // reaches the keeper alone, which passes it on once: a second signal
@@ -215,9 +192,18 @@ pub fn run_keeper(
         .spawn()
         .context("starting the worker")?;
     info!(pid = child.id(), uid = %who.uid, gid = %who.gid, "worker started; keeper stays root to read certificates");
-    // The worker has its copies; the keeper keeps none of the network.
+    // The worker has its copies; the keeper keeps none of the network,
+    // and of the folders only the lock (held until the keeper ends).
     drop(worker_end);
     drop(sockets);
+    drop((store_dir, logs_dir, lock));
+    let Handed {
+        store,
+        lock: _store_lock,
+        logs,
+        changes: _,
+    } = handed;
+    drop((store, logs));
 
     let outcome = runtime.block_on(supervise(
         config,
@@ -457,6 +443,9 @@ struct Inherited {
     plain: Option<OwnedFd>,
     tls: Option<OwnedFd>,
     led: Option<OwnedFd>,
+    store: OwnedFd,
+    lock: OwnedFd,
+    logs: OwnedFd,
     who: Identity,
 }
 
@@ -483,6 +472,7 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
     let mut plain = None;
     let mut tls = None;
     let mut led = None;
+    let (mut store, mut lock, mut logs) = (None, None, None);
     let mut uid = None;
     let mut gid = None;
     let mut seen = Vec::new();
@@ -492,18 +482,22 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
         match key {
             "uid" => uid = Some(Uid::from_raw(u32::try_from(n)?)),
             "gid" => gid = Some(Gid::from_raw(u32::try_from(n)?)),
-            "control" | "plain" | "tls" | "led" => {
+            "control" | "plain" | "tls" | "led" | "store" | "lock" | "logs" => {
                 let fd = RawFd::try_from(n)?;
                 if fd < 3 || seen.contains(&fd) {
                     bail!("bad inherited descriptor {fd}");
                 }
                 seen.push(fd);
-                let owned = take_inherited_fd(fd, key != "led")?;
+                let socket = matches!(key, "control" | "plain" | "tls");
+                let owned = take_inherited_fd(fd, socket)?;
                 match key {
                     "control" => control = Some(owned),
                     "plain" => plain = Some(owned),
                     "tls" => tls = Some(owned),
-                    _ => led = Some(owned),
+                    "led" => led = Some(owned),
+                    "store" => store = Some(owned),
+                    "lock" => lock = Some(owned),
+                    _ => logs = Some(owned),
                 }
             }
             _ => bail!("unknown key {key} in worker spec"),
@@ -514,6 +508,9 @@ fn parse_inherited(spec: &str) -> anyhow::Result<Inherited> {
         plain,
         tls,
         led,
+        store: store.context("no store folder")?,
+        lock: lock.context("no store lock")?,
+        logs: logs.context("no log folder")?,
         who: Identity {
             uid: uid.context("no uid")?,
             gid: gid.context("no gid")?,
@@ -561,12 +558,23 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
             &String::from_utf8_lossy(&payload),
             "configuration from the keeper",
         )?;
-        crate::logs::attach_file_log(
-            file_log,
-            &config.log_directory,
-            crate::logs::LOG_FILE,
-            config.log_max_bytes,
-        );
+        let folders = Folders {
+            store: Folder::from_fd(inherited.store, config.output_directory.clone())
+                .context("the store folder from the keeper")?,
+            store_lock: Some(std::fs::File::from(inherited.lock)),
+            logs: Some(
+                Folder::from_fd(inherited.logs, config.log_directory.clone())
+                    .context("the log folder from the keeper")?,
+            ),
+        };
+        if let Some(logs) = &folders.logs {
+            crate::logs::attach_file_log(
+                file_log,
+                logs,
+                crate::logs::LOG_FILE,
+                config.log_max_bytes,
+            );
+        }
         let to_listener = |fd: OwnedFd| -> anyhow::Result<std::net::TcpListener> {
             let l = std::net::TcpListener::from(fd);
             l.set_nonblocking(true)?;
@@ -604,6 +612,7 @@ pub fn run_worker(spec: &str, file_log: &crate::logs::FileLogHandle) -> anyhow::
         Ok(Service {
             config,
             sockets,
+            folders,
             tls,
             events,
             config_updates,
@@ -762,45 +771,6 @@ mod tests {
         };
         assert_eq!(decode_material(&encode_material(&m)).expect("decodes"), m);
         assert!(decode_material(&[0, 0, 0, 9, 1]).is_err());
-    }
-
-    #[test]
-    fn worker_writes_through_its_owner_or_group_bits() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let me = Identity {
-            uid: nix::unistd::getuid(),
-            gid: nix::unistd::getgid(),
-        };
-        let stranger = Uid::from_raw(me.uid.as_raw().wrapping_add(4242));
-        let other_group = Gid::from_raw(me.gid.as_raw().wrapping_add(4242));
-        let set = |mode| {
-            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode))
-                .expect("chmod");
-            std::fs::metadata(dir.path()).expect("metadata")
-        };
-        // The log folder: root:minipacs 1770, the worker in via its group.
-        let by_group = Identity {
-            uid: stranger,
-            gid: me.gid,
-        };
-        assert!(worker_can_write(&set(0o1770), by_group));
-        assert!(!worker_can_write(&set(0o750), by_group));
-        // The store: the worker's own.
-        let by_owner = Identity {
-            uid: me.uid,
-            gid: other_group,
-        };
-        assert!(worker_can_write(&set(0o700), by_owner));
-        assert!(!worker_can_write(&set(0o500), by_owner));
-        // Owner bits decide for the owner, even if the group's would allow.
-        assert!(!worker_can_write(&set(0o570), by_owner));
-        let neither = Identity {
-            uid: stranger,
-            gid: other_group,
-        };
-        assert!(!worker_can_write(&set(0o775), neither));
-        assert!(worker_can_write(&set(0o777), neither));
     }
 
     #[tokio::test]

@@ -734,6 +734,11 @@ class Bench:
     def dicom_run(self, workload: Workload, sender: Sender, receiver: Receiver,
                   label: str) -> Sample | None:
         out = fresh_folder(self.workdir / "runs" / "out")
+        if not receiver.dcmtk:
+            # minipacs makes its store itself: started as root, it would
+            # refuse a folder this script (root) made for a worker that
+            # cannot write to it.
+            out.rmdir()
         port = self.ports.take()
         recv_log = self.workdir / "logs" / f"{label}.receiver.log"
         send_log = self.workdir / "logs" / f"{label}.sender.log"

@@ -178,6 +178,16 @@ impl Audit {
         })
     }
 
+    /// As [`Audit::open`], in a folder already open (the one the keeper
+    /// handed the worker, say).
+    pub fn open_in(dir: crate::dirfd::Folder, budget: Budget) -> Result<Audit, LogsError> {
+        Ok(Audit {
+            dir: dir.path().to_path_buf(),
+            file: Mutex::new(RotatingFile::open_in(dir, AUDIT_FILE, budget, false)?),
+            failing: AtomicBool::new(false),
+        })
+    }
+
     /// Records an association. Returns whether the line reached the file.
     pub fn association(&self, record: &AssociationRecord<'_>) -> bool {
         self.append(record)

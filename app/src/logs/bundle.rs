@@ -327,7 +327,8 @@ fn write_bundle(out: &Path, members: &mut [Member]) -> Result<u64, LogsError> {
     // No exact mode: the drop folder may be FAT, which refuses a chmod;
     // the temp file's 0600 is what the bundle keeps elsewhere.
     let staged = Staged::create(out, ".minipacs-bundle-", None)?;
-    let write_err = LogsError::io("write bundle", staged.temp_path());
+    let temp = staged.temp_path();
+    let write_err = LogsError::io("write bundle", &temp);
     let gz = flate2::write::GzEncoder::new(
         io::BufWriter::new(staged.file()),
         flate2::Compression::default(),

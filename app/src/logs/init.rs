@@ -6,11 +6,11 @@
 //! feeds it is too: [`attach_file_log`] keeps it in one slot, from which
 //! [`service_log_stats`] reads and [`flush_file_log`] drains it at exit.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::rotation::{Budget, WriterStats};
 use super::writer::{LogDir, ServiceLog};
+use crate::dirfd::Folder;
 
 /// The slot for the file log layer, filled once the configuration (and so
 /// the log folder) is known: logging starts on stderr before that.
@@ -44,17 +44,25 @@ pub fn init_logging() -> FileLogHandle {
 /// The file log of this process, for its counters and the flush at exit.
 static SERVICE_LOG: Mutex<Option<Arc<ServiceLog>>> = Mutex::new(None);
 
-/// Adds the bounded file log `name` in `dir`, written from a background
-/// thread (see [`ServiceLog`]). A log folder that cannot be opened is
-/// reported and logging goes on to stderr only: logs must never stop the
-/// service.
-pub fn attach_file_log(handle: &FileLogHandle, dir: &Path, name: &str, max_bytes: u64) {
+/// Adds the bounded file log `name` in the log folder `dir` (held open:
+/// see [`crate::handover`]), written from a background thread (see
+/// [`ServiceLog`]). A log that cannot be opened is reported and logging
+/// goes on to stderr only: logs must never stop the service.
+pub fn attach_file_log(handle: &FileLogHandle, dir: &Folder, name: &str, max_bytes: u64) {
     use tracing_subscriber::Layer;
     let budget = Budget {
         max_bytes,
         files: Budget::DEFAULT.files,
     };
-    match LogDir::open_named(dir, name, budget) {
+    let opened = dir
+        .try_clone()
+        .map_err(|e| super::LogsError::Io {
+            what: "open log folder",
+            path: dir.path().to_path_buf(),
+            source: e,
+        })
+        .and_then(|folder| LogDir::open_in(folder, name, budget));
+    match opened {
         Ok(log) => {
             let log = Arc::new(ServiceLog::start(log, super::writer::QUEUE_LINES));
             let layer = tracing_subscriber::fmt::layer()
@@ -70,7 +78,7 @@ pub fn attach_file_log(handle: &FileLogHandle, dir: &Path, name: &str, max_bytes
             }
         }
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "file log unavailable; logging to stderr only")
+            tracing::warn!(dir = %dir.path().display(), error = %e, "file log unavailable; logging to stderr only")
         }
     }
 }

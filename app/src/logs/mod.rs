@@ -59,6 +59,15 @@ pub const AUDIT_FILE: &str = "audit.jsonl";
 /// The privileged keeper's own log (when privileges are separated).
 pub const KEEPER_LOG_FILE: &str = "keeper.log";
 
+/// Whether `name` is one of the files the worker writes in the log folder
+/// (the service log, the audit trail, their rotations, the status file),
+/// so that the keeper can check it may, before it starts one.
+pub fn is_worker_file(name: &str) -> bool {
+    name == crate::drop::STATUS_FILE
+        || rotation::rotation_index(LOG_FILE, name).is_some()
+        || rotation::rotation_index(AUDIT_FILE, name).is_some()
+}
+
 /// Log files may hold peer addresses and AE titles: owner and group only.
 const FILE_MODE: u32 = 0o640;
 /// The log folder, likewise.

@@ -8,14 +8,17 @@
 //! not a panic or an error the caller has to handle.
 
 use std::borrow::Cow;
-use std::fs::{self, File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::{LogsError, DIR_MODE, FILE_MODE};
+use crate::dirfd::Folder;
 use crate::durable::{Replace, Staged};
 
 /// After a failed open or write, wait this long before touching the disk
@@ -102,7 +105,7 @@ pub struct WriterStats {
 /// drops the record, counts it, and backs off before the next attempt.
 #[derive(Debug)]
 pub struct RotatingFile {
-    dir: PathBuf,
+    dir: Folder,
     name: String,
     files: u32,
     per_file: u64,
@@ -129,18 +132,27 @@ impl RotatingFile {
         truncate_oversized: bool,
     ) -> Result<RotatingFile, LogsError> {
         budget.check()?;
+        let folder =
+            Folder::create_all(dir, DIR_MODE).map_err(LogsError::io("create log folder", dir))?;
+        RotatingFile::open_in(folder, name, budget, truncate_oversized)
+    }
+
+    /// As [`RotatingFile::open`], in a folder already open (the worker's,
+    /// handed over by the keeper): every file operation is relative to it.
+    pub fn open_in(
+        dir: Folder,
+        name: &str,
+        budget: Budget,
+        truncate_oversized: bool,
+    ) -> Result<RotatingFile, LogsError> {
+        budget.check()?;
         if name.is_empty() || name.contains('/') {
             return Err(LogsError::Budget {
                 reason: format!("bad log file name {name:?}"),
             });
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(dir)
-            .map_err(LogsError::io("create log folder", dir))?;
         let mut rf = RotatingFile {
-            dir: dir.to_path_buf(),
+            dir,
             name: name.to_string(),
             files: budget.files,
             per_file: budget.per_file(),
@@ -154,15 +166,20 @@ impl RotatingFile {
         rf.enforce_budget_on_disk()?;
         let (file, len) = rf
             .open_current()
-            .map_err(LogsError::io("open log file", &rf.path(0)))?;
+            .map_err(LogsError::io("open log file", &rf.current_path()))?;
         rf.file = Some(file);
         rf.len = len;
         Ok(rf)
     }
 
-    /// The path of the current file.
+    /// The path of the current file (for messages and tests).
     pub fn current_path(&self) -> PathBuf {
-        self.path(0)
+        self.dir.display_path(self.name_of(0))
+    }
+
+    /// The folder the family lives in.
+    pub fn folder(&self) -> &Folder {
+        &self.dir
     }
 
     /// The counters so far.
@@ -243,11 +260,12 @@ impl RotatingFile {
         }
     }
 
-    fn path(&self, index: u32) -> PathBuf {
+    /// The name of rotation `index` in the folder.
+    fn name_of(&self, index: u32) -> String {
         if index == 0 {
-            self.dir.join(&self.name)
+            self.name.clone()
         } else {
-            self.dir.join(format!("{}.{index}", self.name))
+            format!("{}.{index}", self.name)
         }
     }
 
@@ -257,12 +275,11 @@ impl RotatingFile {
     /// (written by someone else) is emptied: losing old lines beats
     /// breaking the bound.
     fn open_current(&self) -> io::Result<(File, u64)> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .mode(FILE_MODE)
-            .open(self.path(0))?;
+        let mut file = self.dir.open_file(
+            self.name_of(0),
+            OFlag::O_RDWR | OFlag::O_APPEND | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+            FILE_MODE,
+        )?;
         let mut len = file.metadata()?.len();
         if len > self.per_file {
             file.set_len(0)?;
@@ -323,13 +340,13 @@ impl RotatingFile {
             _ => true,
         };
         let current_moved = if last == 0 {
-            moved(fs::remove_file(self.path(0)))
+            moved(self.dir.remove_file(self.name_of(0)))
         } else {
-            moved(fs::remove_file(self.path(last)));
+            moved(self.dir.remove_file(self.name_of(last)));
             for index in (1..last).rev() {
-                moved(fs::rename(self.path(index), self.path(index + 1)));
+                moved(self.shift(index));
             }
-            moved(fs::rename(self.path(0), self.path(1)))
+            moved(self.shift(0))
         };
         self.stats.io_errors += errors;
         self.retry_at = None;
@@ -343,39 +360,60 @@ impl RotatingFile {
         }
     }
 
+    /// Renames rotation `index` to `index + 1`, replacing it.
+    fn shift(&self, index: u32) -> io::Result<()> {
+        self.dir.rename(
+            self.name_of(index),
+            &self.dir,
+            self.name_of(index + 1),
+            true,
+        )
+    }
+
     /// Makes the files already on disk fit the budget: rotations beyond the
     /// count are removed, and a file larger than one file's share keeps only
     /// its newest bytes (a previous run had a larger budget).
     fn enforce_budget_on_disk(&self) -> Result<(), LogsError> {
-        let entries =
-            fs::read_dir(&self.dir).map_err(LogsError::io("read log folder", &self.dir))?;
-        let stale_shrink = shrink_prefix(&self.path(0));
-        for entry in entries.flatten() {
-            let file_name = entry.file_name();
-            let path = entry.path();
-            if file_name
-                .to_str()
-                .is_some_and(|n| n.starts_with(&stale_shrink))
-            {
-                // Left by a crash while shortening; the original is intact.
-                fs::remove_file(&path).map_err(LogsError::io("remove temp file", &path))?;
-                continue;
-            }
-            let Some(index) = file_name
-                .to_str()
-                .and_then(|n| rotation_index(&self.name, n))
-            else {
+        let folder = self.dir.path();
+        let entries = self
+            .dir
+            .entries()
+            .map_err(LogsError::io("read log folder", folder))?;
+        let stale_shrink = shrink_prefix(&self.name);
+        for entry in entries {
+            let Some(file_name) = entry.name.to_str() else {
                 continue;
             };
-            if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            let path = self.dir.display_path(file_name);
+            if file_name.starts_with(&stale_shrink) {
+                // Left by a crash while shortening; the original is intact.
+                self.dir
+                    .remove_file(file_name)
+                    .map_err(LogsError::io("remove temp file", &path))?;
+                continue;
+            }
+            let Some(index) = rotation_index(&self.name, file_name) else {
+                continue;
+            };
+            if !entry.is_file {
                 continue;
             }
             if index >= self.files {
-                fs::remove_file(&path).map_err(LogsError::io("remove old log file", &path))?;
-            } else if entry.metadata().map(|m| m.len()).unwrap_or(0) > self.per_file {
+                self.dir
+                    .remove_file(file_name)
+                    .map_err(LogsError::io("remove old log file", &path))?;
+                continue;
+            }
+            let len = self
+                .dir
+                .stat_at(file_name)
+                .ok()
+                .flatten()
+                .map_or(0, |s| u64::try_from(s.st_size).unwrap_or(0));
+            if len > self.per_file {
                 // The current file is rotated on the next write anyway, but
                 // rotation must not carry an oversized file into `.1`.
-                keep_tail(&path, self.per_file - 1)?;
+                keep_tail(&self.dir, file_name, self.per_file - 1)?;
             }
         }
         Ok(())
@@ -395,27 +433,28 @@ pub(super) fn rotation_index(name: &str, file_name: &str) -> Option<u32> {
     digits.parse().ok().filter(|&k| k > 0)
 }
 
-/// Rewrites `path` to hold only (at most) its last `keep` bytes, starting at
-/// a line boundary, via a durable atomic write ([`crate::durable`]).
-fn keep_tail(path: &Path, keep: u64) -> Result<(), LogsError> {
-    let shorten = || LogsError::io("shorten old log file", path);
-    let mut src = File::open(path).map_err(shorten())?;
+/// Rewrites `name` in `dir` to hold only (at most) its last `keep` bytes,
+/// starting at a line boundary, via a durable atomic write
+/// ([`crate::durable`]).
+fn keep_tail(dir: &Folder, name: &str, keep: u64) -> Result<(), LogsError> {
+    let path = dir.display_path(name);
+    let shorten = || LogsError::io("shorten old log file", &path);
+    let mut src = dir
+        .open_file(name, OFlag::O_RDONLY | OFlag::O_NOFOLLOW, 0)
+        .map_err(shorten())?;
     let len = src.metadata().map_err(shorten())?.len();
     let start = line_start_at_or_after(&src, len.saturating_sub(keep), len).map_err(shorten())?;
     src.seek(SeekFrom::Start(start)).map_err(shorten())?;
-    let staged = Staged::create(path, &shrink_prefix(path), Some(FILE_MODE))?;
+    let folder = dir.try_clone().map_err(shorten())?;
+    let staged = Staged::create_in(folder, name.as_ref(), &shrink_prefix(name), Some(FILE_MODE))?;
     io::copy(&mut src.take(len - start), &mut staged.file()).map_err(shorten())?;
     staged.commit(Replace::Allowed)?;
     Ok(())
 }
 
-/// Prefix of the temp file [`keep_tail`] uses for `path`, so a crash
-/// mid-shrink leaves something [`RotatingFile::open`] can recognise.
-fn shrink_prefix(path: &Path) -> String {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
+/// Prefix of the temp file [`keep_tail`] uses for the file `name`, so a
+/// crash mid-shrink leaves something [`RotatingFile::open`] can recognise.
+fn shrink_prefix(name: &str) -> String {
     let base = name.split('.').next().unwrap_or_default();
     format!(".{base}.shrink-")
 }
@@ -451,6 +490,7 @@ mod tests {
     use super::*;
     use crate::logs::test_util::{family_files, lines, noise};
     use crate::logs::{LogDir, LOG_FILE};
+    use std::fs;
     use tracing_subscriber::fmt::MakeWriter;
 
     #[test]

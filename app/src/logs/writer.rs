@@ -18,6 +18,7 @@ use tracing_subscriber::fmt::MakeWriter;
 
 use super::rotation::{lock, Budget, RotatingFile, WriterStats};
 use super::{LogsError, LOG_FILE};
+use crate::dirfd::Folder;
 
 /// The service log folder: a bounded, rotating `minipacs.log` that a
 /// `tracing_subscriber::fmt` layer writes plain text lines into.
@@ -45,6 +46,15 @@ impl LogDir {
         Ok(LogDir {
             dir: dir.to_path_buf(),
             file: Mutex::new(RotatingFile::open(dir, name, budget, true)?),
+        })
+    }
+
+    /// As [`LogDir::open_named`], in a folder already open (the one the
+    /// keeper handed the worker, say).
+    pub fn open_in(dir: Folder, name: &str, budget: Budget) -> Result<LogDir, LogsError> {
+        Ok(LogDir {
+            dir: dir.path().to_path_buf(),
+            file: Mutex::new(RotatingFile::open_in(dir, name, budget, true)?),
         })
     }
 

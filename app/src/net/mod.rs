@@ -85,6 +85,8 @@ pub struct Service {
     pub config: Config,
     /// the listening sockets (and the LED), already bound
     pub sockets: Sockets,
+    /// the store and log folders, already open
+    pub folders: crate::handover::Folders,
     /// where the TLS listener's certificates come from
     pub tls: TlsFeed,
     /// the event sink (systemd, directly or through the keeper); the
@@ -141,12 +143,18 @@ impl Service {
         let Service {
             config,
             sockets,
+            folders,
             tls: tls_feed,
             events,
             mut config_updates,
         } = self;
         let config = &config;
-        let (store, swept) = Store::open(store_options(config)?)?;
+        let crate::handover::Folders {
+            store: store_dir,
+            store_lock,
+            logs,
+        } = folders;
+        let (store, swept) = Store::open_in(store_dir, store_lock, store_options(config)?)?;
         if swept > 0 {
             info!(swept, "removed temp files left by an earlier crash");
         }
@@ -156,18 +164,21 @@ impl Service {
             .unwrap_or_else(|e| e.to_string());
         let store = Arc::new(store);
         let stats = Arc::new(Stats::default());
-        let audit = match crate::logs::Audit::open(
-            &config.log_directory,
-            crate::logs::Budget {
-                max_bytes: config.log_max_bytes,
-                files: crate::logs::Budget::DEFAULT.files,
-            },
-        ) {
-            Ok(a) => Some(Arc::new(a)),
-            Err(e) => {
-                tracing::warn!(error = %e, "audit trail unavailable");
+        let budget = crate::logs::Budget {
+            max_bytes: config.log_max_bytes,
+            files: crate::logs::Budget::DEFAULT.files,
+        };
+        let audit = match logs.as_ref().map(|l| {
+            l.try_clone()
+                .map_err(anyhow::Error::from)
+                .and_then(|l| Ok(crate::logs::Audit::open_in(l, budget)?))
+        }) {
+            Some(Ok(a)) => Some(Arc::new(a)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "audit trail unavailable");
                 None
             }
+            None => None,
         };
         let bounds = SharedBounds::new(limits(config)?);
         let led = sockets
@@ -258,7 +269,7 @@ impl Service {
             Arc::clone(&stats),
             Arc::clone(&store),
             audit.clone(),
-            config.log_directory.join(crate::drop::STATUS_FILE),
+            logs.map(Arc::new),
             events.clone(),
             shutdown.token(),
         ));
@@ -289,6 +300,17 @@ impl Service {
         info!(?outcome, "stopped");
         Ok(())
     }
+}
+
+/// Replaces the status file's contents (not atomically: it is rewritten
+/// every few seconds, and a torn one is only a stale status line).
+fn write_status(folder: &crate::dirfd::Folder, text: &str) -> std::io::Result<()> {
+    use nix::fcntl::OFlag;
+    use std::io::Write;
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW;
+    folder
+        .open_file(crate::drop::STATUS_FILE, flags, 0o644)?
+        .write_all(text.as_bytes())
 }
 
 /// Applies certificates the keeper sends until the stop.
@@ -428,12 +450,13 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
 }
 
 /// Sends a status line every few seconds when it changes, and keeps it in
-/// `status_file` for the field log bundle, with the log writers' health.
+/// the status file of the log folder (when there is one) for the field log
+/// bundle, with the log writers' health.
 async fn report_status(
     stats: Arc<Stats>,
     store: Arc<Store>,
     audit: Option<Arc<crate::logs::Audit>>,
-    status_file: std::path::PathBuf,
+    log_folder: Option<Arc<crate::dirfd::Folder>>,
     events: mpsc::Sender<ServiceEvent>,
     stop: CancellationToken,
 ) {
@@ -464,7 +487,10 @@ async fn report_status(
                 "{}  {line}\n{report}\n",
                 crate::timestamp::rfc3339(std::time::SystemTime::now())
             );
-            let _ = tokio::fs::write(&status_file, stamped).await;
+            if let Some(folder) = &log_folder {
+                let folder = Arc::clone(folder);
+                let _ = tokio::task::spawn_blocking(move || write_status(&folder, &stamped)).await;
+            }
             last = line;
             last_report = report;
         }

@@ -8,26 +8,34 @@
 //! there, and the directory is fsync'ed. Only then is the object "stored".
 //! A temp file is deleted whenever its object fails, and temp files left by
 //! a crash are swept when the store opens.
+//!
+//! Every operation is relative to the store's folder, held open by
+//! descriptor ([`Folder`]): the worker gets it from the keeper and never
+//! resolves the store's path (see [`crate::handover`]). On the receive
+//! path that costs nothing: each `*at` call replaces its path-based form,
+//! and the flat layout's folder fsync needs no open at all.
 
 pub mod header;
 mod layout;
 
-use std::fs::{self, File};
+use std::ffi::OsString;
+use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use nix::fcntl::{Flock, FlockArg};
-use tempfile::NamedTempFile;
+use nix::fcntl::{Flock, FlockArg, OFlag};
 
+use crate::dirfd::Folder;
 use dimse::uid::{self, Uid};
 pub use layout::Layout;
 
 /// Name of the folder of in-flight temp files inside the store.
 pub const INCOMING_DIR: &str = ".incoming";
 /// Name of the lock file that keeps two servers out of one store.
-const LOCK_FILE: &str = ".lock";
+pub const LOCK_FILE: &str = ".lock";
+/// Mode of folders the store creates (less the umask).
+const DIR_MODE: u32 = 0o755;
 /// Start writeback of what has been written every this many bytes, so the
 /// final fdatasync has little left to wait for and dirty pages stay few.
 const WRITEBACK_STEP: u64 = 8 << 20;
@@ -84,7 +92,8 @@ pub struct Store {
     /// Replaceable while serving (except the root); each object keeps the
     /// options it began with.
     opts: std::sync::RwLock<StoreOptions>,
-    incoming: PathBuf,
+    root: Folder,
+    incoming: Folder,
     _lock: Flock<File>,
 }
 
@@ -109,37 +118,51 @@ impl Store {
     /// number of temp files swept.
     pub fn open(opts: StoreOptions) -> anyhow::Result<(Self, usize)> {
         use anyhow::Context;
-        fs::create_dir_all(&opts.root)
+        let root = Folder::create_all(&opts.root, DIR_MODE)
             .with_context(|| format!("creating store {}", opts.root.display()))?;
-        let lock_path = opts.root.join(LOCK_FILE);
-        let lock_file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .with_context(|| format!("opening {}", lock_path.display()))?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            anyhow::anyhow!(
-                "store {} is in use by another process ({e})",
-                opts.root.display()
-            )
-        })?;
-        let incoming = opts.root.join(INCOMING_DIR);
-        fs::create_dir_all(&incoming)
-            .with_context(|| format!("creating {}", incoming.display()))?;
-        let mut swept = 0;
-        for entry in fs::read_dir(&incoming)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                fs::remove_file(entry.path())
-                    .with_context(|| format!("sweeping {}", entry.path().display()))?;
-                swept += 1;
+        Store::open_in(root, None, opts)
+    }
+
+    /// Opens the store in the folder `root` (`opts.root` names it in
+    /// messages): takes its lock, or keeps `lock`, the lock file the keeper
+    /// already locked (locking it again is a no-op on the same open file);
+    /// then makes `.incoming` if needed and sweeps it.
+    pub fn open_in(
+        root: Folder,
+        lock: Option<File>,
+        opts: StoreOptions,
+    ) -> anyhow::Result<(Self, usize)> {
+        use anyhow::Context;
+        let lock = match lock {
+            Some(file) => file,
+            None => open_lock_file(&root)?,
+        };
+        let lock = take_lock(lock, &root)?;
+        let incoming_path = root.display_path(INCOMING_DIR);
+        match root.create_dir(INCOMING_DIR, DIR_MODE) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("creating {}", incoming_path.display()))
             }
+        }
+        let incoming = root
+            .open_dir(INCOMING_DIR)
+            .with_context(|| format!("opening {}", incoming_path.display()))?;
+        let mut swept = 0;
+        let entries = incoming
+            .entries()
+            .with_context(|| format!("listing {}", incoming_path.display()))?;
+        for entry in entries.iter().filter(|e| e.is_file) {
+            incoming.remove_file(&entry.name).with_context(|| {
+                format!("sweeping {}", incoming.display_path(&entry.name).display())
+            })?;
+            swept += 1;
         }
         Ok((
             Store {
                 opts: std::sync::RwLock::new(opts),
+                root,
                 incoming,
                 _lock: lock,
             },
@@ -171,10 +194,15 @@ impl Store {
 
     /// Free space as (available bytes, percent of the filesystem).
     pub fn free_space(&self) -> io::Result<(u64, f64)> {
-        let st = nix::sys::statvfs::statvfs(&self.options().root).map_err(io::Error::from)?;
-        let frag = st.fragment_size() as u64;
-        let avail = st.blocks_available() as u64 * frag;
-        let total = st.blocks() as u64 * frag;
+        let st = self.root.statvfs()?;
+        // The counts are 32 bits wide on armv7.
+        #[allow(clippy::unnecessary_cast)]
+        let (frag, avail, total) = (
+            st.fragment_size() as u64,
+            st.blocks_available() as u64,
+            st.blocks() as u64,
+        );
+        let (avail, total) = (avail * frag, total * frag);
         let percent = if total == 0 {
             0.0
         } else {
@@ -201,19 +229,16 @@ impl Store {
         let opts = self.options();
         self.check_reserve(opts.reserve_percent)?;
         let meta = file_meta(info)?;
-        let mut temp = tempfile::Builder::new()
-            .prefix("obj-")
-            .suffix(".part")
-            .permissions(std::fs::Permissions::from_mode(0o644))
-            .tempfile_in(&self.incoming)
+        let (file, temp_name) = self
+            .incoming
+            .create_unique("obj-", ".part", 0o644)
             .map_err(StoreError::io("creating temp file"))?;
-        temp.as_file_mut()
-            .write_all(&meta)
-            .map_err(StoreError::io("writing file meta"))?;
-        Ok(Incoming {
+        // From here on, dropping the object removes the temp file.
+        let mut incoming = Incoming {
             store: Arc::clone(self),
             opts,
-            temp,
+            file,
+            temp_name: Some(temp_name),
             meta_len: meta.len() as u64,
             written: meta.len() as u64,
             flushed_to: 0,
@@ -221,8 +246,35 @@ impl Store {
             sop_class: info.sop_class.clone(),
             sop_instance: info.sop_instance.clone(),
             transfer_syntax: info.transfer_syntax.clone(),
-        })
+        };
+        incoming
+            .file
+            .write_all(&meta)
+            .map_err(StoreError::io("writing file meta"))?;
+        Ok(incoming)
     }
+}
+
+/// Opens (creating, mode 0600) the store's lock file.
+pub fn open_lock_file(root: &Folder) -> anyhow::Result<File> {
+    use anyhow::Context;
+    root.open_file(
+        LOCK_FILE,
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+        0o600,
+    )
+    .with_context(|| format!("opening {}", root.display_path(LOCK_FILE).display()))
+}
+
+/// Takes the exclusive lock that keeps a second server out of the store
+/// in `root`, without waiting.
+pub fn take_lock(file: File, root: &Folder) -> anyhow::Result<Flock<File>> {
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        anyhow::anyhow!(
+            "store {} is in use by another process ({e})",
+            root.path().display()
+        )
+    })
 }
 
 /// Builds preamble, `DICM` and the file meta group (0002) for an object.
@@ -256,7 +308,9 @@ fn file_meta(info: &ObjectInfo<'_>) -> Result<Vec<u8>, StoreError> {
 pub struct Incoming {
     store: Arc<Store>,
     opts: StoreOptions,
-    temp: NamedTempFile,
+    file: File,
+    /// The temp file's name in `.incoming`; None once it has its final name.
+    temp_name: Option<OsString>,
     meta_len: u64,
     written: u64,
     flushed_to: u64,
@@ -269,8 +323,7 @@ pub struct Incoming {
 impl Incoming {
     /// Appends a data set fragment, exactly as received.
     pub fn write(&mut self, fragment: &[u8]) -> Result<(), StoreError> {
-        self.temp
-            .as_file_mut()
+        self.file
             .write_all(fragment)
             .map_err(StoreError::io("writing data set"))?;
         self.written += fragment.len() as u64;
@@ -297,7 +350,7 @@ impl Incoming {
             off_t::try_from(self.written - self.flushed_to),
         ) {
             let _ = nix::fcntl::posix_fadvise(
-                self.temp.as_file(),
+                &self.file,
                 offset,
                 len,
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
@@ -315,64 +368,74 @@ impl Incoming {
     pub fn commit(mut self) -> Result<PathBuf, StoreError> {
         let opts = self.opts.clone();
         if opts.fsync {
-            self.temp
-                .as_file()
-                .sync_data()
-                .map_err(StoreError::io("fdatasync"))?;
+            self.file.sync_data().map_err(StoreError::io("fdatasync"))?;
         }
         let relative = match opts.layout {
             Layout::Flat => layout::flat_name(&self.sop_class, &self.sop_instance),
             Layout::Study => {
-                let (study, series) = header::study_and_series(
-                    self.temp.as_file_mut(),
-                    self.meta_len,
-                    &self.transfer_syntax,
-                );
+                let (study, series) =
+                    header::study_and_series(&mut self.file, self.meta_len, &self.transfer_syntax);
                 layout::study_name(study.as_ref(), series.as_ref(), &self.sop_instance)
             }
         };
-        let target = opts.root.join(&relative.path);
-        let dir = target.parent().unwrap_or(&opts.root).to_path_buf();
-        create_dirs_durably(&opts.root, &dir, opts.fsync)?;
-        let final_path = self.persist(&target, &relative.extension)?;
+        let name = relative
+            .path
+            .file_name()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        let store = Arc::clone(&self.store);
+        let sub;
+        let dir = match relative.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            None => &store.root,
+            Some(parent) => {
+                sub = open_dirs_durably(&store.root, parent, opts.fsync)?;
+                &sub
+            }
+        };
+        let final_name = self.persist(dir, &name, &relative.extension)?;
         if opts.fsync {
-            fsync_dir(&dir)?;
+            dir.sync().map_err(StoreError::io("fsync of folder"))?;
         }
-        Ok(final_path)
+        let mut path = opts.root.join(&relative.path);
+        path.set_file_name(final_name);
+        Ok(path)
     }
 
-    /// Renames the temp file to `target`, or (unless overwriting) to the
-    /// first free `target_N` beside it: an existing object is never replaced.
-    fn persist(self, target: &Path, extension: &str) -> Result<PathBuf, StoreError> {
-        let with_ext = |stem: &Path| -> PathBuf {
+    /// Renames the temp file to `name` in `dir`, or (unless overwriting) to
+    /// the first free `name_N` beside it: an existing object is never
+    /// replaced (`RENAME_NOREPLACE`). Returns the name it got.
+    fn persist(
+        &mut self,
+        dir: &Folder,
+        name: &Path,
+        extension: &str,
+    ) -> Result<OsString, StoreError> {
+        let Some(temp) = self.temp_name.take() else {
+            return Err(StoreError::io("renaming into place")(io::Error::other(
+                "object already committed",
+            )));
+        };
+        let with_ext = |stem: &Path| -> OsString {
             let mut s = stem.as_os_str().to_owned();
             s.push(extension);
-            PathBuf::from(s)
+            s
         };
-        let first = with_ext(target);
-        if self.opts.overwrite {
-            self.temp.persist(&first).map_err(|e| StoreError::Io {
-                what: "renaming into place",
-                source: e.error,
-            })?;
-            return Ok(first);
-        }
-        let mut temp = self.temp;
-        let mut candidate = first;
+        let mut candidate = with_ext(name);
         for n in 1u32.. {
-            match temp.persist_noclobber(&candidate) {
-                Ok(_) => return Ok(candidate),
-                Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
-                    temp = e.file;
-                    let mut stem = target.as_os_str().to_owned();
+            match self
+                .store
+                .incoming
+                .rename(&temp, dir, &candidate, self.opts.overwrite)
+            {
+                Ok(()) => return Ok(candidate),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && !self.opts.overwrite => {
+                    let mut stem = name.as_os_str().to_owned();
                     stem.push(format!("_{n}"));
                     candidate = with_ext(Path::new(&stem));
                 }
                 Err(e) => {
-                    return Err(StoreError::Io {
-                        what: "renaming into place",
-                        source: e.error,
-                    })
+                    self.temp_name = Some(temp);
+                    return Err(StoreError::io("renaming into place")(e));
                 }
             }
         }
@@ -380,42 +443,52 @@ impl Incoming {
     }
 }
 
-/// Creates `dir` (inside `root`) and, when durability is on, fsyncs the
-/// parent of every folder it had to create, so the new path survives a
-/// power cut together with the file in it.
-fn create_dirs_durably(root: &Path, dir: &Path, fsync: bool) -> Result<(), StoreError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut missing = Vec::new();
-    let mut cur = dir;
-    while cur != root && !cur.is_dir() {
-        missing.push(cur);
-        match cur.parent() {
-            Some(p) => cur = p,
-            None => break,
+impl Drop for Incoming {
+    /// An object that was not committed leaves nothing behind.
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp_name.take() {
+            let _ = self.store.incoming.remove_file(temp);
         }
     }
-    for d in missing.iter().rev() {
-        match fs::create_dir(d) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(StoreError::io("creating folder")(e)),
-        }
-        if fsync {
-            fsync_dir(d.parent().unwrap_or(root))?;
-        }
-    }
-    Ok(())
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
-    crate::durable::sync_dir(dir).map_err(|e| StoreError::io("fsync of folder")(e.into_io()))
+/// Opens the folder `relative` inside `root`, creating what is missing;
+/// when durability is on, the parent of every folder it had to create is
+/// fsynced, so the new path survives a power cut together with the file
+/// in it.
+fn open_dirs_durably(root: &Folder, relative: &Path, fsync: bool) -> Result<Folder, StoreError> {
+    match root.open_dir(relative) {
+        Ok(dir) => return Ok(dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::io("opening folder")(e)),
+    }
+    let mut so_far = PathBuf::new();
+    for part in relative.components() {
+        let parent = so_far.clone();
+        so_far.push(part);
+        match root.create_dir(&so_far, DIR_MODE) {
+            Ok(()) => {
+                if fsync {
+                    let synced = if parent.as_os_str().is_empty() {
+                        root.sync()
+                    } else {
+                        root.open_dir(&parent).and_then(|d| d.sync())
+                    };
+                    synced.map_err(StoreError::io("fsync of folder"))?;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(StoreError::io("creating folder")(e)),
+        }
+    }
+    root.open_dir(relative)
+        .map_err(StoreError::io("opening folder"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn uid(s: &str) -> Uid {
         Uid::new(s).expect("valid uid")
