@@ -202,21 +202,27 @@ impl Folder {
     }
 
     /// The folder's entries (not `.` and `..`).
+    ///
+    /// Read with `getdents64` (rustix), not glibc's `readdir`: on a 32-bit
+    /// target `readdir` has a 32-bit `d_off` and fails with EOVERFLOW when
+    /// the filesystem's directory cookies are 64-bit hashes (ext4 does this;
+    /// a 32-bit Pi OS on a 64-bit kernel, or qemu-arm, shows it).
     pub fn entries(&self) -> io::Result<Vec<Entry>> {
-        let mut dir = nix::dir::Dir::openat(&self.fd, ".", dir_flags(), Mode::empty())?;
+        let mut dir = rustix::fs::Dir::read_from(&self.fd)?;
         let mut out = Vec::new();
-        for entry in dir.iter() {
+        while let Some(entry) = dir.read() {
             let entry = entry?;
             let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
             if name == "." || name == ".." {
                 continue;
             }
             let is_file = match entry.file_type() {
-                Some(kind) => kind == nix::dir::Type::File,
+                rustix::fs::FileType::RegularFile => true,
                 // The filesystem did not say (DT_UNKNOWN): ask.
-                None => self
+                rustix::fs::FileType::Unknown => self
                     .stat_at(&name)?
                     .is_some_and(|s| is_kind(&s, SFlag::S_IFREG)),
+                _ => false,
             };
             out.push(Entry { name, is_file });
         }
