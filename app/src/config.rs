@@ -75,6 +75,9 @@ pub struct Config {
     pub port: u16,
     /// The store's root folder.
     pub output_directory: PathBuf,
+    /// The index database (SQLite): relative paths are relative to the
+    /// store's root. Derived from the stored files, rebuilt when missing.
+    pub index_file: PathBuf,
     /// How stored files are named.
     pub layout: Layout,
     /// Make every object durable (fdatasync + folder fsync) before success.
@@ -287,6 +290,7 @@ struct RestartConfig {
     port: u16,
     listen_plain: bool,
     output_directory: PathBuf,
+    index_file: PathBuf,
     drop_directory: Option<PathBuf>,
     activity_led: Option<PathBuf>,
     log_directory: PathBuf,
@@ -312,6 +316,7 @@ impl RestartConfig {
             port,
             listen_plain,
             output_directory,
+            index_file,
             drop_directory,
             activity_led,
             log_directory,
@@ -340,6 +345,7 @@ impl RestartConfig {
             "output_directory",
             *output_directory != other.output_directory,
         );
+        differs("index_file", *index_file != other.index_file);
         differs("drop_directory", *drop_directory != other.drop_directory);
         differs("activity_led", *activity_led != other.activity_led);
         differs("log_directory", *log_directory != other.log_directory);
@@ -433,6 +439,7 @@ impl Config {
             bind,
             port,
             output_directory,
+            index_file,
             layout,
             fsync,
             overwrite,
@@ -490,6 +497,7 @@ impl Config {
             port,
             listen_plain,
             output_directory,
+            index_file,
             drop_directory,
             activity_led,
             log_directory,
@@ -520,6 +528,9 @@ impl Config {
         }
         if self.output_directory.as_os_str().is_empty() {
             bad("output_directory", "must not be empty".into());
+        }
+        if let Err(m) = check_index_file(&self.index_file) {
+            bad("index_file", m);
         }
         if self.free_space_reserve_percent > 90 {
             bad(
@@ -1074,6 +1085,35 @@ fn restore_default(merged: &mut toml::Table, defaults: &toml::Table, path: &[Ste
     }
 }
 
+/// Checks `index_file`: a file name, and when relative (to the store's
+/// root) one that stays inside the store and is not one of the store's own
+/// names (`.incoming`, `.lock`).
+pub fn check_index_file(path: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if path.as_os_str().is_empty() || path.file_name().is_none() {
+        return Err("must name a file".into());
+    }
+    if path.is_absolute() {
+        return Ok(());
+    }
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "{}: a relative index_file is inside the store: no `..` or `.`",
+            path.display()
+        ));
+    }
+    let first = path.components().next().map(|c| c.as_os_str());
+    if first == Some(crate::store::INCOMING_DIR.as_ref())
+        || first == Some(crate::store::LOCK_FILE.as_ref())
+    {
+        return Err(format!("{}: that name is the store's own", path.display()));
+    }
+    Ok(())
+}
+
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
 /// all spaces, no backslash or control characters (PS3.5 Table 6.2-1).
 pub fn check_ae_title(ae: &str) -> Result<(), String> {
@@ -1274,6 +1314,24 @@ mod tests {
             err.problems[0].to_string(),
             "line 3: allow[0].hots: unknown key; did you mean host?"
         );
+    }
+
+    #[test]
+    fn index_file_stays_inside_the_store_unless_absolute() {
+        let c = Config::from_toml("", "x.toml").expect("defaults");
+        assert_eq!(c.index_file, PathBuf::from("index.sqlite"));
+        for ok in ["sub/idx.sqlite", "/var/lib/minipacs/index.sqlite"] {
+            assert!(Config::from_toml(&format!("index_file = \"{ok}\"\n"), "x.toml").is_ok());
+        }
+        for bad in ["../index.sqlite", ".lock", ".incoming/x", ""] {
+            let err =
+                Config::from_toml(&format!("index_file = \"{bad}\"\n"), "x.toml").expect_err(bad);
+            assert_eq!(err.problems[0].key.as_deref(), Some("index_file"), "{err}");
+            assert_eq!(err.problems[0].line, Some(1), "{err}");
+        }
+        // Read at start only.
+        let other = Config::from_toml("index_file = \"other.sqlite\"\n", "x.toml").expect("ok");
+        assert_eq!(c.restart_reason(&other).as_deref(), Some("index_file"));
     }
 
     #[test]

@@ -87,6 +87,8 @@ pub struct Receiver {
     pub audit: Option<Arc<Audit>>,
     /// the activity LED, when the board has one
     pub led: Option<Arc<ActivityLed>>,
+    /// the index of what is stored, when it could be opened
+    pub index: Option<Arc<crate::index::Index>>,
 }
 
 impl Service for Receiver {
@@ -108,6 +110,10 @@ impl Service for Receiver {
             Ok(incoming) => Ok(StoreObject {
                 incoming,
                 sop_instance: request.sop_instance.clone(),
+                index: self
+                    .index
+                    .as_ref()
+                    .map(|index| (Arc::clone(index), Arc::clone(&self.store))),
             }),
             Err(e) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
         }
@@ -118,6 +124,8 @@ impl Service for Receiver {
 pub struct StoreObject {
     incoming: Incoming,
     sop_instance: Uid,
+    /// the index to record it in, and the store whose folder it is read from
+    index: Option<(Arc<crate::index::Index>, Arc<Store>)>,
 }
 
 impl IncomingObject for StoreObject {
@@ -132,9 +140,25 @@ impl IncomingObject for StoreObject {
 
     async fn commit(self) -> Result<PathBuf, Failure> {
         // fdatasync, rename and folder fsync block: on a blocking thread,
-        // so that other associations keep their runtime thread.
-        let incoming = self.incoming;
-        match tokio::task::spawn_blocking(move || incoming.commit()).await {
+        // so that other associations keep their runtime thread. The index
+        // records the object there too, once it is durable and before its
+        // success goes out (so a C-FIND right after finds it); its failure
+        // is not the object's (see crate::index::record).
+        let (incoming, index) = (self.incoming, self.index);
+        let committed = move || {
+            let path = incoming.commit()?;
+            if let Some((index, store)) = index {
+                let root = store.options().root;
+                match path.strip_prefix(&root).ok().and_then(|p| p.to_str()) {
+                    Some(relative) => index.record_stored(store.root(), relative),
+                    None => {
+                        warn!(path = %path.display(), "stored outside the store's root? not indexed")
+                    }
+                }
+            }
+            Ok::<_, crate::store::StoreError>(path)
+        };
+        match tokio::task::spawn_blocking(committed).await {
             Ok(Ok(path)) => Ok(path),
             Ok(Err(e)) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
             Err(e) => Err(Failure::new(

@@ -163,6 +163,15 @@ impl Service {
             .map(|(bytes, pct)| format!("{:.1} GB ({pct:.1} %)", bytes as f64 / 1e9))
             .unwrap_or_else(|e| e.to_string());
         let store = Arc::new(store);
+        // Before any association is accepted: the index is level with the
+        // files from the first C-STORE on, and nothing else writes to it
+        // meanwhile (see crate::index::catchup).
+        let index = open_index(
+            Arc::clone(&store),
+            config.index_file.clone(),
+            events.clone(),
+        )
+        .await;
         let stats = Arc::new(Stats::default());
         let budget = crate::logs::Budget {
             max_bytes: config.log_max_bytes,
@@ -189,6 +198,7 @@ impl Service {
             stats: Arc::clone(&stats),
             audit: audit.clone(),
             led,
+            index,
         });
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
@@ -299,6 +309,50 @@ impl Service {
         let outcome = shutdown.drain(bound, signals.recv()).await;
         info!(?outcome, "stopped");
         Ok(())
+    }
+}
+
+/// Opens the store's index and brings it level with the files, on a
+/// blocking thread, telling `events` how far a long catch-up is. An index
+/// that cannot be opened at all (a read-only or full disk) leaves the
+/// receiver storing without one: the files are the truth, and the next
+/// start catches up.
+async fn open_index(
+    store: Arc<Store>,
+    index_file: std::path::PathBuf,
+    events: mpsc::Sender<ServiceEvent>,
+) -> Option<Arc<crate::index::Index>> {
+    use crate::index::catchup;
+    let work = move || -> Result<crate::index::Index, crate::index::IndexError> {
+        let root = store.root();
+        let shown = catchup::display_location(root, &index_file);
+        let started = std::time::Instant::now();
+        let (index, anew) = catchup::open_for_store(root, &index_file)?;
+        index.set_synced(store.options().fsync)?;
+        if let Some(why) = &anew {
+            info!(index = %shown.display(), why = %why, "indexing the store's files anew");
+        }
+        let mut progress = catchup::Progress::new(|line: &str| {
+            let _ = events.try_send(ServiceEvent::Status(line.to_string()));
+        });
+        let report = catchup::catch_up(&index, root, &index_file, &mut progress)?;
+        info!(
+            index = %shown.display(), files = report.files_seen, indexed = report.indexed,
+            dropped = report.dropped, not_indexable = report.not_indexable,
+            ms = started.elapsed().as_millis() as u64, "index level with the store"
+        );
+        Ok(index)
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(index)) => Some(Arc::new(index)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "index unavailable: objects are stored but not indexed until a restart");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "index catch-up did not finish: storing without an index");
+            None
+        }
     }
 }
 
