@@ -382,6 +382,9 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             max_pdu,
             accept_private_sop_classes,
             allow: allow.clone(),
+            // C-FIND is answered from the index (a C-FIND while it is
+            // unavailable fails with a status, not at negotiation).
+            find: true,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
