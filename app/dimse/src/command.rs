@@ -545,14 +545,19 @@ mod tests {
         let class = u("1.2.840.10008.5.1.4.1.2.2.1");
         let rq = Command::decode(&find_rq(7, &class, 2)).expect("decodes");
         assert_eq!(
-            (rq.command_field, rq.message_id, rq.priority, rq.has_data_set),
+            (
+                rq.command_field,
+                rq.message_id,
+                rq.priority,
+                rq.has_data_set
+            ),
             (field::C_FIND_RQ, 7, 2, true)
         );
         let cancel = Command::decode(&cancel_rq(7)).expect("decodes");
         assert_eq!(cancel.command_field, field::C_CANCEL_RQ);
         assert_eq!(cancel.message_id_being_responded_to, Some(7));
-        let pending = Command::decode(&find_rsp(7, &class, status::PENDING, true, None))
-            .expect("decodes");
+        let pending =
+            Command::decode(&find_rsp(7, &class, status::PENDING, true, None)).expect("decodes");
         assert_eq!((pending.status, pending.has_data_set), (Some(0xFF00), true));
     }
 }

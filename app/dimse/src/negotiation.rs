@@ -416,7 +416,11 @@ mod tests {
         let request = rq(
             "MINIPACS",
             vec![
-                pc(1, uid::STUDY_ROOT_FIND, &[uid::EXPLICIT_VR_BE, uid::EXPLICIT_VR_LE]),
+                pc(
+                    1,
+                    uid::STUDY_ROOT_FIND,
+                    &[uid::EXPLICIT_VR_BE, uid::EXPLICIT_VR_LE],
+                ),
                 pc(3, uid::PATIENT_ROOT_FIND, &[uid::IMPLICIT_VR_LE]),
                 pc(5, uid::PATIENT_ROOT_FIND, &["1.2.840.10008.1.2.4.50"]),
                 // Patient/Study Only (retired) and MOVE are not FIND models.

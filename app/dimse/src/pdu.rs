@@ -334,7 +334,12 @@ pub async fn write_data_set<W: AsyncWrite + Unpin>(
     loop {
         let (part, tail) = rest.split_at(rest.len().min(chunk));
         stream
-            .write_all(&pdata_headers(context_id, false, tail.is_empty(), part.len()))
+            .write_all(&pdata_headers(
+                context_id,
+                false,
+                tail.is_empty(),
+                part.len(),
+            ))
             .await?;
         stream.write_all(part).await?;
         rest = tail;

@@ -662,8 +662,14 @@ where
                                 None,
                             );
                             let send = async {
-                                pdu::write_pdata(&mut self.writer, find.context_id, true, true, &rsp)
-                                    .await?;
+                                pdu::write_pdata(
+                                    &mut self.writer,
+                                    find.context_id,
+                                    true,
+                                    true,
+                                    &rsp,
+                                )
+                                .await?;
                                 pdu::write_data_set(
                                     &mut self.writer,
                                     find.context_id,
@@ -674,9 +680,7 @@ where
                                 self.writer.flush().await
                             };
                             match tokio::time::timeout(timeout, send).await {
-                                Err(_) => {
-                                    return Err(AssociationError::Timeout(timeout.as_secs()))
-                                }
+                                Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
                                 Ok(sent) => sent?,
                             }
                             matches += 1;

@@ -98,7 +98,10 @@ impl Service for Finder {
                         return;
                     }
                     gate.notified().await;
-                    ((0..n).map(|i| format!("more{i}").into_bytes()).collect(), None)
+                    (
+                        (0..n).map(|i| format!("more{i}").into_bytes()).collect(),
+                        None,
+                    )
                 }
             };
             for item in items {
@@ -181,7 +184,12 @@ fn pdatas(context: u8, is_command: bool, data: &[u8], fragment: usize) -> Vec<u8
 
 /// A C-FIND-RQ and its identifier on `context`.
 fn find_rq(context: u8, message_id: u16, class: &str, identifier: &[u8]) -> Vec<u8> {
-    let mut out = pdatas(context, true, &command::find_rq(message_id, &u(class), 0), 4000);
+    let mut out = pdatas(
+        context,
+        true,
+        &command::find_rq(message_id, &u(class), 0),
+        4000,
+    );
     out.extend_from_slice(&pdatas(context, false, identifier, 4000));
     out
 }
@@ -261,7 +269,10 @@ impl Peer {
             let m = self.message().await.expect("a message");
             assert_eq!(m.command.command_field, field::C_FIND_RSP);
             if m.command.status == Some(status::PENDING) {
-                assert!(m.command.has_data_set, "a pending response has an identifier");
+                assert!(
+                    m.command.has_data_set,
+                    "a pending response has an identifier"
+                );
                 pending.push(m);
             } else {
                 assert!(!m.command.has_data_set);
@@ -309,7 +320,12 @@ where
 async fn a_find_sends_each_match_as_a_pending_response_then_success() {
     // One identifier larger than the peer's PDU: cut into several.
     let big: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-    let items = vec![b"one".to_vec(), b"two".to_vec(), big.clone(), b"four".to_vec()];
+    let items = vec![
+        b"one".to_vec(),
+        b"two".to_vec(),
+        big.clone(),
+        b"four".to_vec(),
+    ];
     let service = Finder::new(Plan::Matches(items.clone()));
     let seen = service.clone();
     let ended = with_peer(service, move |mut peer| async move {
@@ -364,7 +380,8 @@ async fn a_cancel_while_matches_are_sent_ends_with_fe00_within_one_response() {
         );
         assert_eq!((last.status, last.message_id), (Some(status::CANCEL), 3));
         // Still usable.
-        peer.send(&pdatas(1, true, &command::echo_rq(4), 4000)).await;
+        peer.send(&pdatas(1, true, &command::echo_rq(4), 4000))
+            .await;
         let echo = peer.message().await.expect("echo answered");
         assert_eq!(echo.command.status, Some(status::SUCCESS));
         peer.release().await;

@@ -9,6 +9,7 @@
 
 pub mod charset;
 pub mod header;
+pub mod query;
 pub mod schema;
 
 use std::path::{Path, PathBuf};

@@ -184,11 +184,24 @@ impl Service {
         let led = sockets
             .led
             .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
+        // MINIMAL INDEX OPENING (branch `find`, for its own end-to-end
+        // tests): the index branch's version (`index_file`, catch-up,
+        // rebuild) replaces this at merge.
+        let index_path = config.output_directory.join("index.sqlite");
+        let index = match crate::index::Index::open(&index_path) {
+            Ok(index) => Some(Arc::new(index)),
+            Err(e) => {
+                tracing::warn!(path = %index_path.display(), error = %e, "index unavailable: C-FIND fails");
+                None
+            }
+        };
         let receiver = Arc::new(Receiver {
             store: Arc::clone(&store),
             stats: Arc::clone(&stats),
             audit: audit.clone(),
             led,
+            index,
+            max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
         });
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
@@ -340,6 +353,7 @@ struct Applied {
     tls: PortSettings,
     limits: ServerLimits,
     store: StoreOptions,
+    max_find_results: usize,
 }
 
 fn applied(config: &Config) -> anyhow::Result<Applied> {
@@ -353,6 +367,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         tls_aetitle: _, // in `ae_titles`
         max_pdu,
         accept_private_sop_classes,
+        max_find_results,
         allow,
         dimse_timeout,
         acse_timeout,
@@ -407,6 +422,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             reserve_percent: free_space_reserve_percent,
             overwrite,
         },
+        max_find_results,
     })
 }
 
@@ -434,6 +450,7 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         tls,
         limits,
         store: options,
+        max_find_results,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -444,6 +461,11 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
     };
     for (listener, is_tls) in live {
         listener.set_settings(if *is_tls { tls.clone() } else { plain.clone() });
+        // The listeners share one receiver; setting it twice is harmless.
+        listener
+            .shared
+            .max_find_results
+            .store(max_find_results, std::sync::atomic::Ordering::Relaxed);
     }
     bounds.set_limits(limits);
     if let Err(e) = store.set_options(options) {
