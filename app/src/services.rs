@@ -212,11 +212,13 @@ impl IncomingObject for StoreObject {
 /// MINIMAL INDEXING (branch `find`; replaced by the index branch at
 /// merge): records one committed file in the index.
 fn index_minimal(index: &crate::index::Index, root: &std::path::Path, path: &std::path::Path) {
-    let recorded = crate::index::header::read_file(path)
+    let relative = path.strip_prefix(root).unwrap_or(path);
+    let reachable = path;
+    let recorded = crate::index::header::read_file(reachable)
         .map_err(crate::index::IndexError::from)
         .and_then(|attributes| {
-            let relative = path.strip_prefix(root).unwrap_or(path).to_string_lossy();
-            let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            let relative = relative.to_string_lossy();
+            let size = std::fs::metadata(reachable).map(|m| m.len()).unwrap_or(0);
             let received = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);

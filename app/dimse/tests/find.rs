@@ -40,11 +40,14 @@ enum Plan {
     Gated(usize, Arc<Notify>),
 }
 
+/// The identifiers a service was asked, with their model.
+type Asked = Arc<Mutex<Vec<(Uid, Vec<u8>)>>>;
+
 /// A service that answers C-FIND by its plan and records what it was asked.
 #[derive(Clone)]
 struct Finder {
     plan: Plan,
-    requests: Arc<Mutex<Vec<(Uid, Vec<u8>)>>>,
+    requests: Asked,
     outcomes: Arc<Mutex<Vec<(u64, u16)>>>,
     /// set when the producer saw its receiver dropped
     stopped: Arc<Notify>,

@@ -499,6 +499,9 @@ fn skip_item(b: &[u8], mut at: usize, explicit: bool, depth: u32) -> Result<usiz
     }
 }
 
+/// One top-level element as read: tag, explicit VR, value, is a sequence.
+type RawElement<'a> = (u32, Option<[u8; 2]>, &'a [u8], bool);
+
 /// Parses a C-FIND identifier of `model` in `transfer_syntax`.
 pub fn parse(model: Model, transfer_syntax: &str, bytes: &[u8]) -> Result<Query, Failure> {
     let explicit = match transfer_syntax {
@@ -513,7 +516,7 @@ pub fn parse(model: Model, transfer_syntax: &str, bytes: &[u8]) -> Result<Query,
     };
     // Raw values first: the character set may come first, but the text is
     // decoded only once it is known.
-    let mut raw: Vec<(u32, Option<[u8; 2]>, &[u8], bool)> = Vec::new();
+    let mut raw: Vec<RawElement<'_>> = Vec::new();
     let mut at = 0;
     while at < bytes.len() {
         let e = element(bytes, at, explicit)?;
@@ -722,10 +725,11 @@ fn condition(key: &Key, value: &str, params: &mut Vec<String>) -> Option<String>
     }
 }
 
-/// Unicode case folding for person names (lower case; enough for the
-/// scripts a name index holds).
+/// A person name as it is compared: Unicode lower case (enough for the
+/// scripts a name index holds), without empty trailing components or
+/// groups (`Wang^XiaoDong=王^小東=` is `Wang^XiaoDong=王^小東`).
 fn fold(text: &str) -> String {
-    text.to_lowercase()
+    text.trim_end_matches(['=', '^', ' ']).to_lowercase()
 }
 
 fn plan(query: &Query) -> Plan {

@@ -187,6 +187,8 @@ impl Service {
         // MINIMAL INDEX OPENING (branch `find`, for its own end-to-end
         // tests): the index branch's version (`index_file`, catch-up,
         // rebuild) replaces this at merge.
+        // SQLite opens by path: the worker must be able to reach the store
+        // by its path (it is handed the store as a descriptor otherwise).
         let index_path = config.output_directory.join("index.sqlite");
         let index = match crate::index::Index::open(&index_path) {
             Ok(index) => Some(Arc::new(index)),
