@@ -113,7 +113,12 @@ class Server:
             str(self.store),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        # Its own working folder, so that the default log folder
+        # (./minipacs-logs) is the test's, not one shared by every server of
+        # the session in the checkout (owned by whichever user made it
+        # first). A server run as another user keeps the caller's.
+        cwd = None if self.prefix else self.store.parent
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd)
         wait_port(self.port, self.proc)
         # The port opens when it is bound (by the keeper, when root); the
         # server is ready when its listeners run.

@@ -108,6 +108,9 @@ pub struct Config {
     pub shutdown_timeout: u64,
     /// Accept SOP classes outside the DICOM root (vendors' private storage).
     pub accept_private_sop_classes: bool,
+    /// The most matches one C-FIND answers (0: no limit); past it the
+    /// answer ends with A700 (as Orthanc's `LimitFindResults`).
+    pub max_find_results: usize,
     /// Serve plain (unencrypted) DICOM on `port`.
     pub listen_plain: bool,
     /// Folder a technician drops files into (`minipacs.toml`,
@@ -256,6 +259,8 @@ pub struct LiveConfig {
     pub max_pdu: u32,
     /// `accept_private_sop_classes`
     pub accept_private_sop_classes: bool,
+    /// `max_find_results`
+    pub max_find_results: usize,
     /// `allow`
     pub allow: Vec<AllowEntry>,
     /// `dimse_timeout`
@@ -453,6 +458,7 @@ impl Config {
             dimse_timeout,
             shutdown_timeout,
             accept_private_sop_classes,
+            max_find_results,
             listen_plain,
             drop_directory,
             activity_led,
@@ -479,6 +485,7 @@ impl Config {
             tls_aetitle,
             max_pdu,
             accept_private_sop_classes,
+            max_find_results,
             allow,
             dimse_timeout,
             acse_timeout,

@@ -2,8 +2,9 @@
 //! `dimse` crate's [`Service`] and [`Observer`] traits.
 //!
 //! The protocol crate knows nothing of disks or logs; here a C-STORE
-//! becomes an object in the [`Store`], and every answered message becomes
-//! an audit record, a log line, counters and a blink of the activity LED.
+//! becomes an object in the [`Store`], a C-FIND a query over the index
+//! ([`crate::index::query`]), and every answered message becomes an audit
+//! record, a log line, counters and a blink of the activity LED.
 //! The fsync decision for the audit trail before a release lives here too:
 //! it follows the store's durability setting.
 
@@ -13,12 +14,14 @@ use std::sync::Arc;
 
 use dimse::command::status;
 use dimse::scp::{
-    AssociationInfo, Failure, IncomingObject, ObjectOutcome, Observer, Service, StoreRequest,
+    AssociationInfo, Failure, FindOutcome, FindRequest, IncomingObject, Matches, ObjectOutcome,
+    Observer, Service, StoreRequest,
 };
 use dimse::uid::Uid;
 use tracing::{info, warn};
 
-use crate::logs::{Audit, ObjectRecord};
+use crate::index::query::{self, Model, Stopped};
+use crate::logs::{Audit, FindRecord, ObjectRecord};
 use crate::service::ActivityLed;
 use crate::store::{Incoming, ObjectInfo, Store};
 
@@ -89,7 +92,13 @@ pub struct Receiver {
     pub led: Option<Arc<ActivityLed>>,
     /// the index of what is stored, when it could be opened
     pub index: Option<Arc<crate::index::Index>>,
+    /// `max_find_results` (live): the most matches one C-FIND answers, 0
+    /// for no limit
+    pub max_find_results: AtomicUsize,
 }
+
+/// Matches a C-FIND's query thread may be ahead of the network by.
+const FIND_CHANNEL: usize = 4;
 
 impl Service for Receiver {
     type Object = StoreObject;
@@ -117,6 +126,42 @@ impl Service for Receiver {
             }),
             Err(e) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
         }
+    }
+
+    fn find(
+        &self,
+        association: &AssociationInfo,
+        request: &FindRequest<'_>,
+    ) -> Result<Matches, Failure> {
+        let Some(index) = &self.index else {
+            return Err(Failure::new(
+                status::UNABLE_TO_PROCESS,
+                "the index is unavailable",
+            ));
+        };
+        let model = Model::of(request.sop_class.as_str()).ok_or_else(|| {
+            Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "not a FIND model we answer",
+            )
+        })?;
+        let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(FIND_CHANNEL);
+        let path = index.path().to_path_buf();
+        let retrieve_ae = association.called_ae.clone();
+        let limit = self.max_find_results.load(Ordering::Relaxed);
+        // SQLite blocks: the query reads and sends from a blocking thread,
+        // one row at a time, and stops when the receiver is dropped.
+        tokio::task::spawn_blocking(move || {
+            let sent = query::run(&path, &query, &retrieve_ae, limit, |identifier| {
+                tx.blocking_send(Ok(identifier))
+                    .map_err(|_| Stopped::Cancelled)
+            });
+            if let Err(failure) = sent {
+                let _ = tx.blocking_send(Err(failure));
+            }
+        });
+        Ok(rx)
     }
 }
 
@@ -170,6 +215,56 @@ impl IncomingObject for StoreObject {
 }
 
 impl Observer<PathBuf> for Receiver {
+    fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
+        // The identifier again, for what was asked (small, and parsed
+        // once more only for the record).
+        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
+            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
+        });
+        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
+        let keys = parsed
+            .as_ref()
+            .map(query::Query::summary)
+            .unwrap_or_default();
+        let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        if let Some(audit) = &self.audit {
+            audit.find(&FindRecord {
+                time: std::time::SystemTime::now(),
+                peer: association.peer,
+                calling_ae: &association.calling_ae,
+                sop_class_uid: outcome.sop_class.as_str(),
+                level,
+                keys: &keys,
+                matches: outcome.matches,
+                status: outcome.status,
+                reason: outcome.comment,
+                milliseconds: ms as u64,
+            });
+        }
+        let reason = outcome.comment.unwrap_or("");
+        macro_rules! find_line {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    peer = %association.peer,
+                    calling = %association.calling_ae,
+                    sop_class = %outcome.sop_class,
+                    level,
+                    keys = %keys,
+                    matches = outcome.matches,
+                    ms = format_args!("{ms:.1}"),
+                    status = format_args!("{:04X}", outcome.status),
+                    reason,
+                    $message
+                )
+            };
+        }
+        if outcome.status == status::SUCCESS || outcome.status == status::CANCEL {
+            find_line!(info, "C-FIND");
+        } else {
+            find_line!(warn, "C-FIND failed");
+        }
+    }
+
     fn echoed(&self, association: &AssociationInfo, status: u16) {
         info!(peer = %association.peer, calling = %association.calling_ae,
             status = format_args!("{status:04X}"), "C-ECHO");

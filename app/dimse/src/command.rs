@@ -1,5 +1,6 @@
 //! DIMSE command sets (PS3.7 §9.3 and §E): the small implicit-VR
-//! little-endian data sets that announce each C-ECHO and C-STORE.
+//! little-endian data sets that announce each C-ECHO, C-STORE, C-FIND and
+//! C-CANCEL.
 //!
 //! Command sets are decoded from and encoded into fixed-size buffers; the
 //! UIDs they carry live in `heapless` strings, so a command costs no heap
@@ -20,6 +21,12 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     /// C-ECHO-RSP
     pub const C_ECHO_RSP: u16 = 0x8030;
+    /// C-FIND-RQ
+    pub const C_FIND_RQ: u16 = 0x0020;
+    /// C-FIND-RSP
+    pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-CANCEL-RQ
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) used here.
@@ -36,6 +43,16 @@ pub mod status {
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
     /// Warning: Coercion of Data Elements (the first warning status)
     pub const WARNING_FIRST: u16 = 0xB000;
+    /// C-FIND: Pending, matches are continuing (optional keys supported)
+    pub const PENDING: u16 = 0xFF00;
+    /// C-FIND: Pending, but one or more optional keys were not supported
+    pub const PENDING_WARNING: u16 = 0xFF01;
+    /// Cancel: the operation was ended by a C-CANCEL-RQ
+    pub const CANCEL: u16 = 0xFE00;
+    /// C-FIND: Error: Identifier does not match SOP Class
+    pub const IDENTIFIER_MISMATCH: u16 = 0xA900;
+    /// C-FIND: Failed: Unable to process (the C000 family)
+    pub const UNABLE_TO_PROCESS: u16 = 0xC000;
 
     /// True for success and for the warning statuses, which mean "stored".
     pub fn is_stored(code: u16) -> bool {
@@ -75,8 +92,14 @@ pub enum CommandError {
 pub struct Command {
     /// (0000,0100) Command Field
     pub command_field: u16,
-    /// (0000,0110) Message ID, or for a response (0000,0120) Message ID Being Responded To
+    /// (0000,0110) Message ID, or for a response or a C-CANCEL-RQ (0000,0120)
+    /// Message ID Being Responded To
     pub message_id: u16,
+    /// (0000,0120) Message ID Being Responded To, when present (a
+    /// C-CANCEL-RQ names the request it cancels with it)
+    pub message_id_being_responded_to: Option<u16>,
+    /// (0000,0700) Priority (0 medium, 1 high, 2 low; 0 when absent)
+    pub priority: u16,
     /// (0000,0002) Affected SOP Class UID; `None` when absent or too long to be a UID
     pub sop_class: Option<Uid>,
     /// (0000,1000) Affected SOP Instance UID; `None` when absent or too long to be a UID
@@ -120,7 +143,12 @@ impl Command {
                     cmd.command_field = us()?;
                     seen_field = true;
                 }
-                TAG_MESSAGE_ID | TAG_MESSAGE_ID_RESPONDED => cmd.message_id = us()?,
+                TAG_MESSAGE_ID => cmd.message_id = us()?,
+                TAG_MESSAGE_ID_RESPONDED => {
+                    cmd.message_id = us()?;
+                    cmd.message_id_being_responded_to = Some(cmd.message_id);
+                }
+                TAG_PRIORITY => cmd.priority = us()?,
                 TAG_DATA_SET_TYPE => {
                     cmd.has_data_set = us()? != NO_DATA_SET;
                     seen_data_set_type = true;
@@ -236,6 +264,51 @@ pub fn store_rq(message_id: u16, sop_class: &Uid, sop_instance: &Uid) -> Encoded
     e.us(TAG_PRIORITY, 0);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
     e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
+    e.finish()
+}
+
+/// Encodes a C-FIND-RQ (an identifier data set follows).
+pub fn find_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_FIND_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.finish()
+}
+
+/// Encodes a C-FIND-RSP: a pending one (`with_identifier`, an identifier
+/// data set follows) or the final one, whose failure status may carry an
+/// Error Comment (made to fit by [`fit_comment`]).
+pub fn find_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_FIND_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(
+        TAG_DATA_SET_TYPE,
+        if with_identifier { 0x0000 } else { NO_DATA_SET },
+    );
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    e.finish()
+}
+
+/// Encodes a C-CANCEL-RQ for the request `message_id`.
+pub fn cancel_rq(message_id: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.us(TAG_COMMAND_FIELD, field::C_CANCEL_RQ);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
     e.finish()
 }
 
@@ -459,6 +532,32 @@ mod tests {
         assert_eq!(cmd.sop_instance.as_ref(), Some(&longest));
         assert_eq!(cmd.status, Some(0xA700));
         let rq = store_rq(u16::MAX, &longest, &longest);
-        assert_eq!(Command::decode(&rq).map(|c| c.sop_class), Ok(Some(longest)));
+        assert_eq!(
+            Command::decode(&rq).map(|c| c.sop_class),
+            Ok(Some(longest.clone()))
+        );
+        let rsp = find_rsp(u16::MAX, &longest, 0xC000, false, Some(&comment));
+        assert!(rsp.len() <= COMMAND_CAPACITY);
+    }
+
+    #[test]
+    fn find_and_cancel_commands_round_trip() {
+        let class = u("1.2.840.10008.5.1.4.1.2.2.1");
+        let rq = Command::decode(&find_rq(7, &class, 2)).expect("decodes");
+        assert_eq!(
+            (
+                rq.command_field,
+                rq.message_id,
+                rq.priority,
+                rq.has_data_set
+            ),
+            (field::C_FIND_RQ, 7, 2, true)
+        );
+        let cancel = Command::decode(&cancel_rq(7)).expect("decodes");
+        assert_eq!(cancel.command_field, field::C_CANCEL_RQ);
+        assert_eq!(cancel.message_id_being_responded_to, Some(7));
+        let pending =
+            Command::decode(&find_rsp(7, &class, status::PENDING, true, None)).expect("decodes");
+        assert_eq!((pending.status, pending.has_data_set), (Some(0xFF00), true));
     }
 }

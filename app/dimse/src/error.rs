@@ -45,6 +45,13 @@ pub enum ProtocolViolation {
     /// A C-STORE-RQ that announces no data set.
     #[error("C-STORE-RQ without a data set")]
     StoreWithoutDataSet,
+    /// A C-FIND-RQ that announces no identifier.
+    #[error("C-FIND-RQ without an identifier")]
+    FindWithoutIdentifier,
+    /// A command other than C-CANCEL-RQ while a C-FIND is answered (no
+    /// asynchronous operations are negotiated).
+    #[error("command 0x{0:04X} while a C-FIND is answered")]
+    CommandDuringFind(u16),
     /// A command this SCP does not perform (PS3.7 has it abort: there is
     /// no response we could give that the requester expects).
     #[error("unsupported DIMSE command 0x{0:04X}")]
@@ -72,6 +79,8 @@ impl ProtocolViolation {
             | ProtocolViolation::BadCommand(_)
             | ProtocolViolation::EchoWithDataSet
             | ProtocolViolation::StoreWithoutDataSet
+            | ProtocolViolation::FindWithoutIdentifier
+            | ProtocolViolation::CommandDuringFind(_)
             | ProtocolViolation::UnsupportedCommand(_)
             | ProtocolViolation::DataWithoutCommand
             | ProtocolViolation::DataContextSwitch => AbortReason::UnexpectedPduParameter,

@@ -26,6 +26,9 @@ pub enum ServiceClass {
     Verification,
     /// a storage SOP class (C-STORE)
     Storage,
+    /// a Query/Retrieve FIND information model, Patient Root or Study
+    /// Root (C-FIND; the model is the context's abstract syntax)
+    Find,
 }
 
 /// A presentation context accepted for the life of an association.
@@ -60,6 +63,10 @@ pub struct AcceptPolicy {
     pub accept_private_sop_classes: bool,
     /// who may associate; empty: anyone who calls our AE title
     pub allow: Vec<Allowed>,
+    /// accept the Patient Root and Study Root Query/Retrieve FIND models
+    /// (the application answers C-FIND); off, they are refused at
+    /// negotiation
+    pub find: bool,
 }
 
 /// One entry of the calling AE title allowlist.
@@ -214,6 +221,8 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         let is_verification = abstract_syntax == uid::VERIFICATION;
         let service = if is_verification {
             Some(ServiceClass::Verification)
+        } else if policy.find && uid::is_find_sop_class(abstract_syntax) {
+            Some(ServiceClass::Find)
         } else if uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes) {
             Some(ServiceClass::Storage)
         } else {
@@ -232,6 +241,13 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 .find(|ts| ts.as_str() == uid::IMPLICIT_VR_LE)
                 .or(all.first())
                 .cloned()
+        } else if service == Some(ServiceClass::Find) {
+            // Identifiers are read and written by the application: only
+            // the two uncompressed little-endian syntaxes, the SCU's
+            // preference first.
+            proposed
+                .into_iter()
+                .find(|ts| matches!(ts.as_str(), uid::IMPLICIT_VR_LE | uid::EXPLICIT_VR_LE))
         } else {
             proposed.into_iter().next()
         };
@@ -311,6 +327,7 @@ mod tests {
             max_pdu: 65536,
             accept_private_sop_classes: true,
             allow: Vec::new(),
+            find: false,
         }
     }
 
@@ -392,6 +409,53 @@ mod tests {
             abstract_syntax: abs.into(),
             transfer_syntaxes: ts.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn find_models_are_accepted_when_enabled_with_a_little_endian_syntax() {
+        let request = rq(
+            "MINIPACS",
+            vec![
+                pc(
+                    1,
+                    uid::STUDY_ROOT_FIND,
+                    &[uid::EXPLICIT_VR_BE, uid::EXPLICIT_VR_LE],
+                ),
+                pc(3, uid::PATIENT_ROOT_FIND, &[uid::IMPLICIT_VR_LE]),
+                pc(5, uid::PATIENT_ROOT_FIND, &["1.2.840.10008.1.2.4.50"]),
+                // Patient/Study Only (retired) and MOVE are not FIND models.
+                pc(7, "1.2.840.10008.5.1.4.1.2.3.1", &[uid::IMPLICIT_VR_LE]),
+                pc(9, "1.2.840.10008.5.1.4.1.2.2.2", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let mut p = policy();
+        p.find = true;
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &p, &PEER) else {
+            panic!("expected acceptance");
+        };
+        use PresentationContextResultReason::*;
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| r.reason.clone())
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                Acceptance,
+                Acceptance,
+                TransferSyntaxesNotSupported,
+                AbstractSyntaxNotSupported,
+                AbstractSyntaxNotSupported
+            ]
+        );
+        assert_eq!(contexts[0].service, ServiceClass::Find);
+        assert_eq!(contexts[0].transfer_syntax.as_str(), uid::EXPLICIT_VR_LE);
+        // Off: the same request finds nothing to accept.
+        assert!(matches!(
+            negotiate(&request, &policy(), &PEER),
+            Negotiated::Reject(_, RejectReason::NoAcceptableContext)
+        ));
     }
 
     #[test]

@@ -119,24 +119,35 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
 
     /// Reads the next PDU header. Returns `Ok(None)` when the peer closed the
     /// connection cleanly between PDUs.
+    ///
+    /// Cancel-safe: the bytes of a header read so far are kept in the
+    /// reader, so the future may be dropped (a `select!` between the next
+    /// PDU and the next C-FIND match) and called again without losing any.
     pub async fn read_header(&mut self) -> Result<Option<PduHeader>, FramingError> {
         // Move the carried bytes (at most a header's worth) to the front.
-        let mut head = [0u8; PDU_HEADER_LEN];
-        let carried = self.carry;
-        head[..carried].copy_from_slice(&self.buf[self.body_len..self.body_len + carried]);
-        self.carry = 0;
-        self.body_len = 0;
-        let mut have = carried;
-        while have < PDU_HEADER_LEN {
-            let n = self.stream.read(&mut head[have..]).await?;
+        if self.body_len > 0 {
+            self.buf
+                .copy_within(self.body_len..self.body_len + self.carry, 0);
+            self.body_len = 0;
+        }
+        while self.carry < PDU_HEADER_LEN {
+            // `read` is cancel-safe, and what it read is counted before the
+            // next await.
+            let n = self
+                .stream
+                .read(&mut self.buf[self.carry..PDU_HEADER_LEN])
+                .await?;
             if n == 0 {
-                if have == 0 {
+                if self.carry == 0 {
                     return Ok(None);
                 }
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
-            have += n;
+            self.carry += n;
         }
+        let mut head = [0u8; PDU_HEADER_LEN];
+        head.copy_from_slice(&self.buf[..PDU_HEADER_LEN]);
+        self.carry = 0;
         parse_header(&head, self.max_body).map(Some)
     }
 
@@ -301,6 +312,40 @@ pub async fn write_pdata<W: AsyncWrite + Unpin>(
     } else {
         stream.write_all(&headers).await?;
         stream.write_all(data).await
+    }
+}
+
+/// Sends `data` as a data set: PDVs in P-DATA-TF PDUs no longer than the
+/// peer's maximum (`peer_max_pdu`, 0 for no limit, then 64 KiB PDUs), the
+/// last one marked last.
+pub async fn write_data_set<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    context_id: u8,
+    data: &[u8],
+    peer_max_pdu: u32,
+) -> io::Result<()> {
+    let max_body = match peer_max_pdu {
+        0 => 64 * 1024,
+        n => (n as usize).min(1 << 24),
+    };
+    // A PDV item's header (length and control) takes 6 bytes of the body.
+    let chunk = max_body.saturating_sub(PDV_HEADER_LEN).max(16);
+    let mut rest = data;
+    loop {
+        let (part, tail) = rest.split_at(rest.len().min(chunk));
+        stream
+            .write_all(&pdata_headers(
+                context_id,
+                false,
+                tail.is_empty(),
+                part.len(),
+            ))
+            .await?;
+        stream.write_all(part).await?;
+        rest = tail;
+        if rest.is_empty() {
+            return Ok(());
+        }
     }
 }
 

@@ -10,6 +10,14 @@
 //! what a file, a log or a configuration is: the service decides where an
 //! object goes and when it is durable, the observer what is recorded.
 //!
+//! A C-FIND's identifier is assembled in memory (it is small, and capped
+//! at [`MAX_IDENTIFIER`]) and handed to [`Service::find`] as bytes in the
+//! context's transfer syntax; the service answers with a bounded channel of
+//! encoded response identifiers, each sent as a pending response while the
+//! next PDU is read at the same time, so that a C-CANCEL-RQ stops the
+//! answer within one response. Parsing identifiers and matching them is
+//! the application's: this crate holds no dictionary and no database.
+//!
 //! Accepting or rejecting the request is the caller's, with the helpers
 //! [`read_associate_rq`], [`negotiation::negotiate`](crate::negotiation::negotiate),
 //! [`send_pdu`] and [`send_abort`]: it knows which bounds apply (association
@@ -35,6 +43,10 @@ pub const MAX_ASSOCIATE_RQ: u32 = 128 * 1024;
 /// C-STORE-RQ can be is well under 1 KiB; C-FIND identifiers travel as data
 /// sets, not commands).
 pub const MAX_COMMAND: usize = 16 * 1024;
+/// The largest C-FIND identifier we take. A query names a few dozen keys
+/// (well under 4 KiB); a larger one is read and dropped, and answered with
+/// a failure status, not an abort.
+pub const MAX_IDENTIFIER: usize = 64 * 1024;
 
 /// A DIMSE failure status with its Error Comment (0000,0902): what a
 /// service answers when it cannot or will not do what was asked.
@@ -70,6 +82,9 @@ pub struct AssociationInfo {
     pub dimse_timeout: Duration,
     /// the largest PDU body we receive (announced in the A-ASSOCIATE-AC)
     pub max_pdu: u32,
+    /// the largest PDU body the peer receives (from its A-ASSOCIATE-RQ; 0
+    /// for no limit): data sets we send are cut to fit it
+    pub peer_max_pdu: u32,
 }
 
 /// One C-STORE-RQ, as the service sees it when the object begins.
@@ -85,12 +100,40 @@ pub struct StoreRequest<'a> {
     pub transfer_syntax: &'a Uid,
 }
 
+/// One C-FIND-RQ with its whole identifier, as the service sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct FindRequest<'a> {
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID: the information model (Patient
+    /// Root or Study Root FIND), equal to the context's abstract syntax
+    pub sop_class: &'a Uid,
+    /// (0000,0700) Priority
+    pub priority: u16,
+    /// the transfer syntax of the presentation context: the identifier's,
+    /// and the one the response identifiers must be encoded in
+    pub transfer_syntax: &'a Uid,
+    /// the identifier data set (at most [`MAX_IDENTIFIER`] bytes)
+    pub identifier: &'a [u8],
+}
+
+/// What a service answers a C-FIND with: the encoded identifier of each
+/// match, in the request's transfer syntax, one at a time. Each is sent as
+/// a pending response (FF00); the channel closing ends the answer with
+/// success (0000), a `Failure` ends it with that failure. The handler drops
+/// the receiver on a C-CANCEL-RQ (answered FE00) or when the association
+/// ends, so the producer's next `send` fails and it stops. Bounded by its
+/// producer: a channel of a few entries keeps memory flat however many
+/// matches there are.
+pub type Matches = tokio::sync::mpsc::Receiver<Result<Vec<u8>, Failure>>;
+
 /// The application's side of DIMSE: what to do with each request.
 ///
 /// C-ECHO is answered at once; C-STORE is begun, fed its data set fragment
 /// by fragment, and committed when the last fragment has arrived, and only
-/// then answered. (C-FIND, C-MOVE, C-GET and N-ACTION come here next, each
-/// as a method with a default that refuses.)
+/// then answered; C-FIND is answered from [`Service::find`]'s stream of
+/// matches. (C-MOVE, C-GET and N-ACTION come here next, each as a method
+/// with a default that refuses.)
 pub trait Service: Send + Sync {
     /// An object being received.
     type Object: IncomingObject;
@@ -108,6 +151,20 @@ pub trait Service: Send + Sync {
         association: &AssociationInfo,
         request: &StoreRequest<'_>,
     ) -> Result<Self::Object, Failure>;
+
+    /// Begins a C-FIND: the matches to send, or the failure to answer at
+    /// once. By default C-FIND is refused (0122, SOP class not supported).
+    fn find(
+        &self,
+        association: &AssociationInfo,
+        request: &FindRequest<'_>,
+    ) -> Result<Matches, Failure> {
+        let _ = (association, request);
+        Err(Failure::new(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "C-FIND not supported",
+        ))
+    }
 }
 
 /// An object whose data set is arriving.
@@ -144,6 +201,25 @@ pub struct ObjectOutcome<'a, R> {
     pub result: Result<&'a R, &'a Failure>,
 }
 
+/// How one C-FIND ended, for the observer.
+#[derive(Debug)]
+pub struct FindOutcome<'a> {
+    /// the information model (the request's Affected SOP Class UID)
+    pub sop_class: &'a Uid,
+    /// the identifier's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the identifier as received (empty when it was over the cap)
+    pub identifier: &'a [u8],
+    /// pending responses sent (matches answered)
+    pub matches: u64,
+    /// the final status (0000, FE00 after a cancel, or a failure)
+    pub status: u16,
+    /// the failure's comment, when the final status is one
+    pub comment: Option<&'a str>,
+    /// from the last identifier fragment to the final response
+    pub elapsed: Duration,
+}
+
 /// What the application records of an association's messages: audit
 /// trails, counters, an activity LED. Every method has a default that does
 /// nothing.
@@ -155,6 +231,11 @@ pub trait Observer<R>: Send + Sync {
 
     /// A C-STORE was answered (stored or not).
     fn object(&self, association: &AssociationInfo, outcome: &ObjectOutcome<'_, R>) {
+        let _ = (association, outcome);
+    }
+
+    /// A C-FIND was answered with its final response.
+    fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
         let _ = (association, outcome);
     }
 
@@ -181,6 +262,8 @@ pub struct AssociationSummary {
     pub bytes: u64,
     /// C-ECHO requests answered
     pub echoes: u64,
+    /// C-FIND requests answered (whatever their final status)
+    pub finds: u64,
 }
 
 /// How an association ended, with what it did.
@@ -281,6 +364,9 @@ where
         command: Vec::with_capacity(1024),
         command_context: None,
         in_flight: None,
+        find: None,
+        find_ready: None,
+        cancel_seen: None,
         summary: AssociationSummary::default(),
     };
     let result = handler.run(&mut reader, shutdown).await;
@@ -319,6 +405,20 @@ struct InFlight<O> {
     sink: Sink<O>,
 }
 
+/// The C-FIND whose identifier is arriving (or has arrived).
+struct FindInFlight {
+    context_id: u8,
+    message_id: u16,
+    sop_class: Uid,
+    transfer_syntax: Uid,
+    priority: u16,
+    /// the identifier so far, at most [`MAX_IDENTIFIER`] bytes
+    identifier: Vec<u8>,
+    /// why it will be answered with a failure without asking the service
+    /// (a context not accepted for C-FIND, an identifier over the cap)
+    refusal: Option<Failure>,
+}
+
 /// The state of one association (mini-redis's `Handler`): its write side,
 /// what was agreed, and the message being assembled. (The read side is
 /// apart: PDVs are borrowed from its buffer while the handler acts on them.)
@@ -334,6 +434,14 @@ struct Handler<'a, W, Sv: Service, Ob> {
     /// the context of the command being assembled
     command_context: Option<u8>,
     in_flight: Option<InFlight<Sv::Object>>,
+    /// the C-FIND whose identifier is arriving
+    find: Option<FindInFlight>,
+    /// a C-FIND whose identifier is complete, performed once the PDU that
+    /// completed it has been read to its end
+    find_ready: Option<FindInFlight>,
+    /// the Message ID a C-CANCEL-RQ named (in the PDU that completed a
+    /// C-FIND's identifier, or while its matches are sent)
+    cancel_seen: Option<u16>,
     summary: AssociationSummary,
 }
 
@@ -345,7 +453,7 @@ where
 {
     /// True between messages: nothing would be lost by stopping now.
     fn idle(&self) -> bool {
-        self.in_flight.is_none() && self.command_context.is_none()
+        self.in_flight.is_none() && self.command_context.is_none() && self.find.is_none()
     }
 
     async fn run<R: AsyncRead + Unpin>(
@@ -405,6 +513,11 @@ where
                 if pdv.is_command {
                     self.command_fragment(context, pdv.data, pdv.is_last)
                         .await?;
+                } else if let Some(find) = self.find.as_mut() {
+                    find_fragment(find, pdv.context_id, pdv.data)?;
+                    if pdv.is_last {
+                        self.find_ready = self.find.take();
+                    }
                 } else {
                     Self::data_fragment(&mut self.in_flight, pdv.context_id, pdv.data)?;
                     if pdv.is_last {
@@ -421,6 +534,9 @@ where
                     }
                 }
             }
+            if let Some(find) = self.find_ready.take() {
+                self.serve_find(reader, find).await?;
+            }
         }
     }
 
@@ -432,7 +548,7 @@ where
         data: &[u8],
         is_last: bool,
     ) -> Result<(), AssociationError> {
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || self.find.is_some() {
             return Err(ProtocolViolation::CommandInsideDataSet.into());
         }
         match self.command_context {
@@ -474,9 +590,189 @@ where
                 }
                 self.in_flight = Some(self.begin_store(context, &cmd));
             }
+            field::C_FIND_RQ => {
+                if !cmd.has_data_set {
+                    return Err(ProtocolViolation::FindWithoutIdentifier.into());
+                }
+                if self.find_ready.is_some() {
+                    return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
+                }
+                self.find = Some(begin_find(context, &cmd));
+            }
+            field::C_CANCEL_RQ => {
+                // A cancel of a C-FIND whose identifier just arrived in the
+                // same PDU; any other is of an operation already answered,
+                // and is ignored (PS3.7 9.3.2.3).
+                if self.find_ready.is_some() {
+                    self.cancel_seen = Some(cmd.message_id);
+                }
+            }
             other => return Err(ProtocolViolation::UnsupportedCommand(other).into()),
         }
         Ok(())
+    }
+
+    /// Answers a C-FIND whose identifier has arrived: the service's matches
+    /// as pending responses, then the final one. The next PDU is read at
+    /// the same time as the next match is awaited, so that a C-CANCEL-RQ
+    /// stops the answer before the next pending response.
+    async fn serve_find<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        find: FindInFlight,
+    ) -> Result<(), AssociationError> {
+        let started = Instant::now();
+        let timeout = self.association.dimse_timeout;
+        let mut matches: u64 = 0;
+        let cancelled_early = self.cancel_seen.take() == Some(find.message_id);
+        let request = FindRequest {
+            message_id: find.message_id,
+            sop_class: &find.sop_class,
+            priority: find.priority,
+            transfer_syntax: &find.transfer_syntax,
+            identifier: &find.identifier,
+        };
+        let end: Result<(), Failure> = if let Some(refusal) = find.refusal.clone() {
+            Err(refusal)
+        } else if cancelled_early {
+            Err(Failure::new(status::CANCEL, "cancelled"))
+        } else {
+            match self.service.find(self.association, &request) {
+                Err(failure) => Err(failure),
+                Ok(mut rx) => loop {
+                    let next = tokio::select! {
+                        biased;
+                        header = reader.read_header() => {
+                            if self.during_find(reader, header?, find.message_id).await? {
+                                break Err(Failure::new(status::CANCEL, "cancelled"));
+                            }
+                            continue;
+                        }
+                        next = rx.recv() => next,
+                    };
+                    match next {
+                        None => break Ok(()),
+                        Some(Err(failure)) => break Err(failure),
+                        Some(Ok(identifier)) => {
+                            let rsp = command::find_rsp(
+                                find.message_id,
+                                &find.sop_class,
+                                status::PENDING,
+                                true,
+                                None,
+                            );
+                            let send = async {
+                                pdu::write_pdata(
+                                    &mut self.writer,
+                                    find.context_id,
+                                    true,
+                                    true,
+                                    &rsp,
+                                )
+                                .await?;
+                                pdu::write_data_set(
+                                    &mut self.writer,
+                                    find.context_id,
+                                    &identifier,
+                                    self.association.peer_max_pdu,
+                                )
+                                .await?;
+                                self.writer.flush().await
+                            };
+                            match tokio::time::timeout(timeout, send).await {
+                                Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+                                Ok(sent) => sent?,
+                            }
+                            matches += 1;
+                        }
+                    }
+                },
+            }
+        };
+        // Dropping the receiver (with `end` decided) stops the producer.
+        let (code, comment) = match &end {
+            Ok(()) => (status::SUCCESS, None),
+            Err(f) if f.status == status::CANCEL => (status::CANCEL, None),
+            Err(f) => (f.status, Some(f.comment.as_str())),
+        };
+        let rsp = command::find_rsp(find.message_id, &find.sop_class, code, false, comment);
+        match tokio::time::timeout(timeout, async {
+            pdu::write_pdata(&mut self.writer, find.context_id, true, true, &rsp).await?;
+            self.writer.flush().await
+        })
+        .await
+        {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(sent) => sent?,
+        }
+        self.summary.finds += 1;
+        self.observer.found(
+            self.association,
+            &FindOutcome {
+                sop_class: &find.sop_class,
+                transfer_syntax: &find.transfer_syntax,
+                identifier: &find.identifier,
+                matches,
+                status: code,
+                comment,
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Acts on a PDU that arrived while a C-FIND is answered: only a
+    /// C-CANCEL-RQ (of this C-FIND: true) or A-ABORT may come; anything else
+    /// breaks the protocol.
+    async fn during_find<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        header: Option<pdu::PduHeader>,
+        message_id: u16,
+    ) -> Result<bool, AssociationError> {
+        let timeout = self.association.dimse_timeout;
+        let Some(header) = header else {
+            return Err(FramingError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+        };
+        match header.pdu_type {
+            PduType::PData => {}
+            PduType::Abort => return Err(AssociationError::PeerAborted),
+            PduType::ReleaseRq => return Err(ProtocolViolation::ReleaseDuringMessage.into()),
+            other => return Err(ProtocolViolation::UnexpectedPdu(other).into()),
+        }
+        let body = match tokio::time::timeout(timeout, reader.read_body(header)).await {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(body) => body?,
+        };
+        if body.is_empty() {
+            return Err(ProtocolViolation::EmptyPData.into());
+        }
+        let mut cancelled = false;
+        for item in pdu::pdvs(body) {
+            let pdv = item?;
+            if find_context(self.contexts, pdv.context_id).is_none() {
+                return Err(ProtocolViolation::UnknownContext(pdv.context_id).into());
+            }
+            if !pdv.is_command {
+                return Err(ProtocolViolation::DataWithoutCommand.into());
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(ProtocolViolation::CommandTooLong(MAX_COMMAND).into());
+            }
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last {
+                continue;
+            }
+            let decoded = Command::decode(&self.command);
+            self.command.clear();
+            let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+            if cmd.command_field != field::C_CANCEL_RQ {
+                return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
+            }
+            // A cancel naming another (finished) request is ignored.
+            cancelled |= cmd.message_id == message_id;
+        }
+        Ok(cancelled)
     }
 
     /// Decides where the data set of a C-STORE-RQ goes: to the service, or,
@@ -545,6 +841,60 @@ where
         }
         Ok(())
     }
+}
+
+/// Begins a C-FIND-RQ: its identifier is collected, to be answered by the
+/// service, or with a failure when the context was not accepted for
+/// C-FIND or the SOP class is not the context's.
+fn begin_find(context: &AcceptedContext, cmd: &Command) -> FindInFlight {
+    let sop_class = cmd.sop_class.clone().unwrap_or_default();
+    let refusal = if context.service != ServiceClass::Find {
+        Some(Failure::new(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "C-FIND on a presentation context not accepted for C-FIND",
+        ))
+    } else if cmd.sop_class.as_ref() != Some(&context.abstract_syntax) {
+        Some(Failure::new(
+            status::IDENTIFIER_MISMATCH,
+            "SOP class differs from the presentation context",
+        ))
+    } else {
+        None
+    };
+    FindInFlight {
+        context_id: context.id,
+        message_id: cmd.message_id,
+        sop_class,
+        transfer_syntax: context.transfer_syntax.clone(),
+        priority: cmd.priority,
+        identifier: Vec::new(),
+        refusal,
+    }
+}
+
+/// Adds one identifier fragment; past [`MAX_IDENTIFIER`] the identifier is
+/// dropped (the rest is read and discarded) and the C-FIND will fail.
+fn find_fragment(
+    find: &mut FindInFlight,
+    context_id: u8,
+    data: &[u8],
+) -> Result<(), AssociationError> {
+    if find.context_id != context_id {
+        return Err(ProtocolViolation::DataContextSwitch.into());
+    }
+    if find.refusal.is_some() {
+        return Ok(());
+    }
+    if find.identifier.len() + data.len() > MAX_IDENTIFIER {
+        find.identifier = Vec::new();
+        find.refusal = Some(Failure::new(
+            status::OUT_OF_RESOURCES,
+            format!("identifier longer than {} KiB", MAX_IDENTIFIER / 1024),
+        ));
+        return Ok(());
+    }
+    find.identifier.extend_from_slice(data);
+    Ok(())
 }
 
 /// Commits the object (durably) and only then answers the C-STORE-RQ.

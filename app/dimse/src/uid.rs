@@ -59,6 +59,15 @@ pub fn is_valid_uid(s: &str) -> bool {
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
 /// The DICOM application context name.
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+/// Patient Root Query/Retrieve Information Model - FIND
+pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
+/// Study Root Query/Retrieve Information Model - FIND
+pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+
+/// True for the C-FIND information models this crate can accept.
+pub fn is_find_sop_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT_FIND || uid == STUDY_ROOT_FIND
+}
 /// Implicit VR Little Endian, the default transfer syntax.
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 /// Explicit VR Little Endian.

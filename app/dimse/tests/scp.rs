@@ -186,6 +186,7 @@ fn info() -> AssociationInfo {
         called_ae: "MINIPACS".into(),
         dimse_timeout: Duration::from_secs(5),
         max_pdu: MAX_PDU,
+        peer_max_pdu: MAX_PDU,
     }
 }
 

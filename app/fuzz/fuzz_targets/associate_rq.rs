@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         max_pdu: 16384,
         accept_private_sop_classes: true,
         allow: Vec::new(),
+        find: true,
     };
     let peer = PeerFacts {
         addr: std::net::IpAddr::from([127, 0, 0, 1]),

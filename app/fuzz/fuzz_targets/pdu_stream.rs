@@ -112,6 +112,7 @@ fuzz_target!(|data: &[u8]| {
         called_ae: "MINIPACS".into(),
         dimse_timeout: Duration::from_secs(1),
         max_pdu: 16384,
+        peer_max_pdu: 16384,
     };
     let table = contexts();
     runtime().block_on(async {

@@ -10,6 +10,7 @@
 pub mod catchup;
 pub mod charset;
 pub mod header;
+pub mod query;
 mod record;
 pub mod schema;
 mod vfs;

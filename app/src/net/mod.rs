@@ -199,6 +199,7 @@ impl Service {
             audit: audit.clone(),
             led,
             index,
+            max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
         });
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
@@ -394,6 +395,7 @@ struct Applied {
     tls: PortSettings,
     limits: ServerLimits,
     store: StoreOptions,
+    max_find_results: usize,
 }
 
 fn applied(config: &Config) -> anyhow::Result<Applied> {
@@ -407,6 +409,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         tls_aetitle: _, // in `ae_titles`
         max_pdu,
         accept_private_sop_classes,
+        max_find_results,
         allow,
         dimse_timeout,
         acse_timeout,
@@ -436,6 +439,9 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             max_pdu,
             accept_private_sop_classes,
             allow: allow.clone(),
+            // C-FIND is answered from the index (a C-FIND while it is
+            // unavailable fails with a status, not at negotiation).
+            find: true,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
@@ -458,6 +464,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             reserve_percent: free_space_reserve_percent,
             overwrite,
         },
+        max_find_results,
     })
 }
 
@@ -485,6 +492,7 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         tls,
         limits,
         store: options,
+        max_find_results,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -495,6 +503,11 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
     };
     for (listener, is_tls) in live {
         listener.set_settings(if *is_tls { tls.clone() } else { plain.clone() });
+        // The listeners share one receiver; setting it twice is harmless.
+        listener
+            .shared
+            .max_find_results
+            .store(max_find_results, std::sync::atomic::Ordering::Relaxed);
     }
     bounds.set_limits(limits);
     if let Err(e) = store.set_options(options) {
