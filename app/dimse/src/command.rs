@@ -1,6 +1,6 @@
 //! DIMSE command sets (PS3.7 §9.3 and §E): the small implicit-VR
-//! little-endian data sets that announce each C-ECHO, C-STORE, C-FIND and
-//! C-CANCEL.
+//! little-endian data sets that announce each C-ECHO, C-STORE, C-FIND,
+//! C-GET, C-MOVE and C-CANCEL.
 //!
 //! Command sets are decoded from and encoded into fixed-size buffers; the
 //! UIDs they carry live in `heapless` strings, so a command costs no heap
@@ -9,6 +9,7 @@
 use heapless::Vec as HVec;
 use std::borrow::Cow;
 
+use crate::ae::AeTitle;
 use crate::uid::{self, Uid};
 
 /// The command field values (0000,0100) this appliance speaks.
@@ -25,6 +26,14 @@ pub mod field {
     pub const C_FIND_RQ: u16 = 0x0020;
     /// C-FIND-RSP
     pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-GET-RQ
+    pub const C_GET_RQ: u16 = 0x0010;
+    /// C-GET-RSP
+    pub const C_GET_RSP: u16 = 0x8010;
+    /// C-MOVE-RQ
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    /// C-MOVE-RSP
+    pub const C_MOVE_RSP: u16 = 0x8021;
     /// C-CANCEL-RQ
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
@@ -53,6 +62,22 @@ pub mod status {
     pub const IDENTIFIER_MISMATCH: u16 = 0xA900;
     /// C-FIND: Failed: Unable to process (the C000 family)
     pub const UNABLE_TO_PROCESS: u16 = 0xC000;
+    /// C-STORE: Warning: Elements Discarded
+    pub const ELEMENTS_DISCARDED: u16 = 0xB006;
+    /// C-STORE: Warning: Data Set does not match SOP Class
+    pub const DATA_SET_MISMATCH_WARNING: u16 = 0xB007;
+    /// C-GET, C-MOVE: Refused: Out of Resources, unable to calculate the
+    /// number of matches
+    pub const UNABLE_TO_CALCULATE_MATCHES: u16 = 0xA701;
+    /// C-GET, C-MOVE: Refused: Out of Resources, unable to perform
+    /// sub-operations (also the final status when every sub-operation
+    /// failed)
+    pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
+    /// C-MOVE: Refused: Move Destination unknown
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    /// C-GET, C-MOVE: Warning: sub-operations complete, one or more
+    /// failures or warnings
+    pub const SUB_OPERATIONS_WARNING: u16 = 0xB000;
 
     /// True for success and for the warning statuses, which mean "stored".
     pub fn is_stored(code: u16) -> bool {
@@ -72,6 +97,13 @@ const TAG_DATA_SET_TYPE: u32 = 0x0000_0800;
 const TAG_STATUS: u32 = 0x0000_0900;
 const TAG_ERROR_COMMENT: u32 = 0x0000_0902;
 const TAG_AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+const TAG_MOVE_DESTINATION: u32 = 0x0000_0600;
+const TAG_REMAINING: u32 = 0x0000_1020;
+const TAG_COMPLETED: u32 = 0x0000_1021;
+const TAG_FAILED: u32 = 0x0000_1022;
+const TAG_WARNING: u32 = 0x0000_1023;
+const TAG_MOVE_ORIGINATOR_AE: u32 = 0x0000_1030;
+const TAG_MOVE_ORIGINATOR_MESSAGE_ID: u32 = 0x0000_1031;
 
 /// Why a command set could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,7 +119,34 @@ pub enum CommandError {
     BadLength(u16, u16),
 }
 
-/// The fields of a command set that C-ECHO and C-STORE use.
+/// The sub-operation counts of a C-GET-RSP or C-MOVE-RSP, (0000,1020) to
+/// (0000,1023), as they are on the wire: each is present or not (PS3.4
+/// C.4.2.1.5, C.4.3.1.4: a pending or cancel response carries all four, a
+/// final one all but Remaining, an immediate refusal none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubOperations {
+    /// (0000,1020) Number of Remaining Sub-operations
+    pub remaining: Option<u16>,
+    /// (0000,1021) Number of Completed Sub-operations
+    pub completed: Option<u16>,
+    /// (0000,1022) Number of Failed Sub-operations
+    pub failed: Option<u16>,
+    /// (0000,1023) Number of Warning Sub-operations
+    pub warning: Option<u16>,
+}
+
+/// Who asked for the C-MOVE that a C-STORE-RQ is a sub-operation of:
+/// (0000,1030) Move Originator Application Entity Title and (0000,1031)
+/// Move Originator Message ID (PS3.7 §9.1.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveOriginator {
+    /// the C-MOVE requester's AE title
+    pub ae_title: AeTitle,
+    /// the Message ID of its C-MOVE-RQ
+    pub message_id: u16,
+}
+
+/// The fields of a command set that the services spoken here use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Command {
     /// (0000,0100) Command Field
@@ -110,6 +169,19 @@ pub struct Command {
     pub has_data_set: bool,
     /// (0000,0900) Status, for responses
     pub status: Option<u16>,
+    /// (0000,0902) Error Comment of a response, cut to 64 bytes (on a
+    /// character boundary; bytes that are not UTF-8 replaced)
+    pub error_comment: Option<heapless::String<MAX_COMMENT>>,
+    /// (0000,0600) Move Destination of a C-MOVE-RQ; `None` when absent or
+    /// not a valid AE title
+    pub move_destination: Option<AeTitle>,
+    /// (0000,1020) to (0000,1023), for C-GET and C-MOVE responses
+    pub sub_operations: SubOperations,
+    /// (0000,1030) Move Originator Application Entity Title of a
+    /// C-STORE-RQ; `None` when absent or not a valid AE title
+    pub move_originator_ae: Option<AeTitle>,
+    /// (0000,1031) Move Originator Message ID of a C-STORE-RQ
+    pub move_originator_message_id: Option<u16>,
 }
 
 impl Command {
@@ -154,6 +226,14 @@ impl Command {
                     seen_data_set_type = true;
                 }
                 TAG_STATUS => cmd.status = Some(us()?),
+                TAG_ERROR_COMMENT => cmd.error_comment = Some(comment_of(value)),
+                TAG_MOVE_DESTINATION => cmd.move_destination = ae_of(value),
+                TAG_REMAINING => cmd.sub_operations.remaining = Some(us()?),
+                TAG_COMPLETED => cmd.sub_operations.completed = Some(us()?),
+                TAG_FAILED => cmd.sub_operations.failed = Some(us()?),
+                TAG_WARNING => cmd.sub_operations.warning = Some(us()?),
+                TAG_MOVE_ORIGINATOR_AE => cmd.move_originator_ae = ae_of(value),
+                TAG_MOVE_ORIGINATOR_MESSAGE_ID => cmd.move_originator_message_id = Some(us()?),
                 TAG_AFFECTED_SOP_CLASS => cmd.sop_class = Uid::from_padded(value),
                 TAG_AFFECTED_SOP_INSTANCE => {
                     cmd.sop_instance = Uid::from_padded(value);
@@ -170,6 +250,35 @@ impl Command {
         }
         Ok(cmd)
     }
+
+    /// The Move Originator of a C-STORE-RQ, when both of its fields are
+    /// present and valid.
+    pub fn move_originator(&self) -> Option<MoveOriginator> {
+        Some(MoveOriginator {
+            ae_title: self.move_originator_ae.clone()?,
+            message_id: self.move_originator_message_id?,
+        })
+    }
+}
+
+/// An AE value (padded with spaces) as a valid AE title, if it is one.
+fn ae_of(value: &[u8]) -> Option<AeTitle> {
+    let text = std::str::from_utf8(value).ok()?;
+    AeTitle::new(text.trim_end_matches(['\0', ' '])).ok()
+}
+
+/// An Error Comment value as text of at most [`MAX_COMMENT`] bytes: what a
+/// peer wrote is shown, never refused (it is for people).
+fn comment_of(value: &[u8]) -> heapless::String<MAX_COMMENT> {
+    let text = String::from_utf8_lossy(value);
+    let text = text.trim_matches(['\0', ' ']);
+    let mut out = heapless::String::new();
+    for c in text.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
 }
 
 /// The capacity of an encoded command set. The largest we build is a
@@ -206,8 +315,11 @@ impl Encoder {
         head[..2].copy_from_slice(&((tag >> 16) as u16).to_le_bytes());
         head[2..4].copy_from_slice(&(tag as u16).to_le_bytes());
         head[4..].copy_from_slice(&len.to_le_bytes());
-        // UIDs are padded with NUL, text with a space.
-        let fill = if tag == TAG_ERROR_COMMENT { b' ' } else { 0 };
+        // UIDs are padded with NUL, text (comments, AE titles) with a space.
+        let fill = match tag {
+            TAG_ERROR_COMMENT | TAG_MOVE_DESTINATION | TAG_MOVE_ORIGINATOR_AE => b' ',
+            _ => 0,
+        };
         let fits = self.out.extend_from_slice(&head).is_ok()
             && self.out.extend_from_slice(value).is_ok()
             && (pad == 0 || self.out.push(fill).is_ok());
@@ -220,6 +332,23 @@ impl Encoder {
 
     fn us(&mut self, tag: u32, value: u16) {
         self.element(tag, &value.to_le_bytes());
+    }
+
+    fn ae(&mut self, tag: u32, value: &AeTitle) {
+        self.element(tag, value.as_str().as_bytes());
+    }
+
+    fn counts(&mut self, counts: &SubOperations) {
+        for (tag, value) in [
+            (TAG_REMAINING, counts.remaining),
+            (TAG_COMPLETED, counts.completed),
+            (TAG_FAILED, counts.failed),
+            (TAG_WARNING, counts.warning),
+        ] {
+            if let Some(value) = value {
+                self.us(tag, value);
+            }
+        }
     }
 
     fn finish(mut self) -> EncodedCommand {
@@ -257,13 +386,125 @@ pub fn echo_rsp(message_id: u16, status_code: u16) -> EncodedCommand {
 
 /// Encodes a C-STORE-RQ (medium priority, a data set follows).
 pub fn store_rq(message_id: u16, sop_class: &Uid, sop_instance: &Uid) -> EncodedCommand {
+    store_rq_with(message_id, sop_class, sop_instance, 0, None)
+}
+
+/// Encodes a C-STORE-RQ with a priority and, for a sub-operation of a
+/// C-MOVE, the Move Originator fields (a data set follows).
+pub fn store_rq_with(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: &Uid,
+    priority: u16,
+    move_originator: Option<&MoveOriginator>,
+) -> EncodedCommand {
     let mut e = Encoder::new();
     e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
     e.us(TAG_COMMAND_FIELD, field::C_STORE_RQ);
     e.us(TAG_MESSAGE_ID, message_id);
-    e.us(TAG_PRIORITY, 0);
+    e.us(TAG_PRIORITY, priority);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
     e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
+    if let Some(originator) = move_originator {
+        e.ae(TAG_MOVE_ORIGINATOR_AE, &originator.ae_title);
+        e.us(TAG_MOVE_ORIGINATOR_MESSAGE_ID, originator.message_id);
+    }
+    e.finish()
+}
+
+/// Encodes a C-GET-RQ (an identifier data set follows).
+pub fn get_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_GET_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.finish()
+}
+
+/// Encodes a C-MOVE-RQ to `destination` (an identifier data set follows).
+pub fn move_rq(
+    message_id: u16,
+    sop_class: &Uid,
+    priority: u16,
+    destination: &AeTitle,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_MOVE_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.ae(TAG_MOVE_DESTINATION, destination);
+    e.finish()
+}
+
+/// Encodes a C-GET-RSP: pending, final or refusal, with the counts that
+/// are present in `counts`, an identifier following (`with_identifier`:
+/// the Failed SOP Instance UID List) or not, and an Error Comment (made to
+/// fit by [`fit_comment`]).
+pub fn get_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    retrieve_rsp(
+        field::C_GET_RSP,
+        message_id,
+        sop_class,
+        status_code,
+        counts,
+        with_identifier,
+        comment,
+    )
+}
+
+/// Encodes a C-MOVE-RSP, as [`get_rsp`] does a C-GET-RSP.
+pub fn move_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    retrieve_rsp(
+        field::C_MOVE_RSP,
+        message_id,
+        sop_class,
+        status_code,
+        counts,
+        with_identifier,
+        comment,
+    )
+}
+
+fn retrieve_rsp(
+    command_field: u16,
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, command_field);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(
+        TAG_DATA_SET_TYPE,
+        if with_identifier { 0x0000 } else { NO_DATA_SET },
+    );
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    e.counts(counts);
     e.finish()
 }
 

@@ -6,12 +6,19 @@
 //! to understand a transfer syntax: it accepts the first one the SCU proposes
 //! for each storage context (dcmtk's `+xa`, private and unknown syntaxes
 //! included), which is the one the SCU prefers.
+//!
+//! For C-GET the requester receives the objects over the same association,
+//! so it proposes their storage SOP classes with the SCP role for itself
+//! (SCP/SCU Role Selection, PS3.7 D.3.3.4). When retrieve is enabled that
+//! role is granted (and answered in the A-ASSOCIATE-AC), and the contexts of
+//! those classes are marked: C-GET sub-operations go only to them. They
+//! stay usable for the peer's own C-STOREs as well.
 
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
     AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
     AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
-    UserVariableItem,
+    RequestorRoles, UserVariableItem,
 };
 
 use crate::ae::AeTitle;
@@ -29,6 +36,12 @@ pub enum ServiceClass {
     /// a Query/Retrieve FIND information model, Patient Root or Study
     /// Root (C-FIND; the model is the context's abstract syntax)
     Find,
+    /// a Query/Retrieve GET information model, Patient Root or Study Root
+    /// (C-GET)
+    Get,
+    /// a Query/Retrieve MOVE information model, Patient Root or Study Root
+    /// (C-MOVE)
+    Move,
 }
 
 /// A presentation context accepted for the life of an association.
@@ -42,6 +55,11 @@ pub struct AcceptedContext {
     pub transfer_syntax: Uid,
     /// the service it was accepted for
     pub service: ServiceClass,
+    /// the peer (the association requestor) was granted the SCP role for
+    /// this abstract syntax by SCP/SCU Role Selection: C-GET sub-operations
+    /// (our C-STORE-RQs) are sent on this context. False without a role
+    /// selection, when the default roles hold (the peer is SCU only).
+    pub peer_scp_role: bool,
 }
 
 /// The contexts of one association, bounded by the 128 a PDU can propose.
@@ -67,6 +85,11 @@ pub struct AcceptPolicy {
     /// (the application answers C-FIND); off, they are refused at
     /// negotiation
     pub find: bool,
+    /// accept the Patient Root and Study Root Query/Retrieve GET and MOVE
+    /// models (the application answers C-GET and C-MOVE), and grant the
+    /// SCP role for storage SOP classes that a C-GET requester asks for;
+    /// off, the models are refused at negotiation and no role is granted
+    pub retrieve: bool,
 }
 
 /// One entry of the calling AE title allowlist.
@@ -214,6 +237,7 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         );
     }
 
+    let roles = granted_roles(rq, policy);
     let mut contexts = Box::new(ContextTable::new());
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     for pc in &rq.presentation_contexts {
@@ -223,6 +247,10 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
             Some(ServiceClass::Verification)
         } else if policy.find && uid::is_find_sop_class(abstract_syntax) {
             Some(ServiceClass::Find)
+        } else if policy.retrieve && uid::is_get_sop_class(abstract_syntax) {
+            Some(ServiceClass::Get)
+        } else if policy.retrieve && uid::is_move_sop_class(abstract_syntax) {
+            Some(ServiceClass::Move)
         } else if uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes) {
             Some(ServiceClass::Storage)
         } else {
@@ -241,7 +269,10 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 .find(|ts| ts.as_str() == uid::IMPLICIT_VR_LE)
                 .or(all.first())
                 .cloned()
-        } else if service == Some(ServiceClass::Find) {
+        } else if matches!(
+            service,
+            Some(ServiceClass::Find | ServiceClass::Get | ServiceClass::Move)
+        ) {
             // Identifiers are read and written by the application: only
             // the two uncompressed little-endian syntaxes, the SCU's
             // preference first.
@@ -265,11 +296,16 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 let text = ts.to_string();
                 // Cannot overflow: a PDU proposes at most 128 odd IDs and
                 // duplicates were refused above.
+                let peer_scp_role = service == ServiceClass::Storage
+                    && roles
+                        .iter()
+                        .any(|(class, _)| *class == abstract_syntax.as_str());
                 let _ = contexts.push(AcceptedContext {
                     id: pc.id,
                     abstract_syntax,
                     transfer_syntax: ts,
                     service,
+                    peer_scp_role,
                 });
                 (PresentationContextResultReason::Acceptance, text)
             }
@@ -295,25 +331,70 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
     }
     let peer_max_pdu = max_pdu_of(&rq.user_variables);
 
+    let mut user_variables = vec![
+        UserVariableItem::MaxLength(policy.max_pdu),
+        UserVariableItem::ImplementationClassUID(uid::IMPLEMENTATION_CLASS_UID.to_string()),
+        UserVariableItem::ImplementationVersionName(uid::IMPLEMENTATION_VERSION_NAME.to_string()),
+    ];
+    // Only SOP classes with an accepted storage context are answered.
+    user_variables.extend(
+        roles
+            .iter()
+            .filter(|(class, _)| {
+                contexts
+                    .iter()
+                    .any(|c| c.peer_scp_role && c.abstract_syntax.as_str() == *class)
+            })
+            .map(|(class, scu)| {
+                UserVariableItem::ScuScpRoleSelectionSubItem(
+                    class.to_string(),
+                    RequestorRoles {
+                        scu: *scu,
+                        scp: true,
+                    },
+                )
+            }),
+    );
     let ac = AssociationAC {
         protocol_version: 1,
         calling_ae_title: rq.calling_ae_title.clone(),
         called_ae_title: rq.called_ae_title.clone(),
         application_context_name: uid::APPLICATION_CONTEXT.to_string(),
         presentation_contexts: results,
-        user_variables: vec![
-            UserVariableItem::MaxLength(policy.max_pdu),
-            UserVariableItem::ImplementationClassUID(uid::IMPLEMENTATION_CLASS_UID.to_string()),
-            UserVariableItem::ImplementationVersionName(
-                uid::IMPLEMENTATION_VERSION_NAME.to_string(),
-            ),
-        ],
+        user_variables,
     };
     Negotiated::Accept {
         ac,
         contexts,
         peer_max_pdu,
     }
+}
+
+/// The SOP classes for which the requestor proposed the SCP role and gets
+/// it (PS3.7 D.3.3.4), each with the SCU role it proposed (granted as
+/// proposed: a peer that asks for both roles may also send C-STOREs). The
+/// SCP role is granted for storage SOP classes only, and only when
+/// retrieve is enabled: it exists here for C-GET. Role items for other
+/// classes, or that do not ask for the SCP role, get no answer, which
+/// leaves the default roles (PS3.7 D.3.3.4: the requestor is SCU).
+fn granted_roles<'a>(rq: &'a AssociationRQ, policy: &AcceptPolicy) -> Vec<(&'a str, bool)> {
+    if !policy.retrieve {
+        return Vec::new();
+    }
+    let mut granted: Vec<(&str, bool)> = Vec::new();
+    for item in &rq.user_variables {
+        let UserVariableItem::ScuScpRoleSelectionSubItem(class, roles) = item else {
+            continue;
+        };
+        let class = class.trim_end_matches(['\0', ' ']);
+        if roles.scp
+            && uid::is_storage_sop_class(class, policy.accept_private_sop_classes)
+            && granted.iter().all(|(c, _)| *c != class)
+        {
+            granted.push((class, roles.scu));
+        }
+    }
+    granted
 }
 
 #[cfg(test)]
@@ -328,6 +409,7 @@ mod tests {
             accept_private_sop_classes: true,
             allow: Vec::new(),
             find: false,
+            retrieve: false,
         }
     }
 

@@ -18,6 +18,22 @@
 //! answer within one response. Parsing identifiers and matching them is
 //! the application's: this crate holds no dictionary and no database.
 //!
+//! C-GET and C-MOVE take their identifier the same way and hand it to
+//! [`Service::get`] or [`Service::move_`], which answer with a
+//! [`Retrieval`]: how many objects there are, and a bounded channel of
+//! [`Outgoing`] objects, each a data set to be read from the application
+//! (its file, after the Part-10 meta header) and streamed through one send
+//! buffer of the peer's PDU size, bytes unchanged. A C-GET sends them as
+//! C-STORE-RQs on this association, on the storage contexts whose SCP role
+//! the peer took (see [`negotiation`](crate::negotiation)), and reads each
+//! C-STORE-RSP while watching for a C-CANCEL-RQ; a C-MOVE opens one
+//! association (as [`scu`](crate::scu)) on the connection the application
+//! made to the destination and sends them there, with the Move Originator
+//! fields, while this association is read for a C-CANCEL-RQ. Either way a
+//! pending response follows each sub-operation and a final one the last
+//! (PS3.4 C.4.2, C.4.3); the counts are this crate's, the lookups,
+//! files and peers the application's.
+//!
 //! Accepting or rejecting the request is the caller's, with the helpers
 //! [`read_associate_rq`], [`negotiation::negotiate`](crate::negotiation::negotiate),
 //! [`send_pdu`] and [`send_abort`]: it knows which bounds apply (association
@@ -25,12 +41,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::command::{self, field, status, Command};
+use crate::ae::AeTitle;
+use crate::command::{self, field, status, Command, MoveOriginator};
 use crate::error::{AssociationError, ProtocolViolation};
 use crate::negotiation::{find_context, AcceptedContext, ContextTable, ServiceClass};
 use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType};
@@ -98,6 +116,9 @@ pub struct StoreRequest<'a> {
     pub sop_instance: &'a Uid,
     /// the transfer syntax of the presentation context: the data set's
     pub transfer_syntax: &'a Uid,
+    /// (0000,1030) and (0000,1031): who asked for the C-MOVE this C-STORE
+    /// is a sub-operation of, when the sender says so
+    pub move_originator: Option<&'a MoveOriginator>,
 }
 
 /// One C-FIND-RQ with its whole identifier, as the service sees it.
@@ -127,13 +148,175 @@ pub struct FindRequest<'a> {
 /// matches there are.
 pub type Matches = tokio::sync::mpsc::Receiver<Result<Vec<u8>, Failure>>;
 
+/// Which retrieve a request is (the two differ only in where the objects
+/// go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrieveOperation {
+    /// C-GET: to the requester, over its own association
+    Get,
+    /// C-MOVE: to the Move Destination, over an association we open
+    Move,
+}
+
+/// One C-GET-RQ or C-MOVE-RQ with its whole identifier, as the service
+/// sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RetrieveRequest<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID: the information model (Patient
+    /// Root or Study Root GET or MOVE), equal to the context's abstract
+    /// syntax
+    pub sop_class: &'a Uid,
+    /// (0000,0700) Priority (passed on to the sub-operations' C-STORE-RQs)
+    pub priority: u16,
+    /// the transfer syntax of the presentation context: the identifier's
+    pub transfer_syntax: &'a Uid,
+    /// the identifier data set (at most [`MAX_IDENTIFIER`] bytes)
+    pub identifier: &'a [u8],
+    /// (0000,0600) Move Destination, for a C-MOVE (always a valid AE
+    /// title: a C-MOVE without one is refused with A801 before the service
+    /// is asked); `None` for a C-GET
+    pub move_destination: Option<&'a AeTitle>,
+}
+
+/// One object to send as a C-STORE sub-operation.
+///
+/// The application opens the object's file, positions the reader after
+/// the Part-10 meta header (the data set starts there) and says how many
+/// data set bytes follow. They are sent unchanged, in the transfer syntax
+/// they are stored in, read chunk by chunk into the association's one send
+/// buffer: never a whole object in memory.
+pub struct Outgoing {
+    /// the object's SOP Class UID (the C-STORE-RQ's Affected SOP Class)
+    pub sop_class: Uid,
+    /// the object's SOP Instance UID
+    pub sop_instance: Uid,
+    /// the transfer syntax the data set is encoded in: it is sent on a
+    /// presentation context of exactly this (SOP class, transfer syntax)
+    /// pair, or not at all (no transcoding here)
+    pub transfer_syntax: Uid,
+    /// how many data set bytes `data` yields (the file's length less the
+    /// meta header's); exactly these are read and sent
+    pub length: u64,
+    /// the data set bytes; a read failure before the first byte is sent
+    /// fails this sub-operation only, one after it aborts the association
+    /// it was being sent on (DIMSE cannot take half a data set back)
+    pub data: Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("sop_class", &self.sop_class)
+            .field("sop_instance", &self.sop_instance)
+            .field("transfer_syntax", &self.transfer_syntax)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An object the application could not hand over (its file gone or
+/// unreadable, say): counted as a failed sub-operation, and its SOP
+/// Instance UID, when known, put in the Failed SOP Instance UID List.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOperationFailure {
+    /// the object that failed, when the application knows it
+    pub sop_instance: Option<Uid>,
+    /// why (for the observer; the peer sees only the counts and the list)
+    pub failure: Failure,
+}
+
+impl SubOperationFailure {
+    /// The failure of one object.
+    pub fn new(sop_instance: Option<Uid>, failure: Failure) -> Self {
+        SubOperationFailure {
+            sop_instance,
+            failure,
+        }
+    }
+}
+
+impl From<Failure> for SubOperationFailure {
+    fn from(failure: Failure) -> Self {
+        SubOperationFailure::new(None, failure)
+    }
+}
+
+/// The objects of a retrieve, one at a time, as the application produces
+/// them. The handler drops the receiver on a C-CANCEL-RQ or when the
+/// association ends, so the producer's next `send` fails and it stops.
+/// Bounded by its producer: a few entries (each an open file) keep memory
+/// and descriptors flat however many objects there are.
+pub type Outgoings = tokio::sync::mpsc::Receiver<Result<Outgoing, SubOperationFailure>>;
+
+/// What a service answers a C-GET or C-MOVE with.
+#[derive(Debug)]
+pub struct Retrieval {
+    /// how many objects will come through `objects` (known up front, from
+    /// the index). The wire counts are 16-bit: above 65535 the Number of
+    /// Remaining Sub-operations is reported as 65535 until fewer remain
+    /// (and the other counts saturate at 65535), so that a large retrieve
+    /// is performed rather than refused; the observer gets exact counts.
+    /// Objects that never come (the channel closes early) are counted as
+    /// failed; objects beyond the number are still sent.
+    pub sub_operations: u64,
+    /// the distinct (SOP class, transfer syntax) pairs of the objects, in
+    /// the order they should be proposed: the presentation contexts of the
+    /// C-MOVE association (one each, at most 128; objects of a pair left
+    /// out or refused by the destination fail without being sent). Not
+    /// used by C-GET, whose contexts the requester proposed.
+    pub presentations: Vec<(Uid, Uid)>,
+    /// the objects
+    pub objects: Outgoings,
+}
+
+/// A connection to a C-MOVE destination, already established (TCP, or
+/// TLS over it): anything that reads and writes bytes.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + ?Sized> Transport for T {}
+
+/// Where a C-MOVE's objects go: the application looked the Move
+/// Destination up (its peers table) and connected to it; this crate
+/// requests the association, sends, and releases it.
+pub struct MoveDestination {
+    /// the connection, already open
+    pub transport: Box<dyn Transport>,
+    /// the destination's AE title (the called AE title we request)
+    pub called_ae: AeTitle,
+    /// our AE title for that association (the calling AE title)
+    pub calling_ae: AeTitle,
+}
+
+impl std::fmt::Debug for MoveDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoveDestination")
+            .field("called_ae", &self.called_ae)
+            .field("calling_ae", &self.calling_ae)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a service answers a C-MOVE with: the objects and where they go.
+#[derive(Debug)]
+pub struct MoveRetrieval {
+    /// the objects
+    pub retrieval: Retrieval,
+    /// the destination, connected
+    pub destination: MoveDestination,
+}
+
 /// The application's side of DIMSE: what to do with each request.
 ///
 /// C-ECHO is answered at once; C-STORE is begun, fed its data set fragment
 /// by fragment, and committed when the last fragment has arrived, and only
 /// then answered; C-FIND is answered from [`Service::find`]'s stream of
-/// matches. (C-MOVE, C-GET and N-ACTION come here next, each as a method
-/// with a default that refuses.)
+/// matches; C-GET and C-MOVE from [`Service::get`]'s and
+/// [`Service::move_`]'s stream of objects. (N-ACTION comes here next, as
+/// a method with a default that refuses.)
 pub trait Service: Send + Sync {
     /// An object being received.
     type Object: IncomingObject;
@@ -164,6 +347,47 @@ pub trait Service: Send + Sync {
             status::SOP_CLASS_NOT_SUPPORTED,
             "C-FIND not supported",
         ))
+    }
+
+    /// Begins a C-GET: how many objects match the identifier and the
+    /// stream of them, or the failure to answer at once (A900 for an
+    /// identifier that does not fit the model, A701 when the matches
+    /// cannot be counted, a C000-range status otherwise). The objects go
+    /// back to the requester on this association. Asynchronous, so that
+    /// the count can come from a blocking index lookup; no C-CANCEL-RQ is
+    /// read until it resolves. By default C-GET is refused (0122, SOP
+    /// class not supported).
+    fn get(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> impl Future<Output = Result<Retrieval, Failure>> + Send {
+        let _ = (association, request);
+        async {
+            Err(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "C-GET not supported",
+            ))
+        }
+    }
+
+    /// Begins a C-MOVE: the objects as for [`Service::get`], and the
+    /// destination named by `request.move_destination`, connected. Which
+    /// destinations exist, and what a failure to reach one is answered
+    /// with (A801 for an unknown AE title), is the application's. By
+    /// default C-MOVE is refused (0122, SOP class not supported).
+    fn move_(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> impl Future<Output = Result<MoveRetrieval, Failure>> + Send {
+        let _ = (association, request);
+        async {
+            Err(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "C-MOVE not supported",
+            ))
+        }
     }
 }
 
@@ -220,6 +444,81 @@ pub struct FindOutcome<'a> {
     pub elapsed: Duration,
 }
 
+/// How one sub-operation (one object sent) of a C-GET or C-MOVE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubOperationResult {
+    /// stored by the receiver (status 0000)
+    Completed,
+    /// stored with a warning (B000, B006, B007 and other warnings)
+    Warning,
+    /// not stored: refused by the receiver, or not sent
+    Failed,
+}
+
+/// One sub-operation of a C-GET or C-MOVE, for the observer (an audit
+/// record of each object that left).
+#[derive(Debug)]
+pub struct SubOperationOutcome<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// the C-MOVE's destination AE title; `None` for a C-GET
+    pub destination: Option<&'a AeTitle>,
+    /// the object's SOP class; `None` when the application's failure named
+    /// no object
+    pub sop_class: Option<&'a Uid>,
+    /// the object's SOP instance; `None` as for `sop_class`
+    pub sop_instance: Option<&'a Uid>,
+    /// data set bytes sent
+    pub bytes: u64,
+    /// the receiver's C-STORE-RSP status, or, for an object not sent, the
+    /// failure's
+    pub status: u16,
+    /// the receiver's Error Comment, or why the object was not sent
+    pub comment: Option<&'a str>,
+    /// how it counts
+    pub result: SubOperationResult,
+    /// from taking the object to its C-STORE-RSP
+    pub elapsed: Duration,
+}
+
+/// Sub-operation counts of a retrieve, exact (the wire's are 16-bit).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SubOperationCounts {
+    /// not performed (after a C-CANCEL-RQ; 0 otherwise)
+    pub remaining: u64,
+    /// stored without warning
+    pub completed: u64,
+    /// not stored, or not sent
+    pub failed: u64,
+    /// stored with a warning
+    pub warning: u64,
+}
+
+/// How one C-GET or C-MOVE ended, for the observer.
+#[derive(Debug)]
+pub struct RetrieveOutcome<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// the information model (the request's Affected SOP Class UID)
+    pub sop_class: &'a Uid,
+    /// the identifier's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the identifier as received (empty when it was over the cap)
+    pub identifier: &'a [u8],
+    /// the C-MOVE's Move Destination; `None` for a C-GET (or a C-MOVE
+    /// without a valid one)
+    pub destination: Option<&'a AeTitle>,
+    /// what was done
+    pub counts: SubOperationCounts,
+    /// the final status: 0000 all completed, B000 some failed or warned,
+    /// A702 all failed, FE00 cancelled, or the refusal
+    pub status: u16,
+    /// the Error Comment of the final response, when it has one
+    pub comment: Option<&'a str>,
+    /// from the last identifier fragment to the final response
+    pub elapsed: Duration,
+}
+
 /// What the application records of an association's messages: audit
 /// trails, counters, an activity LED. Every method has a default that does
 /// nothing.
@@ -236,6 +535,16 @@ pub trait Observer<R>: Send + Sync {
 
     /// A C-FIND was answered with its final response.
     fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// One object of a C-GET or C-MOVE was sent (or failed).
+    fn sub_operation(&self, association: &AssociationInfo, outcome: &SubOperationOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// A C-GET or C-MOVE was answered with its final response.
+    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
         let _ = (association, outcome);
     }
 
@@ -264,6 +573,13 @@ pub struct AssociationSummary {
     pub echoes: u64,
     /// C-FIND requests answered (whatever their final status)
     pub finds: u64,
+    /// C-GET and C-MOVE requests answered (whatever their final status)
+    pub retrieves: u64,
+    /// objects sent by C-GET and C-MOVE and stored by the receiver
+    /// (completed or with a warning)
+    pub sent: u64,
+    /// data set bytes of the objects in `sent`
+    pub sent_bytes: u64,
 }
 
 /// How an association ended, with what it did.
@@ -364,9 +680,10 @@ where
         command: Vec::with_capacity(1024),
         command_context: None,
         in_flight: None,
-        find: None,
-        find_ready: None,
+        query: None,
+        query_ready: None,
         cancel_seen: None,
+        send_buf: Vec::new(),
         summary: AssociationSummary::default(),
     };
     let result = handler.run(&mut reader, shutdown).await;
@@ -405,8 +722,17 @@ struct InFlight<O> {
     sink: Sink<O>,
 }
 
-/// The C-FIND whose identifier is arriving (or has arrived).
-struct FindInFlight {
+/// What a query/retrieve request whose identifier is arriving will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueryOperation {
+    Find,
+    Retrieve(RetrieveOperation),
+}
+
+/// The C-FIND, C-GET or C-MOVE whose identifier is arriving (or has
+/// arrived).
+struct QueryInFlight {
+    operation: QueryOperation,
     context_id: u8,
     message_id: u16,
     sop_class: Uid,
@@ -415,8 +741,11 @@ struct FindInFlight {
     /// the identifier so far, at most [`MAX_IDENTIFIER`] bytes
     identifier: Vec<u8>,
     /// why it will be answered with a failure without asking the service
-    /// (a context not accepted for C-FIND, an identifier over the cap)
+    /// (a context not accepted for the operation, an identifier over the
+    /// cap, a C-MOVE without a valid Move Destination)
     refusal: Option<Failure>,
+    /// (0000,0600) of a C-MOVE
+    move_destination: Option<AeTitle>,
 }
 
 /// The state of one association (mini-redis's `Handler`): its write side,
@@ -434,14 +763,17 @@ struct Handler<'a, W, Sv: Service, Ob> {
     /// the context of the command being assembled
     command_context: Option<u8>,
     in_flight: Option<InFlight<Sv::Object>>,
-    /// the C-FIND whose identifier is arriving
-    find: Option<FindInFlight>,
-    /// a C-FIND whose identifier is complete, performed once the PDU that
+    /// the C-FIND, C-GET or C-MOVE whose identifier is arriving
+    query: Option<QueryInFlight>,
+    /// one whose identifier is complete, performed once the PDU that
     /// completed it has been read to its end
-    find_ready: Option<FindInFlight>,
-    /// the Message ID a C-CANCEL-RQ named (in the PDU that completed a
-    /// C-FIND's identifier, or while its matches are sent)
+    query_ready: Option<QueryInFlight>,
+    /// the Message ID a C-CANCEL-RQ named (in the PDU that completed an
+    /// identifier, or while matches or objects are sent)
     cancel_seen: Option<u16>,
+    /// the buffer C-GET sub-operations are sent from (allocated at the
+    /// first C-GET, of the peer's PDU size, kept for the association)
+    send_buf: Vec<u8>,
     summary: AssociationSummary,
 }
 
@@ -453,7 +785,7 @@ where
 {
     /// True between messages: nothing would be lost by stopping now.
     fn idle(&self) -> bool {
-        self.in_flight.is_none() && self.command_context.is_none() && self.find.is_none()
+        self.in_flight.is_none() && self.command_context.is_none() && self.query.is_none()
     }
 
     async fn run<R: AsyncRead + Unpin>(
@@ -513,10 +845,10 @@ where
                 if pdv.is_command {
                     self.command_fragment(context, pdv.data, pdv.is_last)
                         .await?;
-                } else if let Some(find) = self.find.as_mut() {
-                    find_fragment(find, pdv.context_id, pdv.data)?;
+                } else if let Some(query) = self.query.as_mut() {
+                    identifier_fragment(query, pdv.context_id, pdv.data)?;
                     if pdv.is_last {
-                        self.find_ready = self.find.take();
+                        self.query_ready = self.query.take();
                     }
                 } else {
                     Self::data_fragment(&mut self.in_flight, pdv.context_id, pdv.data)?;
@@ -534,8 +866,11 @@ where
                     }
                 }
             }
-            if let Some(find) = self.find_ready.take() {
-                self.serve_find(reader, find).await?;
+            if let Some(query) = self.query_ready.take() {
+                match query.operation {
+                    QueryOperation::Find => self.serve_find(reader, query).await?,
+                    QueryOperation::Retrieve(_) => self.serve_retrieve(reader, query).await?,
+                }
             }
         }
     }
@@ -548,7 +883,7 @@ where
         data: &[u8],
         is_last: bool,
     ) -> Result<(), AssociationError> {
-        if self.in_flight.is_some() || self.find.is_some() {
+        if self.in_flight.is_some() || self.query.is_some() {
             return Err(ProtocolViolation::CommandInsideDataSet.into());
         }
         match self.command_context {
@@ -594,16 +929,34 @@ where
                 if !cmd.has_data_set {
                     return Err(ProtocolViolation::FindWithoutIdentifier.into());
                 }
-                if self.find_ready.is_some() {
+                if self.query_ready.is_some() {
                     return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
                 }
-                self.find = Some(begin_find(context, &cmd));
+                self.query = Some(begin_query(QueryOperation::Find, context, &cmd));
+            }
+            field::C_GET_RQ | field::C_MOVE_RQ => {
+                if !cmd.has_data_set {
+                    return Err(ProtocolViolation::RetrieveWithoutIdentifier.into());
+                }
+                if self.query_ready.is_some() {
+                    return Err(ProtocolViolation::CommandDuringRetrieve(cmd.command_field).into());
+                }
+                let operation = if cmd.command_field == field::C_GET_RQ {
+                    RetrieveOperation::Get
+                } else {
+                    RetrieveOperation::Move
+                };
+                self.query = Some(begin_query(
+                    QueryOperation::Retrieve(operation),
+                    context,
+                    &cmd,
+                ));
             }
             field::C_CANCEL_RQ => {
-                // A cancel of a C-FIND whose identifier just arrived in the
-                // same PDU; any other is of an operation already answered,
-                // and is ignored (PS3.7 9.3.2.3).
-                if self.find_ready.is_some() {
+                // A cancel of a request whose identifier just arrived in
+                // the same PDU; any other is of an operation already
+                // answered, and is ignored (PS3.7 9.3.2.3).
+                if self.query_ready.is_some() {
                     self.cancel_seen = Some(cmd.message_id);
                 }
             }
@@ -619,7 +972,7 @@ where
     async fn serve_find<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut PduReader<R>,
-        find: FindInFlight,
+        find: QueryInFlight,
     ) -> Result<(), AssociationError> {
         let started = Instant::now();
         let timeout = self.association.dimse_timeout;
@@ -721,6 +1074,16 @@ where
         Ok(())
     }
 
+    /// Performs a C-GET or C-MOVE whose identifier has arrived.
+    async fn serve_retrieve<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        query: QueryInFlight,
+    ) -> Result<(), AssociationError> {
+        let _ = (reader, query);
+        todo!("C-GET and C-MOVE")
+    }
+
     /// Acts on a PDU that arrived while a C-FIND is answered: only a
     /// C-CANCEL-RQ (of this C-FIND: true) or A-ABORT may come; anything else
     /// breaks the protocol.
@@ -797,11 +1160,13 @@ where
                 "SOP class differs from the presentation context",
             ))
         } else {
+            let move_originator = cmd.move_originator();
             let request = StoreRequest {
                 message_id: cmd.message_id,
                 sop_class: &sop_class,
                 sop_instance: &sop_instance,
                 transfer_syntax: &context.transfer_syntax,
+                move_originator: move_originator.as_ref(),
             };
             match self.service.store(self.association, &request) {
                 Ok(object) => Sink::Object(object),
@@ -843,25 +1208,42 @@ where
     }
 }
 
-/// Begins a C-FIND-RQ: its identifier is collected, to be answered by the
-/// service, or with a failure when the context was not accepted for
-/// C-FIND or the SOP class is not the context's.
-fn begin_find(context: &AcceptedContext, cmd: &Command) -> FindInFlight {
+/// Begins a C-FIND-RQ, C-GET-RQ or C-MOVE-RQ: its identifier is
+/// collected, to be answered by the service, or with a failure when the
+/// context was not accepted for the operation, the SOP class is not the
+/// context's, or a C-MOVE names no valid Move Destination.
+fn begin_query(
+    operation: QueryOperation,
+    context: &AcceptedContext,
+    cmd: &Command,
+) -> QueryInFlight {
     let sop_class = cmd.sop_class.clone().unwrap_or_default();
-    let refusal = if context.service != ServiceClass::Find {
+    let (service, name) = match operation {
+        QueryOperation::Find => (ServiceClass::Find, "C-FIND"),
+        QueryOperation::Retrieve(RetrieveOperation::Get) => (ServiceClass::Get, "C-GET"),
+        QueryOperation::Retrieve(RetrieveOperation::Move) => (ServiceClass::Move, "C-MOVE"),
+    };
+    let refusal = if context.service != service {
         Some(Failure::new(
             status::SOP_CLASS_NOT_SUPPORTED,
-            "C-FIND on a presentation context not accepted for C-FIND",
+            format!("{name} on a presentation context not accepted for {name}"),
         ))
     } else if cmd.sop_class.as_ref() != Some(&context.abstract_syntax) {
         Some(Failure::new(
             status::IDENTIFIER_MISMATCH,
             "SOP class differs from the presentation context",
         ))
+    } else if service == ServiceClass::Move && cmd.move_destination.is_none() {
+        Some(Failure::new(
+            status::MOVE_DESTINATION_UNKNOWN,
+            "Move Destination missing or not a valid AE title",
+        ))
     } else {
         None
     };
-    FindInFlight {
+    QueryInFlight {
+        operation,
+        move_destination: cmd.move_destination.clone(),
         context_id: context.id,
         message_id: cmd.message_id,
         sop_class,
@@ -873,9 +1255,10 @@ fn begin_find(context: &AcceptedContext, cmd: &Command) -> FindInFlight {
 }
 
 /// Adds one identifier fragment; past [`MAX_IDENTIFIER`] the identifier is
-/// dropped (the rest is read and discarded) and the C-FIND will fail.
-fn find_fragment(
-    find: &mut FindInFlight,
+/// dropped (the rest is read and discarded) and the request will fail
+/// (A700 for C-FIND, A701 for C-GET and C-MOVE).
+fn identifier_fragment(
+    find: &mut QueryInFlight,
     context_id: u8,
     data: &[u8],
 ) -> Result<(), AssociationError> {
@@ -887,8 +1270,12 @@ fn find_fragment(
     }
     if find.identifier.len() + data.len() > MAX_IDENTIFIER {
         find.identifier = Vec::new();
+        let code = match find.operation {
+            QueryOperation::Find => status::OUT_OF_RESOURCES,
+            QueryOperation::Retrieve(_) => status::UNABLE_TO_CALCULATE_MATCHES,
+        };
         find.refusal = Some(Failure::new(
-            status::OUT_OF_RESOURCES,
+            code,
             format!("identifier longer than {} KiB", MAX_IDENTIFIER / 1024),
         ));
         return Ok(());

@@ -151,6 +151,7 @@ fn contexts() -> ContextTable {
                 abstract_syntax: u(abs),
                 transfer_syntax: u(uid::IMPLICIT_VR_LE),
                 service,
+                peer_scp_role: false,
             })
             .expect("room");
     };

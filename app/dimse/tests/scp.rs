@@ -171,6 +171,7 @@ fn contexts() -> ContextTable {
                 abstract_syntax: u(abs),
                 transfer_syntax: u(uid::EXPLICIT_VR_LE),
                 service,
+                peer_scp_role: false,
             })
             .expect("room");
     };

@@ -442,6 +442,9 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             // C-FIND is answered from the index (a C-FIND while it is
             // unavailable fails with a status, not at negotiation).
             find: true,
+            // C-GET and C-MOVE: refused at negotiation until the services
+            // answer them (dimse's `Service::get` and `move_`).
+            retrieve: false,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
