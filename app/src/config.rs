@@ -134,6 +134,28 @@ pub struct Config {
     /// AE title. Applied without a restart.
     #[serde(default)]
     pub allow: Vec<AllowEntry>,
+    /// Known DICOM nodes (`[[peer]]`): the destinations a C-MOVE may name,
+    /// by AE title. Applied without a restart.
+    #[serde(default)]
+    pub peer: Vec<PeerEntry>,
+}
+
+/// One `[[peer]]` entry: a DICOM node we may open associations to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// its AE title (the called AE title we use, and the name a C-MOVE
+    /// gives as its Move Destination)
+    pub aetitle: String,
+    /// host name or address
+    pub host: String,
+    /// TCP port
+    pub port: u16,
+    /// connect with DICOM over TLS, presenting `[tls]` key and cert as our
+    /// client certificate and verifying the peer against `[tls]` ca_files
+    /// and ca_dirs
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// One `[[allow]]` entry: a calling AE title allowed to associate.
@@ -263,6 +285,8 @@ pub struct LiveConfig {
     pub max_find_results: usize,
     /// `allow`
     pub allow: Vec<AllowEntry>,
+    /// `peer`
+    pub peer: Vec<PeerEntry>,
     /// `dimse_timeout`
     pub dimse_timeout: u64,
     /// `acse_timeout`
@@ -479,6 +503,7 @@ impl Config {
                     reload_check: tls_reload_check,
                 },
             allow,
+            peer,
         } = self.clone();
         let live = LiveConfig {
             aetitle,
@@ -487,6 +512,7 @@ impl Config {
             accept_private_sop_classes,
             max_find_results,
             allow,
+            peer,
             dimse_timeout,
             acse_timeout,
             max_associations,
@@ -621,6 +647,32 @@ impl Config {
         for (i, entry) in self.allow.iter().enumerate() {
             if let Err(m) = check_ae_title(&entry.aetitle) {
                 bad(&format!("allow.{i}.aetitle"), m);
+            }
+        }
+        for (i, entry) in self.peer.iter().enumerate() {
+            if let Err(m) = check_ae_title(&entry.aetitle) {
+                bad(&format!("peer.{i}.aetitle"), m);
+            }
+            if self.peer[..i].iter().any(|p| p.aetitle == entry.aetitle) {
+                bad(
+                    &format!("peer.{i}.aetitle"),
+                    format!("{} is already a [[peer]] above", entry.aetitle),
+                );
+            }
+            if entry.host.trim().is_empty() {
+                bad(
+                    &format!("peer.{i}.host"),
+                    "must name a host or an address".into(),
+                );
+            }
+            if entry.port == 0 {
+                bad(&format!("peer.{i}.port"), "must be 1 to 65535".into());
+            }
+            if entry.tls && (tls.key.is_none() || tls.cert.is_none()) {
+                bad(
+                    &format!("peer.{i}.tls"),
+                    "needs [tls] key and cert (our client certificate)".into(),
+                );
             }
         }
         if tls.reload_check == 0 || tls.reload_check > 3600 {
@@ -947,7 +999,7 @@ const MAX_TYPE_PROBLEMS: usize = 64;
 /// The keys of `file` that no configuration has, each with its problem
 /// text: "unknown key", and the known key it most likely meant.
 fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
-    let tables: [(&str, &[&str]); 3] = [
+    let tables: [(&str, &[&str]); 4] = [
         (
             "",
             serde_aux::serde_introspection::serde_introspect::<Config>(),
@@ -959,6 +1011,10 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
         (
             "allow",
             serde_aux::serde_introspection::serde_introspect::<AllowEntry>(),
+        ),
+        (
+            "peer",
+            serde_aux::serde_introspection::serde_introspect::<PeerEntry>(),
         ),
     ];
     let mut found = Vec::new();
@@ -979,14 +1035,12 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
     if let Some(toml::Value::Table(tls)) = file.get("tls") {
         check(tls, steps("tls"), "tls");
     }
-    if let Some(toml::Value::Array(allow)) = file.get("allow") {
-        for (i, entry) in allow.iter().enumerate() {
-            if let toml::Value::Table(entry) = entry {
-                check(
-                    entry,
-                    vec![Step::Key("allow".into()), Step::Index(i)],
-                    "allow",
-                );
+    for array in ["allow", "peer"] {
+        if let Some(toml::Value::Array(entries)) = file.get(array) {
+            for (i, entry) in entries.iter().enumerate() {
+                if let toml::Value::Table(entry) = entry {
+                    check(entry, vec![Step::Key(array.into()), Step::Index(i)], array);
+                }
             }
         }
     }
@@ -1011,11 +1065,10 @@ fn unknown_key_message(key: &str, table: &str, tables: &[(&str, &[&str])]) -> St
             format!("unknown key; did you mean {k}?")
         }
         Some(((distance, _), t, k)) if near_enough(distance) => {
-            let section = if t == "allow" { "[[allow]]" } else { "[tls]" };
-            let section = if t.is_empty() {
-                "the top, before any [section]"
-            } else {
-                section
+            let section = match t {
+                "" => "the top, before any [section]".to_string(),
+                "tls" => "[tls]".to_string(),
+                array => format!("[[{array}]]"),
             };
             let shown = if t.is_empty() {
                 k.to_string()
@@ -1382,6 +1435,63 @@ mod tests {
         assert_eq!(
             running.restart_reason(&new).as_deref(),
             Some("port, tls.port")
+        );
+    }
+
+    #[test]
+    fn peers_are_checked_located_and_applied_live() {
+        let text = "[[peer]]\naetitle = \"VIEWER\"\nhost = \"192.0.2.20\"\nport = 11112\n";
+        let config = Config::from_toml(text, "x.toml").expect("valid");
+        assert_eq!(
+            config.peer,
+            vec![PeerEntry {
+                aetitle: "VIEWER".into(),
+                host: "192.0.2.20".into(),
+                port: 11112,
+                tls: false,
+            }]
+        );
+        let running = Config::from_toml("", "x.toml").expect("defaults");
+        assert_eq!(running.restart_reason(&config), None);
+        assert_eq!(config.live().peer.len(), 1);
+
+        let text = "[[peer]]\naetitle = \"VIEWER\"\nhost = \"a\"\nport = 1\n\
+                    [[peer]]\naetitle = \"VIEWER\"\nhots = \"b\"\nport = 0\ntls = true\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("line 6: peer[1].hots: unknown key; did you mean host?"),
+            "{text}"
+        );
+        let err = Config::from_toml(
+            "[[peer]]\naetitle = \"VIEWER\"\nhost = \"a\"\nport = 1\n\
+             [[peer]]\naetitle = \"VIEWER\"\nhost = \"\"\nport = 0\ntls = true\n",
+            "x.toml",
+        )
+        .expect_err("invalid");
+        let found: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_deref().unwrap_or(""), p.message.as_str()))
+            .collect();
+        assert!(
+            found.contains(&("peer[1].aetitle", "VIEWER is already a [[peer]] above")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("peer[1].host", "must name a host or an address")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("peer[1].port", "must be 1 to 65535")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&(
+                "peer[1].tls",
+                "needs [tls] key and cert (our client certificate)"
+            )),
+            "{found:?}"
         );
     }
 }

@@ -14,14 +14,15 @@ use std::sync::Arc;
 
 use dimse::command::status;
 use dimse::scp::{
-    AssociationInfo, Failure, FindOutcome, FindRequest, IncomingObject, Matches, ObjectOutcome,
-    Observer, Service, StoreRequest,
+    AssociationInfo, Failure, FindOutcome, FindRequest, IncomingObject, Matches, MoveRetrieval,
+    ObjectOutcome, Observer, Retrieval, RetrieveOperation, RetrieveOutcome, RetrieveRequest,
+    Service, StoreRequest, SubOperationOutcome, SubOperationResult,
 };
 use dimse::uid::Uid;
 use tracing::{info, warn};
 
 use crate::index::query::{self, Model, Stopped};
-use crate::logs::{Audit, FindRecord, ObjectRecord};
+use crate::logs::{Audit, FindRecord, ObjectRecord, RetrieveRecord};
 use crate::service::ActivityLed;
 use crate::store::{Incoming, ObjectInfo, Store};
 
@@ -95,6 +96,28 @@ pub struct Receiver {
     /// `max_find_results` (live): the most matches one C-FIND answers, 0
     /// for no limit
     pub max_find_results: AtomicUsize,
+    /// the known DICOM nodes, C-MOVE's destinations (live)
+    pub peers: crate::retrieve::Peers,
+    /// how long a C-MOVE's destination gets to answer each step
+    pub dimse_timeout: std::time::Duration,
+}
+
+impl Receiver {
+    /// What a retrieve reads from, or why it cannot run.
+    fn retrieve_source(&self) -> Result<crate::retrieve::Source, Failure> {
+        let index = self
+            .index
+            .as_ref()
+            .ok_or_else(|| Failure::new(status::UNABLE_TO_PROCESS, "the index is unavailable"))?;
+        let root =
+            self.store.root().try_clone().map_err(|e| {
+                Failure::new(status::UNABLE_TO_PROCESS, format!("store folder: {e}"))
+            })?;
+        Ok(crate::retrieve::Source {
+            index: Arc::clone(index),
+            root: Arc::new(root),
+        })
+    }
 }
 
 /// Matches a C-FIND's query thread may be ahead of the network by.
@@ -163,6 +186,29 @@ impl Service for Receiver {
         });
         Ok(rx)
     }
+
+    async fn get(
+        &self,
+        _association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> Result<Retrieval, Failure> {
+        crate::retrieve::select(&self.retrieve_source()?, request).await
+    }
+
+    async fn move_(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> Result<MoveRetrieval, Failure> {
+        crate::retrieve::prepare_move(
+            &self.retrieve_source()?,
+            &self.peers,
+            association.called_ae.as_str(),
+            self.dimse_timeout,
+            request,
+        )
+        .await
+    }
 }
 
 /// A C-STORE's data set on its way into the store.
@@ -215,6 +261,88 @@ impl IncomingObject for StoreObject {
 }
 
 impl Observer<PathBuf> for Receiver {
+    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
+        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
+            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
+        });
+        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
+        let keys = parsed
+            .as_ref()
+            .map(query::Query::summary)
+            .unwrap_or_default();
+        let operation = match outcome.operation {
+            RetrieveOperation::Get => "C-GET",
+            RetrieveOperation::Move => "C-MOVE",
+        };
+        let destination = outcome.destination.map(|d| d.as_str());
+        let counts = &outcome.counts;
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        if let Some(audit) = &self.audit {
+            audit.retrieve(&RetrieveRecord {
+                time: std::time::SystemTime::now(),
+                peer: association.peer,
+                calling_ae: &association.calling_ae,
+                operation,
+                sop_class_uid: outcome.sop_class.as_str(),
+                level,
+                keys: &keys,
+                destination,
+                completed: count(counts.completed),
+                failed: count(counts.failed),
+                warning: count(counts.warning),
+                remaining: count(counts.remaining),
+                status: outcome.status,
+                reason: outcome.comment,
+                milliseconds: ms as u64,
+            });
+        }
+        let reason = outcome.comment.unwrap_or("");
+        macro_rules! retrieve_line {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    peer = %association.peer,
+                    calling = %association.calling_ae,
+                    operation,
+                    destination = destination.unwrap_or(""),
+                    level,
+                    keys = %keys,
+                    completed = counts.completed,
+                    failed = counts.failed,
+                    warning = counts.warning,
+                    remaining = counts.remaining,
+                    ms = format_args!("{ms:.1}"),
+                    status = format_args!("{:04X}", outcome.status),
+                    reason,
+                    $message
+                )
+            };
+        }
+        if outcome.status == status::SUCCESS || outcome.status == status::CANCEL {
+            retrieve_line!(info, "retrieve");
+        } else {
+            retrieve_line!(warn, "retrieve failed or incomplete");
+        }
+    }
+
+    fn sub_operation(&self, association: &AssociationInfo, outcome: &SubOperationOutcome<'_>) {
+        // A refused object gets its own line with the destination's words:
+        // the usual cause is a SOP class or transfer syntax it does not take
+        // (nothing is transcoded).
+        if outcome.result == SubOperationResult::Failed {
+            warn!(
+                peer = %association.peer,
+                calling = %association.calling_ae,
+                destination = outcome.destination.map_or("", |d| d.as_str()),
+                sop_class = %outcome.sop_class.map_or("", |u| u.as_str()),
+                sop_instance = %outcome.sop_instance.map_or("", |u| u.as_str()),
+                status = format_args!("{:04X}", outcome.status),
+                reason = outcome.comment.unwrap_or(""),
+                "retrieve sub-operation failed"
+            );
+        }
+    }
+
     fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
         // The identifier again, for what was asked (small, and parsed
         // once more only for the record).

@@ -12,6 +12,7 @@ pub mod charset;
 pub mod header;
 pub mod query;
 mod record;
+pub mod retrieve;
 pub mod schema;
 mod vfs;
 

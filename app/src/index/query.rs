@@ -91,10 +91,10 @@ enum Kind {
 }
 
 /// One supported key.
-struct Key {
+pub(super) struct Key {
     tag: u32,
     vr: [u8; 2],
-    level: Level,
+    pub(super) level: Level,
     /// the SQL expression of its value (over aliases p, st, se, i)
     sql: &'static str,
     kind: Kind,
@@ -113,9 +113,9 @@ const fn key(tag: u32, vr: &[u8; 2], level: Level, sql: &'static str, kind: Kind
 const TAG_SPECIFIC_CHARACTER_SET: u32 = 0x0008_0005;
 const TAG_QUERY_RETRIEVE_LEVEL: u32 = 0x0008_0052;
 const TAG_RETRIEVE_AE_TITLE: u32 = 0x0008_0054;
-const TAG_PATIENT_ID: u32 = 0x0010_0020;
-const TAG_STUDY_INSTANCE_UID: u32 = 0x0020_000D;
-const TAG_SERIES_INSTANCE_UID: u32 = 0x0020_000E;
+pub(super) const TAG_PATIENT_ID: u32 = 0x0010_0020;
+pub(super) const TAG_STUDY_INSTANCE_UID: u32 = 0x0020_000D;
+pub(super) const TAG_SERIES_INSTANCE_UID: u32 = 0x0020_000E;
 
 /// The keys answered from the index (PS3.4 C.6.1.1 and C.6.2.1, and the
 /// optional ones viewers ask for).
@@ -313,11 +313,11 @@ const KEYS: &[Key] = &[
     ),
 ];
 
-fn known(tag: u32) -> Option<&'static Key> {
+pub(super) fn known(tag: u32) -> Option<&'static Key> {
     KEYS.iter().find(|k| k.tag == tag)
 }
 
-/// The information model of a C-FIND.
+/// The information model of a query or retrieve (C-FIND, C-MOVE, C-GET).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Model {
     /// Patient Root
@@ -327,15 +327,26 @@ pub enum Model {
 }
 
 impl Model {
-    /// The model of a FIND SOP class UID.
+    /// The model of a FIND, MOVE or GET SOP class UID.
     pub fn of(sop_class: &str) -> Option<Model> {
         match sop_class {
-            uid::PATIENT_ROOT_FIND => Some(Model::PatientRoot),
-            uid::STUDY_ROOT_FIND => Some(Model::StudyRoot),
+            uid::PATIENT_ROOT_FIND | PATIENT_ROOT_MOVE | PATIENT_ROOT_GET => {
+                Some(Model::PatientRoot)
+            }
+            uid::STUDY_ROOT_FIND | STUDY_ROOT_MOVE | STUDY_ROOT_GET => Some(Model::StudyRoot),
             _ => None,
         }
     }
 }
+
+/// Patient Root Query/Retrieve Information Model - MOVE
+const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+/// Patient Root Query/Retrieve Information Model - GET
+const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
+/// Study Root Query/Retrieve Information Model - MOVE
+const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+/// Study Root Query/Retrieve Information Model - GET
+const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
 /// One key of the identifier as received.
 #[derive(Debug, Clone)]
@@ -382,7 +393,7 @@ impl Query {
 }
 
 /// Why an identifier was not answered.
-fn fail(code: u16, comment: impl Into<String>) -> Failure {
+pub(super) fn fail(code: u16, comment: impl Into<String>) -> Failure {
     Failure::new(code, comment)
 }
 
@@ -664,7 +675,7 @@ fn glob_pattern(value: &str) -> String {
 }
 
 /// The condition one key with a value adds, and its parameters.
-fn condition(key: &Key, value: &str, params: &mut Vec<String>) -> Option<String> {
+pub(super) fn condition(key: &Key, value: &str, params: &mut Vec<String>) -> Option<String> {
     let wild = value.contains(['*', '?']);
     let mut bind = |v: String| {
         params.push(v);
@@ -847,9 +858,12 @@ pub enum Stopped {
 /// Opens a read-only connection to the index for one query, through the
 /// same VFS as the writer (its path may be `/proc/self/fd/N/...`: see
 /// [`super::vfs`]).
-fn reader(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
+pub(super) fn reader(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
     let vfs = super::vfs::name().map_err(|e| {
-        rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN), Some(e))
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(e),
+        )
     })?;
     let conn = Connection::open_with_flags_and_vfs(
         path,

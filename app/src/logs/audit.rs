@@ -133,6 +133,46 @@ pub struct FindRecord<'a> {
     pub milliseconds: u64,
 }
 
+/// One C-MOVE or C-GET, written when its final response is sent: who
+/// asked for what, where it went, how many sub-operations completed,
+/// failed or warned, and how it ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename = "retrieve")]
+pub struct RetrieveRecord<'a> {
+    /// When the final response was sent.
+    #[serde(serialize_with = "ser_time")]
+    pub time: SystemTime,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Calling AE title of the association.
+    pub calling_ae: &'a str,
+    /// "C-MOVE" or "C-GET".
+    pub operation: &'a str,
+    /// The information model (Affected SOP Class UID).
+    pub sop_class_uid: &'a str,
+    /// The Query/Retrieve Level; empty if the identifier had none.
+    pub level: &'a str,
+    /// The keys, `(gggg,eeee)=value`.
+    pub keys: &'a str,
+    /// The Move Destination (C-MOVE); null for C-GET.
+    pub destination: Option<&'a str>,
+    /// Sub-operations completed.
+    pub completed: u32,
+    /// Sub-operations failed.
+    pub failed: u32,
+    /// Sub-operations completed with a warning.
+    pub warning: u32,
+    /// Sub-operations not begun (after a cancel or a failure).
+    pub remaining: u32,
+    /// The final status, 4 hex digits ("0000", "B000", "A801", "FE00").
+    #[serde(serialize_with = "ser_status")]
+    pub status: u16,
+    /// Why it failed, when it did; null otherwise.
+    pub reason: Option<&'a str>,
+    /// From the identifier to the final response.
+    pub milliseconds: u64,
+}
+
 /// An association request turned away: answered with A-ASSOCIATE-RJ
 /// (called AE title wrong, calling AE title not allowed, association cap
 /// reached, ...) or refused before negotiation (a malformed request).
@@ -230,6 +270,12 @@ impl Audit {
 
     /// Records one C-FIND. Returns whether the line reached the file.
     pub fn find(&self, record: &FindRecord<'_>) -> bool {
+        self.append(record)
+    }
+
+    /// Records a C-MOVE or C-GET. Returns whether the line reached the
+    /// file.
+    pub fn retrieve(&self, record: &RetrieveRecord<'_>) -> bool {
         self.append(record)
     }
 

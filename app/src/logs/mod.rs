@@ -40,7 +40,7 @@ use std::path::{Path, PathBuf};
 
 pub use audit::{
     AssociationOutcome, AssociationRecord, Audit, FindRecord, ObjectRecord, RejectedRecord,
-    TlsFailedRecord,
+    RetrieveRecord, TlsFailedRecord,
 };
 pub use bundle::{collect_bundle, BundleInputs, BundleSummary};
 pub use init::{

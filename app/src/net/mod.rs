@@ -200,6 +200,8 @@ impl Service {
             led,
             index,
             max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
+            peers: crate::retrieve::Peers::new(config.peer.clone()),
+            dimse_timeout: Duration::from_secs(config.dimse_timeout),
         });
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
@@ -241,6 +243,7 @@ impl Service {
             };
             let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
             let reloader = Arc::new(reloader);
+            set_peer_tls(&receiver, &first);
             let socket = TcpListener::from_std(socket)?;
             let aetitle = config.port_aetitle(true);
             info!(
@@ -251,9 +254,12 @@ impl Service {
             );
             let target = Arc::clone(&reloader);
             let notify = events.clone();
+            let peers_of = Arc::clone(&receiver);
             let apply = move |material: TlsMaterial, why: &str| {
                 let _ = notify.try_send(ServiceEvent::Reloading);
-                crate::tls::apply_logged(&target, &material, why);
+                if crate::tls::apply_logged(&target, &material, why) {
+                    set_peer_tls(&peers_of, &material);
+                }
                 let _ = notify.try_send(ServiceEvent::Reloaded);
             };
             match (files, updates) {
@@ -386,6 +392,18 @@ async fn apply_from_keeper(
     }
 }
 
+/// Builds the client configuration for TLS `[[peer]]`s from the server's
+/// material (our certificate is our client certificate too).
+fn set_peer_tls(receiver: &Receiver, material: &TlsMaterial) {
+    match crate::tls::peer_client_config(material) {
+        Ok(config) => receiver.peers.set_tls(Some(Arc::new(config))),
+        Err(e) => {
+            tracing::warn!(error = %e, "no TLS for [[peer]] connections");
+            receiver.peers.set_tls(None);
+        }
+    }
+}
+
 /// What the live keys set in the running receiver, made in one place for
 /// the start and for [`apply_live`]. The destructure names every field of
 /// [`LiveConfig`] (no `..`): a live key added there does not compile until
@@ -396,6 +414,7 @@ struct Applied {
     limits: ServerLimits,
     store: StoreOptions,
     max_find_results: usize,
+    peers: Vec<crate::config::PeerEntry>,
 }
 
 fn applied(config: &Config) -> anyhow::Result<Applied> {
@@ -411,6 +430,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         accept_private_sop_classes,
         max_find_results,
         allow,
+        peer,
         dimse_timeout,
         acse_timeout,
         max_associations,
@@ -442,9 +462,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             // C-FIND is answered from the index (a C-FIND while it is
             // unavailable fails with a status, not at negotiation).
             find: true,
-            // C-GET and C-MOVE: refused at negotiation until the services
-            // answer them (dimse's `Service::get` and `move_`).
-            retrieve: false,
+            // C-MOVE and C-GET likewise.
+            retrieve: true,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
@@ -468,6 +487,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             overwrite,
         },
         max_find_results,
+        peers: peer,
     })
 }
 
@@ -496,6 +516,7 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         limits,
         store: options,
         max_find_results,
+        peers,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -511,6 +532,7 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
             .shared
             .max_find_results
             .store(max_find_results, std::sync::atomic::Ordering::Relaxed);
+        listener.shared.peers.set(peers.clone());
     }
     bounds.set_limits(limits);
     if let Err(e) = store.set_options(options) {
