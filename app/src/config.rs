@@ -1460,7 +1460,7 @@ mod tests {
         let err = Config::from_toml(text, "x.toml").expect_err("invalid");
         let text = err.to_string();
         assert!(
-            text.contains("line 6: peer[1].hots: unknown key; did you mean host?"),
+            text.contains("line 7: peer[1].hots: unknown key; did you mean host?"),
             "{text}"
         );
         let err = Config::from_toml(

@@ -322,11 +322,11 @@ mod tests {
             vec![
                 (
                     "1.2.840.10008.5.1.4.1.1.2".to_string(),
-                    uid::EXPLICIT_VR_LE.to_string()
+                    uid::IMPLICIT_VR_LE.to_string()
                 ),
                 (
                     "1.2.840.10008.5.1.4.1.1.2".to_string(),
-                    uid::IMPLICIT_VR_LE.to_string()
+                    uid::EXPLICIT_VR_LE.to_string()
                 ),
             ]
         );
