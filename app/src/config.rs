@@ -168,6 +168,26 @@ pub struct AllowEntry {
     pub host: Option<IpAddr>,
     /// if set, the common name its TLS client certificate must carry
     pub cert_name: Option<String>,
+    /// if set, the only services it may use (`store`, `find`, `move`,
+    /// `get`; C-ECHO is always allowed); unset: all of them. A presentation
+    /// context for another service is refused at negotiation (user
+    /// rejection), so that a modality can store without being able to
+    /// query, or a viewer query without storing.
+    pub services: Option<Vec<Grant>>,
+}
+
+/// A service an `[[allow]]` entry may grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// C-STORE into the device
+    Store,
+    /// C-FIND
+    Find,
+    /// C-MOVE
+    Move,
+    /// C-GET
+    Get,
 }
 
 /// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
