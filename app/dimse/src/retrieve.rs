@@ -199,6 +199,12 @@ impl Tally {
         }
     }
 
+    /// Why the first failed sub-operation failed (the receiver's comment,
+    /// or why it was not sent), when one failed.
+    pub fn first_failure(&self) -> Option<&str> {
+        self.first_failure.as_deref()
+    }
+
     /// Failed SOP instances not in the list (unknown UID, or over the cap).
     pub fn unlisted(&self) -> u64 {
         self.unlisted

@@ -517,6 +517,10 @@ pub struct RetrieveOutcome<'a> {
     pub status: u16,
     /// the Error Comment of the final response, when it has one
     pub comment: Option<&'a str>,
+    /// why the first failed sub-operation failed (the receiver's Error
+    /// Comment or status, or why it was not sent), when one failed: the
+    /// reason a B000 or A702 is worth a line in the log
+    pub first_failure: Option<&'a str>,
     /// from the last identifier fragment to the final response
     pub elapsed: Duration,
 }
@@ -769,6 +773,8 @@ struct SubOperationDone {
     /// data set bytes sent
     bytes: u64,
     result: SubOperationResult,
+    /// whether the receiver answered (the status is its own)
+    sent: bool,
 }
 
 impl SubOperationDone {
@@ -779,6 +785,18 @@ impl SubOperationDone {
             comment: Some(failure.comment),
             bytes: 0,
             result: SubOperationResult::Failed,
+            sent: false,
+        }
+    }
+
+    /// An object the receiver answered with `status`.
+    fn answered(status: u16, comment: Option<String>, bytes: u64) -> Self {
+        SubOperationDone {
+            status,
+            comment,
+            bytes,
+            result: retrieve::classify(status),
+            sent: true,
         }
     }
 }
@@ -1197,6 +1215,7 @@ where
                         counts: SubOperationCounts::default(),
                         status: code,
                         comment,
+                        first_failure: None,
                         elapsed: started.elapsed(),
                     },
                 );
@@ -1263,6 +1282,7 @@ where
                 counts: tally.counts(),
                 status: end.status,
                 comment: end.comment.as_deref(),
+                first_failure: tally.first_failure(),
                 elapsed: started.elapsed(),
             },
         );
@@ -1362,7 +1382,12 @@ where
                 Ok(object) => (Some(&object.sop_class), Some(&object.sop_instance)),
                 Err(instance) => (None, instance.as_ref()),
             };
-            tally.record(done.result, sop_instance, done.comment.as_deref());
+            let reason = match (&done.comment, done.sent) {
+                (Some(comment), false) => comment.clone(),
+                (Some(comment), true) => format!("{:04X} {comment}", done.status),
+                (None, _) => format!("{:04X}", done.status),
+            };
+            tally.record(done.result, sop_instance, Some(&reason));
             if done.result != SubOperationResult::Failed {
                 self.summary.sent += 1;
                 self.summary.sent_bytes += done.bytes;
@@ -1473,12 +1498,7 @@ where
                 .await?;
             *cancelled |= events.cancelled;
             if let Some((code, comment)) = events.store_rsp {
-                return Ok(SubOperationDone {
-                    status: code,
-                    comment,
-                    bytes: object.length,
-                    result: retrieve::classify(code),
-                });
+                return Ok(SubOperationDone::answered(code, comment, object.length));
             }
         }
     }
@@ -1546,12 +1566,7 @@ where
             }
         };
         match stored {
-            Ok((code, comment)) => Ok(SubOperationDone {
-                status: code,
-                comment,
-                bytes: object.length,
-                result: retrieve::classify(code),
-            }),
+            Ok((code, comment)) => Ok(SubOperationDone::answered(code, comment, object.length)),
             Err(ScuError::DataSet {
                 sent: false,
                 source,

@@ -215,6 +215,7 @@ struct Retrieved {
     counts: SubOperationCounts,
     destination: Option<AeTitle>,
     comment: Option<String>,
+    first_failure: Option<String>,
 }
 
 /// What the service and the observer saw.
@@ -372,6 +373,7 @@ impl Observer<()> for Archive {
             counts: outcome.counts,
             destination: outcome.destination.cloned(),
             comment: outcome.comment.map(str::to_string),
+            first_failure: outcome.first_failure.map(str::to_string),
         });
     }
 }
@@ -896,6 +898,11 @@ async fn refused_and_warned_sub_operations_end_with_b000_and_the_failed_list() {
     assert!(ended.result.is_ok(), "{:?}", ended.result);
     assert_eq!(ended.summary.sent, 3);
     let seen = archive.seen.lock().expect("lock");
+    assert_eq!(
+        seen.retrieved[0].first_failure.as_deref(),
+        Some("A700 refused by the test")
+    );
+    assert_eq!(seen.retrieved[0].comment, None);
     let results: Vec<_> = seen.subs.iter().map(|s| (s.1, s.2)).collect();
     use SubOperationResult::*;
     assert_eq!(
