@@ -284,7 +284,8 @@ fn comment_of(value: &[u8]) -> heapless::String<MAX_COMMENT> {
 /// The capacity of an encoded command set. The largest we build is a
 /// C-STORE-RSP: the group length (12 bytes), two UIDs of at most 64 bytes
 /// and a comment of at most 64 (8 + 64 each), and three US elements (10
-/// each): 258 bytes. The inputs are typed ([`Uid`] holds at most 64 bytes,
+/// each): 258 bytes. (A C-MOVE-RSP with a comment and all four counts is
+/// 236, a C-STORE-RQ with the Move Originator fields 230.) The inputs are typed ([`Uid`] holds at most 64 bytes,
 /// comments are cut to 64), so no command can outgrow the buffer; the test
 /// `the_largest_command_fits` builds the largest one.
 pub const COMMAND_CAPACITY: usize = 512;
@@ -779,6 +780,126 @@ mod tests {
         );
         let rsp = find_rsp(u16::MAX, &longest, 0xC000, false, Some(&comment));
         assert!(rsp.len() <= COMMAND_CAPACITY);
+        let all = Some(u16::MAX);
+        let counts = SubOperations {
+            remaining: all,
+            completed: all,
+            failed: all,
+            warning: all,
+        };
+        let rsp = move_rsp(u16::MAX, &longest, 0xA702, &counts, true, Some(&comment));
+        assert!(rsp.len() <= COMMAND_CAPACITY);
+        let originator = MoveOriginator {
+            ae_title: AeTitle::new(&"M".repeat(16)).expect("valid"),
+            message_id: u16::MAX,
+        };
+        let rq = store_rq_with(u16::MAX, &longest, &longest, 2, Some(&originator));
+        assert_eq!(
+            Command::decode(&rq).map(|c| c.move_originator()),
+            Ok(Some(originator))
+        );
+    }
+
+    #[test]
+    fn retrieve_commands_round_trip() {
+        let get = u("1.2.840.10008.5.1.4.1.2.2.3");
+        let rq = Command::decode(&get_rq(3, &get, 1)).expect("decodes");
+        assert_eq!(
+            (
+                rq.command_field,
+                rq.message_id,
+                rq.priority,
+                rq.has_data_set
+            ),
+            (field::C_GET_RQ, 3, 1, true)
+        );
+        assert_eq!(rq.move_destination, None);
+
+        let moved = u("1.2.840.10008.5.1.4.1.2.1.2");
+        let dest = AeTitle::new("STORESCP").expect("valid");
+        let rq = Command::decode(&move_rq(4, &moved, 0, &dest)).expect("decodes");
+        assert_eq!(rq.command_field, field::C_MOVE_RQ);
+        assert_eq!(rq.move_destination.as_ref(), Some(&dest));
+
+        let pending = SubOperations {
+            remaining: Some(3),
+            completed: Some(2),
+            failed: Some(1),
+            warning: Some(0),
+        };
+        let rsp = Command::decode(&get_rsp(3, &get, status::PENDING, &pending, false, None))
+            .expect("decodes");
+        assert_eq!(rsp.command_field, field::C_GET_RSP);
+        assert_eq!(rsp.message_id_being_responded_to, Some(3));
+        assert_eq!(rsp.sub_operations, pending);
+        assert!(!rsp.has_data_set);
+        assert_eq!(rsp.error_comment, None);
+
+        let last = SubOperations {
+            remaining: None,
+            ..pending
+        };
+        let rsp = Command::decode(&move_rsp(
+            4,
+            &moved,
+            status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+            &last,
+            true,
+            Some("all failed"),
+        ))
+        .expect("decodes");
+        assert_eq!(rsp.command_field, field::C_MOVE_RSP);
+        assert_eq!(rsp.sub_operations, last);
+        assert!(rsp.has_data_set);
+        assert_eq!(rsp.error_comment.as_deref(), Some("all failed"));
+
+        // A refusal carries no counts at all.
+        let rsp = Command::decode(&move_rsp(
+            4,
+            &moved,
+            status::MOVE_DESTINATION_UNKNOWN,
+            &SubOperations::default(),
+            false,
+            Some("unknown"),
+        ))
+        .expect("decodes");
+        assert_eq!(rsp.sub_operations, SubOperations::default());
+
+        // Without the originator fields, a C-STORE-RQ names none.
+        let plain = Command::decode(&store_rq(1, &get, &get)).expect("decodes");
+        assert_eq!(plain.move_originator(), None);
+    }
+
+    #[test]
+    fn what_a_peer_writes_in_text_fields_is_taken_without_overflow() {
+        let mut e = Encoder::new();
+        e.us(TAG_COMMAND_FIELD, field::C_STORE_RSP);
+        e.us(TAG_MESSAGE_ID_RESPONDED, 1);
+        e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+        e.us(TAG_STATUS, 0xA700);
+        // Longer than LO allows, and not UTF-8 in the middle.
+        let mut comment = b"  disk \xff full ".to_vec();
+        comment.extend_from_slice(&[b'x'; 100]);
+        e.out
+            .extend_from_slice(&[0x00, 0x00, 0x02, 0x09])
+            .expect("room");
+        e.out
+            .extend_from_slice(&(comment.len() as u32).to_le_bytes())
+            .expect("room");
+        e.out.extend_from_slice(&comment).expect("room");
+        // A Move Destination longer than an AE title, and an originator
+        // with a backslash.
+        e.element(TAG_MOVE_DESTINATION, b"SEVENTEEN_LETTERS");
+        e.element(TAG_MOVE_ORIGINATOR_AE, b"A\\B");
+        e.us(TAG_MOVE_ORIGINATOR_MESSAGE_ID, 7);
+        let cmd = Command::decode(&e.finish()).expect("decodes");
+        let text = cmd.error_comment.clone().expect("a comment");
+        assert!(text.starts_with("disk \u{FFFD} full x"), "{text}");
+        assert!(text.len() <= MAX_COMMENT);
+        assert_eq!(cmd.move_destination, None);
+        assert_eq!(cmd.move_originator_ae, None);
+        assert_eq!(cmd.move_originator_message_id, Some(7));
+        assert_eq!(cmd.move_originator(), None);
     }
 
     #[test]

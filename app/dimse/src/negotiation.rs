@@ -541,6 +541,91 @@ mod tests {
     }
 
     #[test]
+    fn retrieve_models_are_accepted_when_enabled_and_roles_only_for_storage() {
+        let mut request = rq(
+            "MINIPACS",
+            vec![
+                pc(1, uid::PATIENT_ROOT_GET, &[uid::IMPLICIT_VR_LE]),
+                pc(3, uid::STUDY_ROOT_MOVE, &["1.2.840.10008.1.2.4.50"]),
+                pc(5, uid::STUDY_ROOT_MOVE, &[uid::EXPLICIT_VR_LE]),
+                pc(7, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let both = RequestorRoles {
+            scu: true,
+            scp: true,
+        };
+        request.user_variables.extend([
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2\0".into(),
+                both,
+            ),
+            // Asked twice: answered once.
+            UserVariableItem::ScuScpRoleSelectionSubItem("1.2.840.10008.5.1.4.1.1.2".into(), both),
+            // Not asking for the SCP role: no answer, the default roles.
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                uid::PATIENT_ROOT_GET.into(),
+                RequestorRoles {
+                    scu: true,
+                    scp: false,
+                },
+            ),
+        ]);
+        let mut p = policy();
+        p.retrieve = true;
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &p, &PEER) else {
+            panic!("expected acceptance");
+        };
+        use PresentationContextResultReason::*;
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| r.reason.clone())
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                Acceptance,
+                TransferSyntaxesNotSupported,
+                Acceptance,
+                Acceptance
+            ]
+        );
+        let services: Vec<_> = contexts
+            .iter()
+            .map(|c| (c.id, c.service, c.peer_scp_role))
+            .collect();
+        assert_eq!(
+            services,
+            vec![
+                (1, ServiceClass::Get, false),
+                (5, ServiceClass::Move, false),
+                (7, ServiceClass::Storage, true)
+            ]
+        );
+        let roles: Vec<_> = ac
+            .user_variables
+            .iter()
+            .filter(|v| matches!(v, UserVariableItem::ScuScpRoleSelectionSubItem(..)))
+            .cloned()
+            .collect();
+        assert_eq!(
+            roles,
+            vec![UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                both
+            )]
+        );
+        // Off: only storage, with the default roles.
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &policy(), &PEER) else {
+            panic!("expected acceptance");
+        };
+        assert_eq!(contexts.len(), 1);
+        assert!(!contexts[0].peer_scp_role);
+        assert_eq!(ac.user_variables.len(), 3);
+    }
+
+    #[test]
     fn wrong_called_ae_is_rejected() {
         match negotiate(&echo_only("OTHER"), &policy(), &PEER) {
             Negotiated::Reject(rj, _) => {

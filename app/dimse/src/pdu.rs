@@ -349,6 +349,98 @@ pub async fn write_data_set<W: AsyncWrite + Unpin>(
     }
 }
 
+/// The largest PDU body we send a streamed data set in, whatever the peer
+/// accepts: larger buys nothing once system calls are amortised, and the
+/// send buffer is this big.
+pub const MAX_SEND_BODY: usize = 1 << 20;
+
+/// The PDU body length to send data sets in to a peer that announced
+/// `peer_max_pdu` (0: no limit, then 64 KiB), at most [`MAX_SEND_BODY`].
+pub fn send_body_len(peer_max_pdu: u32) -> usize {
+    match peer_max_pdu {
+        0 => 64 * 1024,
+        n => (n as usize).min(MAX_SEND_BODY),
+    }
+}
+
+/// Why a message with a streamed data set was not (wholly) sent.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The data set could not be read before anything of the message was
+    /// sent: the association is as it was.
+    #[error("data set unreadable: {0}")]
+    Unread(#[source] io::Error),
+    /// The data set could not be read to its end after part of it was
+    /// sent: the association cannot carry another message.
+    #[error("data set unreadable after part of it was sent: {0}")]
+    Read(#[source] io::Error),
+    /// Writing to the peer failed.
+    #[error("sending: {0}")]
+    Write(#[source] io::Error),
+    /// The peer took nothing for longer than the timeout.
+    #[error("peer not reading")]
+    Timeout,
+}
+
+/// Sends a command set followed by a data set of `length` bytes read from
+/// `data`, in PDUs of at most `max_body` bytes. The data set passes through
+/// `buf` (grown once to one PDU, then reused): never wholly in memory. Its
+/// first chunk is read before the command goes out, so that a data set that
+/// cannot be read at all leaves nothing on the wire. Each write must make
+/// progress within `timeout`.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_streamed<W, R>(
+    writer: &mut W,
+    buf: &mut Vec<u8>,
+    context_id: u8,
+    command: &[u8],
+    data: &mut R,
+    length: u64,
+    max_body: usize,
+    timeout: std::time::Duration,
+) -> Result<(), StreamError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + ?Sized,
+{
+    const HEAD: usize = PDU_HEADER_LEN + PDV_HEADER_LEN;
+    let chunk_max = max_body.saturating_sub(PDV_HEADER_LEN).max(16);
+    if buf.len() < HEAD + chunk_max {
+        buf.resize(HEAD + chunk_max, 0);
+    }
+    let chunk = |left: u64| left.min(chunk_max as u64) as usize;
+    let timed = |result: Result<io::Result<()>, tokio::time::error::Elapsed>| match result {
+        Err(_) => Err(StreamError::Timeout),
+        Ok(written) => written.map_err(StreamError::Write),
+    };
+    let mut n = chunk(length);
+    data.read_exact(&mut buf[HEAD..HEAD + n])
+        .await
+        .map_err(StreamError::Unread)?;
+    timed(
+        tokio::time::timeout(
+            timeout,
+            write_pdata(writer, context_id, true, true, command),
+        )
+        .await,
+    )?;
+    let mut left = length;
+    loop {
+        left -= n as u64;
+        let last = left == 0;
+        buf[..HEAD].copy_from_slice(&pdata_headers(context_id, false, last, n));
+        timed(tokio::time::timeout(timeout, writer.write_all(&buf[..HEAD + n])).await)?;
+        if last {
+            break;
+        }
+        n = chunk(left);
+        data.read_exact(&mut buf[HEAD..HEAD + n])
+            .await
+            .map_err(StreamError::Read)?;
+    }
+    timed(tokio::time::timeout(timeout, writer.flush()).await)
+}
+
 /// A-RELEASE-RQ, which has no variable fields.
 pub const RELEASE_RQ: [u8; 10] = [0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0];
 /// A-RELEASE-RP, which has no variable fields.

@@ -51,7 +51,9 @@ use crate::ae::AeTitle;
 use crate::command::{self, field, status, Command, MoveOriginator};
 use crate::error::{AssociationError, ProtocolViolation};
 use crate::negotiation::{find_context, AcceptedContext, ContextTable, ServiceClass};
-use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType};
+use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType, StreamError};
+use crate::retrieve::{self, Tally};
+use crate::scu::{ScuAssociation, ScuError, ScuOptions};
 use crate::uid::Uid;
 
 /// The largest A-ASSOCIATE-RQ we read: 128 presentation contexts with a
@@ -515,6 +517,10 @@ pub struct RetrieveOutcome<'a> {
     pub status: u16,
     /// the Error Comment of the final response, when it has one
     pub comment: Option<&'a str>,
+    /// why the first failed sub-operation failed (the receiver's Error
+    /// Comment or status, or why it was not sent), when one failed: the
+    /// reason a B000 or A702 is worth a line in the log
+    pub first_failure: Option<&'a str>,
     /// from the last identifier fragment to the final response
     pub elapsed: Duration,
 }
@@ -684,6 +690,7 @@ where
         query_ready: None,
         cancel_seen: None,
         send_buf: Vec::new(),
+        next_message_id: 1,
         summary: AssociationSummary::default(),
     };
     let result = handler.run(&mut reader, shutdown).await;
@@ -748,6 +755,59 @@ struct QueryInFlight {
     move_destination: Option<AeTitle>,
 }
 
+/// What arrived from the requester while a C-GET or C-MOVE is performed.
+#[derive(Debug, Default)]
+struct RetrieveEvents {
+    /// a C-CANCEL-RQ of the retrieve
+    cancelled: bool,
+    /// the C-STORE-RSP awaited: its status and Error Comment
+    store_rsp: Option<(u16, Option<String>)>,
+}
+
+/// How one sub-operation went.
+#[derive(Debug)]
+struct SubOperationDone {
+    /// the receiver's status, or the failure's for an object not sent
+    status: u16,
+    comment: Option<String>,
+    /// data set bytes sent
+    bytes: u64,
+    result: SubOperationResult,
+    /// whether the receiver answered (the status is its own)
+    sent: bool,
+}
+
+impl SubOperationDone {
+    /// An object that failed without being (wholly) sent.
+    fn not_sent(failure: Failure) -> Self {
+        SubOperationDone {
+            status: failure.status,
+            comment: Some(failure.comment),
+            bytes: 0,
+            result: SubOperationResult::Failed,
+            sent: false,
+        }
+    }
+
+    /// An object the receiver answered with `status`.
+    fn answered(status: u16, comment: Option<String>, bytes: u64) -> Self {
+        SubOperationDone {
+            status,
+            comment,
+            bytes,
+            result: retrieve::classify(status),
+            sent: true,
+        }
+    }
+}
+
+/// The destination of a C-MOVE: its association, or why there is none
+/// (never established, or lost on the way).
+struct MoveTarget {
+    called_ae: AeTitle,
+    association: Result<ScuAssociation<Box<dyn Transport>>, String>,
+}
+
 /// The state of one association (mini-redis's `Handler`): its write side,
 /// what was agreed, and the message being assembled. (The read side is
 /// apart: PDVs are borrowed from its buffer while the handler acts on them.)
@@ -774,6 +834,8 @@ struct Handler<'a, W, Sv: Service, Ob> {
     /// the buffer C-GET sub-operations are sent from (allocated at the
     /// first C-GET, of the peer's PDU size, kept for the association)
     send_buf: Vec<u8>,
+    /// the Message ID of our next C-STORE-RQ (C-GET sub-operations)
+    next_message_id: u16,
     summary: AssociationSummary,
 }
 
@@ -869,7 +931,9 @@ where
             if let Some(query) = self.query_ready.take() {
                 match query.operation {
                     QueryOperation::Find => self.serve_find(reader, query).await?,
-                    QueryOperation::Retrieve(_) => self.serve_retrieve(reader, query).await?,
+                    QueryOperation::Retrieve(operation) => {
+                        self.serve_retrieve(reader, operation, query).await?
+                    }
                 }
             }
         }
@@ -1074,14 +1138,571 @@ where
         Ok(())
     }
 
-    /// Performs a C-GET or C-MOVE whose identifier has arrived.
+    /// Performs a C-GET or C-MOVE whose identifier has arrived: asks the
+    /// service for the objects, performs each as a C-STORE sub-operation
+    /// (a pending response after each but the last), and sends the final
+    /// response. The next PDU of this association is read while the next
+    /// object is awaited and while each is stored, so that a C-CANCEL-RQ
+    /// stops the retrieve after the sub-operation in progress.
     async fn serve_retrieve<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut PduReader<R>,
+        operation: RetrieveOperation,
         query: QueryInFlight,
     ) -> Result<(), AssociationError> {
-        let _ = (reader, query);
-        todo!("C-GET and C-MOVE")
+        let started = Instant::now();
+        let cancelled_early = self.cancel_seen.take() == Some(query.message_id);
+        let move_destination = query
+            .move_destination
+            .as_ref()
+            .filter(|_| operation == RetrieveOperation::Move);
+        let request = RetrieveRequest {
+            operation,
+            message_id: query.message_id,
+            sop_class: &query.sop_class,
+            priority: query.priority,
+            transfer_syntax: &query.transfer_syntax,
+            identifier: &query.identifier,
+            move_destination,
+        };
+        let begun = if let Some(refusal) = query.refusal.clone() {
+            Err(refusal)
+        } else if cancelled_early {
+            Err(Failure::new(status::CANCEL, "cancelled"))
+        } else {
+            match operation {
+                RetrieveOperation::Get => self
+                    .service
+                    .get(self.association, &request)
+                    .await
+                    .map(|retrieval| (retrieval, None)),
+                RetrieveOperation::Move => self
+                    .service
+                    .move_(self.association, &request)
+                    .await
+                    .map(|moved| (moved.retrieval, Some(moved.destination))),
+            }
+        };
+        let (retrieval, destination) = match begun {
+            Ok(begun) => begun,
+            Err(failure) => {
+                // Answered at once: a refusal (no counts), or a cancel that
+                // came with the identifier (nothing done, nothing left).
+                let (code, comment, counts) = if failure.status == status::CANCEL {
+                    let zero = Some(0);
+                    let counts = command::SubOperations {
+                        remaining: zero,
+                        completed: zero,
+                        failed: zero,
+                        warning: zero,
+                    };
+                    (status::CANCEL, None, counts)
+                } else {
+                    let comment = Some(failure.comment.as_str());
+                    (failure.status, comment, command::SubOperations::default())
+                };
+                self.send_retrieve_rsp(operation, &query, code, &counts, None, comment)
+                    .await?;
+                self.summary.retrieves += 1;
+                self.observer.retrieved(
+                    self.association,
+                    &RetrieveOutcome {
+                        operation,
+                        sop_class: &query.sop_class,
+                        transfer_syntax: &query.transfer_syntax,
+                        identifier: &query.identifier,
+                        destination: move_destination,
+                        counts: SubOperationCounts::default(),
+                        status: code,
+                        comment,
+                        first_failure: None,
+                        elapsed: started.elapsed(),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let mut tally = Tally::new(retrieval.sub_operations);
+        let mut objects = retrieval.objects;
+        let mut target = match destination {
+            None => None,
+            Some(destination) => Some(
+                self.open_destination(destination, &retrieval.presentations)
+                    .await,
+            ),
+        };
+        let run = self
+            .sub_operations(
+                reader,
+                operation,
+                &query,
+                &mut objects,
+                &mut target,
+                &mut tally,
+            )
+            .await;
+        // Dropping the receiver stops the producer.
+        drop(objects);
+        if let Some(MoveTarget {
+            association: Ok(scu),
+            called_ae,
+        }) = target
+        {
+            if run.is_ok() {
+                if let Err(e) = scu.release().await {
+                    tracing::debug!(destination = %called_ae, error = %e, "C-MOVE association release failed");
+                }
+            } else {
+                scu.abort().await;
+            }
+        }
+        let cancelled = run?;
+        let end = tally.finish(cancelled);
+        let identifier = end
+            .with_identifier
+            .then(|| tally.identifier(&query.transfer_syntax));
+        self.send_retrieve_rsp(
+            operation,
+            &query,
+            end.status,
+            &end.counts,
+            identifier.as_deref(),
+            end.comment.as_deref(),
+        )
+        .await?;
+        self.summary.retrieves += 1;
+        self.observer.retrieved(
+            self.association,
+            &RetrieveOutcome {
+                operation,
+                sop_class: &query.sop_class,
+                transfer_syntax: &query.transfer_syntax,
+                identifier: &query.identifier,
+                destination: move_destination,
+                counts: tally.counts(),
+                status: end.status,
+                comment: end.comment.as_deref(),
+                first_failure: tally.first_failure(),
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Requests the one association of a C-MOVE on the connection the
+    /// service made: a context per distinct (SOP class, transfer syntax)
+    /// pair of the objects, at most 128. A failure is kept as the reason
+    /// each object then fails.
+    async fn open_destination(
+        &self,
+        destination: MoveDestination,
+        presentations: &[(Uid, Uid)],
+    ) -> MoveTarget {
+        let mut proposals: Vec<(String, String)> = Vec::new();
+        for (class, ts) in presentations {
+            let pair = (class.to_string(), ts.to_string());
+            if proposals.len() < 128 && !proposals.contains(&pair) {
+                proposals.push(pair);
+            }
+        }
+        let called_ae = destination.called_ae;
+        let association = if proposals.is_empty() {
+            Err(format!("nothing to propose to {called_ae}"))
+        } else {
+            let options = ScuOptions {
+                calling_ae: destination.calling_ae.to_string(),
+                called_ae: called_ae.to_string(),
+                timeout: self.association.dimse_timeout,
+            };
+            ScuAssociation::request(destination.transport, &options, &proposals)
+                .await
+                .map_err(|e| format!("no association with {called_ae}: {e}"))
+        };
+        MoveTarget {
+            called_ae,
+            association,
+        }
+    }
+
+    /// The sub-operations of a retrieve, until the objects end (`false`)
+    /// or a C-CANCEL-RQ arrives (`true`).
+    async fn sub_operations<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        operation: RetrieveOperation,
+        query: &QueryInFlight,
+        objects: &mut Outgoings,
+        target: &mut Option<MoveTarget>,
+        tally: &mut Tally,
+    ) -> Result<bool, AssociationError> {
+        let destination = target.as_ref().map(|t| t.called_ae.clone());
+        loop {
+            let next = tokio::select! {
+                biased;
+                header = reader.read_header() => {
+                    let events = self.during_retrieve(reader, header?, query.message_id, None).await?;
+                    if events.cancelled {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                next = objects.recv() => next,
+            };
+            let Some(next) = next else {
+                return Ok(false);
+            };
+            let began = Instant::now();
+            let mut cancelled = false;
+            let (object, done) = match next {
+                Err(failed) => {
+                    let done = SubOperationDone::not_sent(failed.failure);
+                    (Err(failed.sop_instance), done)
+                }
+                Ok(mut object) => {
+                    let done = match target {
+                        None => {
+                            self.get_sub_operation(reader, query, &mut object, &mut cancelled)
+                                .await?
+                        }
+                        Some(target) => {
+                            self.move_sub_operation(
+                                reader,
+                                query,
+                                target,
+                                &mut object,
+                                &mut cancelled,
+                            )
+                            .await?
+                        }
+                    };
+                    (Ok(object), done)
+                }
+            };
+            let (sop_class, sop_instance) = match &object {
+                Ok(object) => (Some(&object.sop_class), Some(&object.sop_instance)),
+                Err(instance) => (None, instance.as_ref()),
+            };
+            let reason = match (&done.comment, done.sent) {
+                (Some(comment), false) => comment.clone(),
+                (Some(comment), true) => format!("{:04X} {comment}", done.status),
+                (None, _) => format!("{:04X}", done.status),
+            };
+            tally.record(done.result, sop_instance, Some(&reason));
+            if done.result != SubOperationResult::Failed {
+                self.summary.sent += 1;
+                self.summary.sent_bytes += done.bytes;
+            }
+            self.observer.sub_operation(
+                self.association,
+                &SubOperationOutcome {
+                    operation,
+                    destination: destination.as_ref(),
+                    sop_class,
+                    sop_instance,
+                    bytes: done.bytes,
+                    status: done.status,
+                    comment: done.comment.as_deref(),
+                    result: done.result,
+                    elapsed: began.elapsed(),
+                },
+            );
+            if cancelled {
+                return Ok(true);
+            }
+            if tally.remaining() > 0 {
+                self.send_retrieve_rsp(
+                    operation,
+                    query,
+                    status::PENDING,
+                    &tally.pending(),
+                    None,
+                    None,
+                )
+                .await?;
+            }
+        }
+    }
+
+    /// One C-GET sub-operation: the object as a C-STORE-RQ on this
+    /// association, on a storage context of its (SOP class, transfer
+    /// syntax) whose SCP role the peer took, then the peer's C-STORE-RSP
+    /// (within the DIMSE timeout; a C-CANCEL-RQ around it is noted).
+    async fn get_sub_operation<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        query: &QueryInFlight,
+        object: &mut Outgoing,
+        cancelled: &mut bool,
+    ) -> Result<SubOperationDone, AssociationError> {
+        let context = self.contexts.iter().find(|c| {
+            c.service == ServiceClass::Storage
+                && c.peer_scp_role
+                && c.abstract_syntax == object.sop_class
+                && c.transfer_syntax == object.transfer_syntax
+        });
+        let Some(context) = context else {
+            return Ok(SubOperationDone::not_sent(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                format!(
+                    "no presentation context with the SCP role for {} in {}",
+                    object.sop_class, object.transfer_syntax
+                ),
+            )));
+        };
+        let context_id = context.id;
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let rq = command::store_rq_with(
+            message_id,
+            &object.sop_class,
+            &object.sop_instance,
+            query.priority,
+            None,
+        );
+        let timeout = self.association.dimse_timeout;
+        let sent = pdu::send_streamed(
+            &mut self.writer,
+            &mut self.send_buf,
+            context_id,
+            &rq,
+            &mut object.data,
+            object.length,
+            pdu::send_body_len(self.association.peer_max_pdu),
+            timeout,
+        )
+        .await;
+        match sent {
+            Ok(()) => {}
+            Err(StreamError::Unread(e)) => {
+                return Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    format!("reading the data set: {e}"),
+                )))
+            }
+            Err(StreamError::Read(source)) => {
+                return Err(AssociationError::SubOperationData {
+                    sop_instance: object.sop_instance.clone(),
+                    source,
+                })
+            }
+            Err(StreamError::Write(e)) => return Err(e.into()),
+            Err(StreamError::Timeout) => return Err(AssociationError::Timeout(timeout.as_secs())),
+        }
+        loop {
+            let header = match tokio::time::timeout(timeout, reader.read_header()).await {
+                Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+                Ok(header) => header?,
+            };
+            let events = self
+                .during_retrieve(reader, header, query.message_id, Some(message_id))
+                .await?;
+            *cancelled |= events.cancelled;
+            if let Some((code, comment)) = events.store_rsp {
+                return Ok(SubOperationDone::answered(code, comment, object.length));
+            }
+        }
+    }
+
+    /// One C-MOVE sub-operation: the object as a C-STORE-RQ (with the Move
+    /// Originator fields) on the destination association, while this
+    /// association is read for a C-CANCEL-RQ. A destination association
+    /// that fails is aborted, and the objects after it fail unsent.
+    async fn move_sub_operation<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        query: &QueryInFlight,
+        target: &mut MoveTarget,
+        object: &mut Outgoing,
+        cancelled: &mut bool,
+    ) -> Result<SubOperationDone, AssociationError> {
+        let scu = match &mut target.association {
+            Ok(scu) => scu,
+            Err(why) => {
+                return Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    why.clone(),
+                )))
+            }
+        };
+        let Some(context_id) =
+            scu.context_for(object.sop_class.as_str(), object.transfer_syntax.as_str())
+        else {
+            return Ok(SubOperationDone::not_sent(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                format!(
+                    "{} accepted no presentation context for {} in {}",
+                    target.called_ae, object.sop_class, object.transfer_syntax
+                ),
+            )));
+        };
+        let originator = AeTitle::new(&self.association.calling_ae)
+            .ok()
+            .map(|ae_title| MoveOriginator {
+                ae_title,
+                message_id: query.message_id,
+            });
+        let stored = {
+            let store = scu.store_streamed(
+                context_id,
+                &object.sop_class,
+                &object.sop_instance,
+                query.priority,
+                originator.as_ref(),
+                &mut object.data,
+                object.length,
+            );
+            tokio::pin!(store);
+            loop {
+                tokio::select! {
+                    biased;
+                    stored = &mut store => break stored,
+                    header = reader.read_header() => {
+                        let events = self
+                            .during_retrieve(reader, header?, query.message_id, None)
+                            .await?;
+                        *cancelled |= events.cancelled;
+                    }
+                }
+            }
+        };
+        match stored {
+            Ok((code, comment)) => Ok(SubOperationDone::answered(code, comment, object.length)),
+            Err(ScuError::DataSet {
+                sent: false,
+                source,
+            }) => Ok(SubOperationDone::not_sent(Failure::new(
+                status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                format!("reading the data set: {source}"),
+            ))),
+            Err(e) => {
+                let why = format!("association with {} lost: {e}", target.called_ae);
+                if let Ok(scu) = std::mem::replace(&mut target.association, Err(why.clone())) {
+                    scu.abort().await;
+                }
+                Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    why,
+                )))
+            }
+        }
+    }
+
+    /// Sends a C-GET-RSP or C-MOVE-RSP, with the identifier when given.
+    async fn send_retrieve_rsp(
+        &mut self,
+        operation: RetrieveOperation,
+        query: &QueryInFlight,
+        code: u16,
+        counts: &command::SubOperations,
+        identifier: Option<&[u8]>,
+        comment: Option<&str>,
+    ) -> Result<(), AssociationError> {
+        let encode = match operation {
+            RetrieveOperation::Get => command::get_rsp,
+            RetrieveOperation::Move => command::move_rsp,
+        };
+        let rsp = encode(
+            query.message_id,
+            &query.sop_class,
+            code,
+            counts,
+            identifier.is_some(),
+            comment,
+        );
+        let timeout = self.association.dimse_timeout;
+        let send = async {
+            pdu::write_pdata(&mut self.writer, query.context_id, true, true, &rsp).await?;
+            if let Some(identifier) = identifier {
+                pdu::write_data_set(
+                    &mut self.writer,
+                    query.context_id,
+                    identifier,
+                    self.association.peer_max_pdu,
+                )
+                .await?;
+            }
+            self.writer.flush().await
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Err(_) => Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(sent) => Ok(sent?),
+        }
+    }
+
+    /// Acts on a PDU that arrived while a C-GET or C-MOVE is performed:
+    /// command fragments only, each command a C-CANCEL-RQ (of this
+    /// retrieve: noted) or, when one is `expecting`, the C-STORE-RSP to our
+    /// C-STORE-RQ of that Message ID; an A-ABORT ends the association;
+    /// anything else breaks the protocol.
+    async fn during_retrieve<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        header: Option<pdu::PduHeader>,
+        message_id: u16,
+        expecting: Option<u16>,
+    ) -> Result<RetrieveEvents, AssociationError> {
+        let timeout = self.association.dimse_timeout;
+        let Some(header) = header else {
+            return Err(FramingError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+        };
+        match header.pdu_type {
+            PduType::PData => {}
+            PduType::Abort => return Err(AssociationError::PeerAborted),
+            PduType::ReleaseRq => return Err(ProtocolViolation::ReleaseDuringMessage.into()),
+            other => return Err(ProtocolViolation::UnexpectedPdu(other).into()),
+        }
+        let body = match tokio::time::timeout(timeout, reader.read_body(header)).await {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(body) => body?,
+        };
+        if body.is_empty() {
+            return Err(ProtocolViolation::EmptyPData.into());
+        }
+        let mut events = RetrieveEvents::default();
+        for item in pdu::pdvs(body) {
+            let pdv = item?;
+            if find_context(self.contexts, pdv.context_id).is_none() {
+                return Err(ProtocolViolation::UnknownContext(pdv.context_id).into());
+            }
+            if !pdv.is_command {
+                return Err(ProtocolViolation::DataWithoutCommand.into());
+            }
+            match self.command_context {
+                Some(id) if id != pdv.context_id => {
+                    return Err(ProtocolViolation::CommandContextSwitch.into())
+                }
+                _ => self.command_context = Some(pdv.context_id),
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(ProtocolViolation::CommandTooLong(MAX_COMMAND).into());
+            }
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last {
+                continue;
+            }
+            self.command_context = None;
+            let decoded = Command::decode(&self.command);
+            self.command.clear();
+            let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+            match (cmd.command_field, expecting) {
+                // A cancel naming another (finished) request is ignored.
+                (field::C_CANCEL_RQ, _) => events.cancelled |= cmd.message_id == message_id,
+                (field::C_STORE_RSP, Some(expected)) if events.store_rsp.is_none() => {
+                    if cmd.message_id != expected {
+                        return Err(ProtocolViolation::WrongResponse {
+                            expected,
+                            got: cmd.message_id,
+                        }
+                        .into());
+                    }
+                    let code = cmd.status.ok_or(ProtocolViolation::ResponseWithoutStatus)?;
+                    let comment = cmd.error_comment.map(|c| c.as_str().to_string());
+                    events.store_rsp = Some((code, comment));
+                }
+                (other, _) => return Err(ProtocolViolation::CommandDuringRetrieve(other).into()),
+            }
+        }
+        Ok(events)
     }
 
     /// Acts on a PDU that arrived while a C-FIND is answered: only a
