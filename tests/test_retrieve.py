@@ -20,7 +20,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
@@ -78,7 +78,7 @@ def generate(folder):
                     path = folder / f"{pid}-{s}-{n}-{i}.dcm"
                     ds.save_as(path, enforce_file_format=True)
                     records.append({"path": path, "patient": pid, "study": study, "series": series,
-                                    "instance": ds.SOPInstanceUID, "ts": str(ts)})
+                                    "instance": ds.SOPInstanceUID, "ts": str(ts), "sop_class": sop_class})
     return records
 
 
@@ -133,16 +133,19 @@ def pacs(minipacs, tmp_path_factory):
     records = generate(corpus)
     dest = Storescp(root / "dest")
     orthanc_port = free_port()
+    slow_port = free_port()
     cfg = root / "minipacs.toml"
     cfg.write_text(
         f'log_directory = "{root / "logs"}"\n'
         f'[[peer]]\naetitle = "DEST"\nhost = "127.0.0.1"\nport = {dest.port}\n'
-        f'[[peer]]\naetitle = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc_port}\n')
+        f'[[peer]]\naetitle = "ORTHANC"\nhost = "127.0.0.1"\nport = {orthanc_port}\n'
+        f'[[peer]]\naetitle = "SLOW"\nhost = "127.0.0.1"\nport = {slow_port}\n')
     store = root / "store"
     open_for_other_user(store)
     srv = Server(minipacs, store, ["--config", str(cfg)]).start()
     srv.audit_path = root / "logs" / "audit.jsonl"
     srv.orthanc_port = orthanc_port
+    srv.slow_port = slow_port
     try:
         r = subprocess.run(
             [dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), *(str(r["path"]) for r in records)],
@@ -248,13 +251,15 @@ def test_pynetdicom_get_counts_and_a_refused_sub_operation(pacs):
     finally:
         assoc.release()
     mine = [r for r in records if r["patient"] == "RET001"]
-    cts = sorted(r["instance"] for r in mine if "-0-" in r["path"].name)
-    mrs = sorted(r["instance"] for r in mine if "-1-" in r["path"].name)
+    cts = sorted(r["instance"] for r in mine if r["sop_class"] == CT)
+    mrs = sorted(r["instance"] for r in mine if r["sop_class"] == MR)
     assert sorted(received) == cts
     for uid, data in received.items():
         assert data == stored[uid]
+    # A pending response after each sub-operation but the last, whose
+    # counts the final response carries (as dcmqrscp).
     pending = [s for s, _ in responses if s.Status == 0xFF00]
-    assert len(pending) == len(mine)
+    assert len(pending) == len(mine) - 1
     assert pending[0].NumberOfRemainingSuboperations == len(mine) - 1
     final, identifier = responses[-1]
     assert final.Status == 0xB000, hex(final.Status)
@@ -265,8 +270,23 @@ def test_pynetdicom_get_counts_and_a_refused_sub_operation(pacs):
 
 
 def test_cancel_ends_a_move_with_fe00(pacs):
-    srv, records, _stored, dest = pacs
-    dest.clear()
+    """A C-CANCEL-RQ sent after the first pending response ends the move
+    with FE00. The destination (pynetdicom) takes 0.3 s per object, so the
+    cancel arrives while most of them are still to go."""
+    srv, records, _stored, _dest = pacs
+    received = []
+
+    def on_store(event):
+        time.sleep(0.3)
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    slow = AE(ae_title="SLOW")
+    slow.supported_contexts = [c for c in StoragePresentationContexts]
+    for c in slow.supported_contexts:
+        c.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
+    scp = slow.start_server(("127.0.0.1", srv.slow_port), block=False,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
     ae = AE(ae_title="MOVER")
     ae.add_requested_context(STUDY_ROOT_MOVE)
     assoc = ae.associate("127.0.0.1", srv.port, ae_title="MINIPACS")
@@ -276,7 +296,7 @@ def test_cancel_ends_a_move_with_fe00(pacs):
         ds.QueryRetrieveLevel = "STUDY"
         ds.StudyInstanceUID = "\\".join(sorted({r["study"] for r in records}))
         statuses = []
-        for status, _ in assoc.send_c_move(ds, "DEST", STUDY_ROOT_MOVE, msg_id=7):
+        for status, _ in assoc.send_c_move(ds, "SLOW", STUDY_ROOT_MOVE, msg_id=7):
             if status is None:
                 break
             statuses.append(status)
@@ -284,10 +304,12 @@ def test_cancel_ends_a_move_with_fe00(pacs):
                 assoc.send_c_cancel(7, query_model=STUDY_ROOT_MOVE)
     finally:
         assoc.release()
+        scp.shutdown()
     final = statuses[-1]
     assert final.Status == 0xFE00, [hex(s.Status) for s in statuses]
-    assert final.NumberOfCompletedSuboperations < len(records)
-    assert len(list(dest.folder.iterdir())) == final.NumberOfCompletedSuboperations
+    assert final.NumberOfCompletedSuboperations < len(records) - 2
+    assert final.NumberOfRemainingSuboperations > 0
+    assert len(received) == final.NumberOfCompletedSuboperations
 
 
 def test_each_retrieve_is_audited(pacs):
@@ -361,8 +383,8 @@ def test_orthanc_queries_minipacs_and_pulls_a_study_with_c_move(pacs, tmp_path):
         q = orthanc.rest("POST", "/modalities/minipacs/query",
                          {"Level": "Study", "Query": {"PatientID": "RET001", "StudyInstanceUID": ""}})
         answers = orthanc.rest("GET", f"/queries/{q['ID']}/answers?expand")
-        found = sorted(a["0020,000d"]["Value"] for a in answers)
-        assert found == sorted({r["study"] for r in records if r["patient"] == "RET001"})
+        found = [a["0020,000d"]["Value"] for a in answers]
+        assert sorted(found) == sorted({r["study"] for r in records if r["patient"] == "RET001"})
         index = found.index(study)
         orthanc.rest("POST", f"/queries/{q['ID']}/answers/{index}/retrieve",
                      {"TargetAet": "ORTHANC", "Synchronous": True})
