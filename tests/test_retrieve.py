@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     MRImageStorage,
     PatientRootQueryRetrieveInformationModelGet as PATIENT_ROOT_GET,
+    StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT_FIND,
     StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET,
     StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE,
 )
@@ -398,3 +399,65 @@ def test_orthanc_queries_minipacs_and_pulls_a_study_with_c_move(pacs, tmp_path):
             assert dataset_bytes(path) == stored[i["MainDicomTags"]["SOPInstanceUID"]]
     finally:
         orthanc.stop()
+
+
+def test_allow_entries_grant_only_their_services(minipacs, tmp_path):
+    """A modality that may only store, a viewer that may only query and
+    retrieve with C-GET: each is refused the rest at negotiation."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    records = generate(corpus)[:3]
+    cfg = tmp_path / "minipacs.toml"
+    cfg.write_text(
+        f'log_directory = "{tmp_path / "logs"}"\n'
+        '[[allow]]\naetitle = "MODALITY"\nservices = ["store"]\n'
+        '[[allow]]\naetitle = "VIEWER"\nservices = ["find", "get"]\n')
+    store = tmp_path / "store"
+    open_for_other_user(store)
+    srv = Server(minipacs, store, ["--config", str(cfg)]).start()
+    try:
+        files = [str(r["path"]) for r in records]
+        store_as = lambda ae: subprocess.run(
+            [dcmtk("storescu"), "-aet", ae, "-aec", "MINIPACS", "127.0.0.1", str(srv.port), *files],
+            capture_output=True, text=True, env=dcmtk_env())
+        r = store_as("MODALITY")
+        assert r.returncode == 0, r.stdout + r.stderr
+        # The viewer may not store: no context is acceptable, so its
+        # association is rejected, and nothing more is stored.
+        before = len(stored_data_sets(store))
+        r = store_as("VIEWER")
+        assert r.returncode != 0, r.stdout + r.stderr
+        assert len(stored_data_sets(store)) == before
+
+        # The modality may not query: its FIND context is refused.
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(STUDY_ROOT_FIND)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="MINIPACS")
+        assert assoc.is_established
+        accepted = {c.abstract_syntax for c in assoc.accepted_contexts}
+        assoc.release()
+        assert accepted == {CTImageStorage}
+
+        # The viewer queries and gets.
+        ae = AE(ae_title="VIEWER")
+        ae.add_requested_context(STUDY_ROOT_FIND)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="MINIPACS")
+        assert assoc.is_established
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = ""
+        found = [i for s, i in assoc.send_c_find(ds, STUDY_ROOT_FIND) if s and s.Status == 0xFF00]
+        assoc.release()
+        assert sorted(i.StudyInstanceUID for i in found) == sorted({r["study"] for r in records})
+        out = tmp_path / "got"
+        out.mkdir()
+        r = subprocess.run(
+            [dcmtk("getscu"), "-S", "-aet", "VIEWER", "-aec", "MINIPACS", "-od", str(out),
+             "-k", "0008,0052=STUDY", "-k", f"0020,000D={records[0]['study']}", "127.0.0.1", str(srv.port)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert sorted(received_data_sets(out)) == sorted(r["instance"] for r in records)
+    finally:
+        code = srv.stop()
+        assert code == 0, srv.logs()[-3000:]

@@ -44,6 +44,9 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     /// Refused: SOP class not supported
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: not authorized (PS3.7 C.5.x): a C-STORE from a peer whose
+    /// allowlist entry does not grant storing
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
     /// Refused: Out of Resources (storage)
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
     /// Error: Data Set does not match SOP Class

@@ -60,6 +60,10 @@ pub struct AcceptedContext {
     /// (our C-STORE-RQs) are sent on this context. False without a role
     /// selection, when the default roles hold (the peer is SCU only).
     pub peer_scp_role: bool,
+    /// the peer may send C-STOREs on this context (a storage context of a
+    /// peer granted `store`); false for a storage context accepted only so
+    /// that C-GET sub-operations can go to a peer that may not store
+    pub peer_may_store: bool,
 }
 
 /// The contexts of one association, bounded by the 128 a PDU can propose.
@@ -101,6 +105,61 @@ pub struct Allowed {
     pub host: Option<std::net::IpAddr>,
     /// if set, the common name its TLS client certificate must carry
     pub cert_name: Option<String>,
+    /// the services it may use
+    pub grants: Grants,
+}
+
+/// The services an allowlist entry grants. Verification (C-ECHO) is always
+/// granted: it reveals nothing and is how a peer checks the link. A
+/// presentation context for a service not granted is refused at
+/// negotiation (user rejection), so the peer learns at once what it may
+/// not do, and a request on it cannot reach the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grants {
+    /// C-STORE into us
+    pub store: bool,
+    /// C-FIND
+    pub find: bool,
+    /// C-GET (its sub-operations go to the peer on storage contexts)
+    pub get: bool,
+    /// C-MOVE
+    pub r#move: bool,
+}
+
+impl Grants {
+    /// Every service.
+    pub const ALL: Grants = Grants {
+        store: true,
+        find: true,
+        get: true,
+        r#move: true,
+    };
+    /// No service but C-ECHO.
+    pub const NONE: Grants = Grants {
+        store: false,
+        find: false,
+        get: false,
+        r#move: false,
+    };
+
+    fn union(self, other: Grants) -> Grants {
+        Grants {
+            store: self.store || other.store,
+            find: self.find || other.find,
+            get: self.get || other.get,
+            r#move: self.r#move || other.r#move,
+        }
+    }
+
+    fn permits(self, service: ServiceClass) -> bool {
+        match service {
+            ServiceClass::Verification => true,
+            ServiceClass::Storage => self.store,
+            ServiceClass::Find => self.find,
+            ServiceClass::Get => self.get,
+            ServiceClass::Move => self.r#move,
+        }
+    }
 }
 
 /// What is known of the peer apart from its request.
@@ -225,6 +284,20 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         );
     }
     let calling = rq.calling_ae_title.trim();
+    // What the entries admitting this peer grant together (all, without
+    // an allowlist).
+    let grants = if policy.allow.is_empty() {
+        Grants::ALL
+    } else {
+        policy
+            .allow
+            .iter()
+            .filter(|a| a.admits(calling, peer))
+            .fold(None, |acc: Option<Grants>, a| {
+                Some(acc.map_or(a.grants, |g| g.union(a.grants)))
+            })
+            .unwrap_or(Grants::NONE)
+    };
     if !policy.allow.is_empty() && !policy.allow.iter().any(|a| a.admits(calling, peer)) {
         return Negotiated::Reject(
             AssociationRJ {
@@ -237,7 +310,11 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         );
     }
 
-    let roles = granted_roles(rq, policy);
+    let roles = if grants.get {
+        granted_roles(rq, policy, grants.store)
+    } else {
+        Vec::new()
+    };
     let mut contexts = Box::new(ContextTable::new());
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     for pc in &rq.presentation_contexts {
@@ -283,7 +360,17 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
             proposed.into_iter().next()
         };
         let service = service.filter(|_| valid_id);
+        // A storage context of a peer that may not store is still taken
+        // for C-GET's sub-operations when it asked for the SCP role.
+        let peer_scp_role = service == Some(ServiceClass::Storage)
+            && roles.iter().any(|(class, _)| *class == abstract_syntax);
+        let refused = service.is_some_and(|s| !grants.permits(s))
+            && !(service == Some(ServiceClass::Storage) && peer_scp_role);
         let (reason, ts) = match (service, chosen, Uid::new(abstract_syntax)) {
+            _ if refused => (
+                PresentationContextResultReason::UserRejection,
+                pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
+            ),
             (None, _, _) | (_, _, None) => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
                 pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
@@ -296,16 +383,13 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 let text = ts.to_string();
                 // Cannot overflow: a PDU proposes at most 128 odd IDs and
                 // duplicates were refused above.
-                let peer_scp_role = service == ServiceClass::Storage
-                    && roles
-                        .iter()
-                        .any(|(class, _)| *class == abstract_syntax.as_str());
                 let _ = contexts.push(AcceptedContext {
                     id: pc.id,
                     abstract_syntax,
                     transfer_syntax: ts,
                     service,
                     peer_scp_role,
+                    peer_may_store: service == ServiceClass::Storage && grants.store,
                 });
                 (PresentationContextResultReason::Acceptance, text)
             }
@@ -377,7 +461,11 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
 /// retrieve is enabled: it exists here for C-GET. Role items for other
 /// classes, or that do not ask for the SCP role, get no answer, which
 /// leaves the default roles (PS3.7 D.3.3.4: the requestor is SCU).
-fn granted_roles<'a>(rq: &'a AssociationRQ, policy: &AcceptPolicy) -> Vec<(&'a str, bool)> {
+fn granted_roles<'a>(
+    rq: &'a AssociationRQ,
+    policy: &AcceptPolicy,
+    may_store: bool,
+) -> Vec<(&'a str, bool)> {
     if !policy.retrieve {
         return Vec::new();
     }
@@ -391,7 +479,8 @@ fn granted_roles<'a>(rq: &'a AssociationRQ, policy: &AcceptPolicy) -> Vec<(&'a s
             && uid::is_storage_sop_class(class, policy.accept_private_sop_classes)
             && granted.iter().all(|(c, _)| *c != class)
         {
-            granted.push((class, roles.scu));
+            // The SCU role (the peer storing to us) only if it may store.
+            granted.push((class, roles.scu && may_store));
         }
     }
     granted
@@ -437,11 +526,13 @@ mod tests {
                 aetitle: ae("SCU"),
                 host: Some("10.0.0.5".parse().expect("ip")),
                 cert_name: None,
+                grants: Grants::ALL,
             },
             Allowed {
                 aetitle: ae("CT1"),
                 host: None,
                 cert_name: Some("ct1.example".into()),
+                grants: Grants::ALL,
             },
         ];
         let from = |ip: &str, names: &'static [String]| PeerFacts {
@@ -538,6 +629,108 @@ mod tests {
             negotiate(&request, &policy(), &PEER),
             Negotiated::Reject(_, RejectReason::NoAcceptableContext)
         ));
+    }
+
+    #[test]
+    fn an_allowlist_entry_grants_only_its_services() {
+        let mut request = rq(
+            "MINIPACS",
+            vec![
+                pc(1, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE]),
+                pc(3, uid::STUDY_ROOT_FIND, &[uid::IMPLICIT_VR_LE]),
+                pc(5, uid::STUDY_ROOT_GET, &[uid::IMPLICIT_VR_LE]),
+                pc(7, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+                pc(9, "1.2.840.10008.5.1.4.1.1.4", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        // The peer asks for both roles for CT, none for MR.
+        request
+            .user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                RequestorRoles {
+                    scu: true,
+                    scp: true,
+                },
+            ));
+        let entry = |grants| Allowed {
+            aetitle: ae("SCU"),
+            host: None,
+            cert_name: None,
+            grants,
+        };
+        let outcome = |grants: &[Grants]| {
+            let mut p = policy();
+            p.find = true;
+            p.retrieve = true;
+            p.allow = grants.iter().map(|g| entry(*g)).collect();
+            match negotiate(&request, &p, &PEER) {
+                Negotiated::Accept { ac, contexts, .. } => {
+                    use PresentationContextResultReason::*;
+                    let accepted: Vec<_> = ac
+                        .presentation_contexts
+                        .iter()
+                        .map(|r| (r.id, r.reason == Acceptance))
+                        .collect();
+                    let storing: Vec<_> = contexts
+                        .iter()
+                        .map(|c| (c.id, c.peer_may_store, c.peer_scp_role))
+                        .collect();
+                    let scu_role = ac.user_variables.iter().find_map(|v| match v {
+                        UserVariableItem::ScuScpRoleSelectionSubItem(_, roles) => Some(roles.scu),
+                        _ => None,
+                    });
+                    (accepted, storing, scu_role)
+                }
+                Negotiated::Reject(..) => panic!("rejected"),
+            }
+        };
+        let store_only = Grants {
+            store: true,
+            ..Grants::NONE
+        };
+        let (accepted, storing, _) = outcome(&[store_only]);
+        assert_eq!(
+            accepted,
+            vec![(1, true), (3, false), (5, false), (7, true), (9, true)]
+        );
+        // No C-GET granted: no SCP role for the peer.
+        assert_eq!(
+            storing,
+            vec![(1, false, false), (7, true, false), (9, true, false)]
+        );
+
+        let query_and_get = Grants {
+            find: true,
+            get: true,
+            ..Grants::NONE
+        };
+        let (accepted, storing, scu_role) = outcome(&[query_and_get]);
+        // CT is taken for C-GET's sub-operations only; MR (no role asked)
+        // could only be stored into us, which is not granted.
+        assert_eq!(
+            accepted,
+            vec![(1, true), (3, true), (5, true), (7, true), (9, false)]
+        );
+        assert_eq!(
+            storing,
+            vec![
+                (1, false, false),
+                (3, false, false),
+                (5, false, false),
+                (7, false, true)
+            ]
+        );
+        assert_eq!(
+            scu_role,
+            Some(false),
+            "the role item withholds the SCU role"
+        );
+
+        // Two entries for the same peer: their grants add up.
+        let (accepted, _, scu_role) = outcome(&[store_only, query_and_get]);
+        assert!(accepted.iter().all(|(_, ok)| *ok), "{accepted:?}");
+        assert_eq!(scu_role, Some(true));
     }
 
     #[test]

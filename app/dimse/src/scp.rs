@@ -1770,6 +1770,11 @@ where
                 status::SOP_CLASS_NOT_SUPPORTED,
                 "C-STORE on a presentation context not accepted for storage",
             ))
+        } else if !context.peer_may_store {
+            Sink::Discard(Failure::new(
+                status::NOT_AUTHORIZED,
+                "this calling AE title may not store here",
+            ))
         } else if cmd.sop_instance.is_none() {
             Sink::Discard(Failure::new(
                 status::CANNOT_UNDERSTAND,

@@ -152,6 +152,7 @@ fn contexts() -> ContextTable {
                 transfer_syntax: u(uid::IMPLICIT_VR_LE),
                 service,
                 peer_scp_role: false,
+                peer_may_store: true,
             })
             .expect("room");
     };

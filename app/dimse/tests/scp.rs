@@ -172,6 +172,7 @@ fn contexts() -> ContextTable {
                 transfer_syntax: u(uid::EXPLICIT_VR_LE),
                 service,
                 peer_scp_role: false,
+                peer_may_store: true,
             })
             .expect("room");
     };

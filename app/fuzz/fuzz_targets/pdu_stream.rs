@@ -149,6 +149,7 @@ fn contexts() -> ContextTable {
             service,
             // C-GET sub-operations go to the storage context.
             peer_scp_role: service == ServiceClass::Storage,
+            peer_may_store: true,
         });
     }
     table

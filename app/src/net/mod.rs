@@ -392,6 +392,20 @@ async fn apply_from_keeper(
     }
 }
 
+/// The services an `[[allow]]` entry grants: all when it names none.
+fn grants_of(services: Option<&[crate::config::Grant]>) -> dimse::negotiation::Grants {
+    use crate::config::Grant;
+    let Some(services) = services else {
+        return dimse::negotiation::Grants::ALL;
+    };
+    dimse::negotiation::Grants {
+        store: services.contains(&Grant::Store),
+        find: services.contains(&Grant::Find),
+        get: services.contains(&Grant::Get),
+        r#move: services.contains(&Grant::Move),
+    }
+}
+
 /// Builds the client configuration for TLS `[[peer]]`s from the server's
 /// material (our certificate is our client certificate too).
 fn set_peer_tls(receiver: &Receiver, material: &TlsMaterial) {
@@ -450,6 +464,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
                 aetitle: AeTitle::new(&a.aetitle).context("allow.aetitle")?,
                 host: a.host,
                 cert_name: a.cert_name.clone(),
+                grants: grants_of(a.services.as_deref()),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
