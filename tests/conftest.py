@@ -74,6 +74,12 @@ def open_for_other_user(store):
             os.chmod(folder, folder.stat().st_mode | 0o711)
 
 
+def is_index_file(name):
+    """Whether a name in the store's root is the index's (index.sqlite, its
+    -wal and -shm, one moved aside as .unusable)."""
+    return name.startswith("index.sqlite")
+
+
 class Server:
     """A `minipacs serve` process on a free port with its own store."""
 
@@ -107,7 +113,12 @@ class Server:
             str(self.store),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        # Its own working folder, so that the default log folder
+        # (./minipacs-logs) is the test's, not one shared by every server of
+        # the session in the checkout (owned by whichever user made it
+        # first). A server run as another user keeps the caller's.
+        cwd = None if self.prefix else self.store.parent
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, cwd=cwd)
         wait_port(self.port, self.proc)
         # The port opens when it is bound (by the keeper, when root); the
         # server is ready when its listeners run.
@@ -166,11 +177,11 @@ class Server:
             time.sleep(0.02)
 
     def stored_files(self):
-        """Final files in the store (no temp files, no lock)."""
+        """Final files in the store (no temp files, no lock, no index)."""
         out = []
         for p in self.store.rglob("*"):
             rel = p.relative_to(self.store)
-            if p.is_file() and rel.parts[0] not in (".incoming", ".lock"):
+            if p.is_file() and rel.parts[0] not in (".incoming", ".lock") and not is_index_file(rel.parts[0]):
                 out.append(p)
         return sorted(out)
 

@@ -13,7 +13,7 @@ import subprocess
 
 import pytest
 
-from conftest import Server, dcmtk, dcmtk_env, free_port, make_ct
+from conftest import Server, dcmtk, dcmtk_env, free_port, is_index_file, make_ct
 
 OWNER = "mpxowner"
 
@@ -101,6 +101,10 @@ def test_another_users_store_is_used_as_it_is_with_user_owner(minipacs, users, t
     st = store.stat()
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (owner.pw_uid, owner.pw_gid, 0o755)
     names = sorted(p.name for p in store.iterdir())
+    # The index is the worker's too (its -wal and -shm may outlive the stop).
+    assert "index.sqlite" in names, names
+    assert (store / "index.sqlite").stat().st_uid == owner.pw_uid
+    names = [n for n in names if not is_index_file(n)]
     assert names == [".incoming", ".lock", "CT.1.2.826.0.1.3680043.10.70.1", "CT.1.2.826.0.1.3680043.10.70.2",
                      "earlier.txt"], names
     assert (store / "CT.1.2.826.0.1.3680043.10.70.1").stat().st_uid == owner.pw_uid

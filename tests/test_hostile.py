@@ -30,7 +30,8 @@ def test_store_on_the_verification_context_is_refused(server):
 def test_no_acceptable_context_is_rejected_and_audited(server_factory, tmp_path):
     logs = tmp_path / "logs"
     server = server_factory(extra=["--config", write_config(tmp_path, logs)])
-    for contexts in ([], [(1, "1.2.840.10008.5.1.4.1.2.2.1", [dul.IMPLICIT_LE])]):
+    # Modality Worklist FIND: neither storage nor a model we answer.
+    for contexts in ([], [(1, "1.2.840.10008.5.1.4.31", [dul.IMPLICIT_LE])]):
         c = dul.Connection(server.port)
         pdu_type, body = c.associate(contexts=contexts)
         assert pdu_type == 0x03, "expected A-ASSOCIATE-RJ"

@@ -167,7 +167,7 @@ def test_unsupported_abstract_syntax_refused_per_context(server):
     from dul import Connection, IMPLICIT_LE, VERIFICATION
 
     c = Connection(server.port)
-    find = "1.2.840.10008.5.1.4.1.2.2.1"  # Study Root Q/R FIND: not storage
+    find = "1.2.840.10008.5.1.4.31"  # Modality Worklist FIND: not served here
     pdu_type, body = c.associate(contexts=[(1, VERIFICATION, [IMPLICIT_LE]), (3, find, [IMPLICIT_LE])])
     assert pdu_type == 0x02  # A-ASSOCIATE-AC
     results = _context_results(body)

@@ -75,6 +75,9 @@ pub struct Config {
     pub port: u16,
     /// The store's root folder.
     pub output_directory: PathBuf,
+    /// The index database (SQLite): relative paths are relative to the
+    /// store's root. Derived from the stored files, rebuilt when missing.
+    pub index_file: PathBuf,
     /// How stored files are named.
     pub layout: Layout,
     /// Make every object durable (fdatasync + folder fsync) before success.
@@ -105,6 +108,9 @@ pub struct Config {
     pub shutdown_timeout: u64,
     /// Accept SOP classes outside the DICOM root (vendors' private storage).
     pub accept_private_sop_classes: bool,
+    /// The most matches one C-FIND answers (0: no limit); past it the
+    /// answer ends with A700 (as Orthanc's `LimitFindResults`).
+    pub max_find_results: usize,
     /// Serve plain (unencrypted) DICOM on `port`.
     pub listen_plain: bool,
     /// Folder a technician drops files into (`minipacs.toml`,
@@ -128,6 +134,28 @@ pub struct Config {
     /// AE title. Applied without a restart.
     #[serde(default)]
     pub allow: Vec<AllowEntry>,
+    /// Known DICOM nodes (`[[peer]]`): the destinations a C-MOVE may name,
+    /// by AE title. Applied without a restart.
+    #[serde(default)]
+    pub peer: Vec<PeerEntry>,
+}
+
+/// One `[[peer]]` entry: a DICOM node we may open associations to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerEntry {
+    /// its AE title (the called AE title we use, and the name a C-MOVE
+    /// gives as its Move Destination)
+    pub aetitle: String,
+    /// host name or address
+    pub host: String,
+    /// TCP port
+    pub port: u16,
+    /// connect with DICOM over TLS, presenting `[tls]` key and cert as our
+    /// client certificate and verifying the peer against `[tls]` ca_files
+    /// and ca_dirs
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// One `[[allow]]` entry: a calling AE title allowed to associate.
@@ -140,6 +168,26 @@ pub struct AllowEntry {
     pub host: Option<IpAddr>,
     /// if set, the common name its TLS client certificate must carry
     pub cert_name: Option<String>,
+    /// if set, the only services it may use (`store`, `find`, `move`,
+    /// `get`; C-ECHO is always allowed); unset: all of them. A presentation
+    /// context for another service is refused at negotiation (user
+    /// rejection), so that a modality can store without being able to
+    /// query, or a viewer query without storing.
+    pub services: Option<Vec<Grant>>,
+}
+
+/// A service an `[[allow]]` entry may grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// C-STORE into the device
+    Store,
+    /// C-FIND
+    Find,
+    /// C-MOVE
+    Move,
+    /// C-GET
+    Get,
 }
 
 /// The TLS listener (PS3.15 B.9). It runs when both `key` and `cert` are set.
@@ -253,8 +301,12 @@ pub struct LiveConfig {
     pub max_pdu: u32,
     /// `accept_private_sop_classes`
     pub accept_private_sop_classes: bool,
+    /// `max_find_results`
+    pub max_find_results: usize,
     /// `allow`
     pub allow: Vec<AllowEntry>,
+    /// `peer`
+    pub peer: Vec<PeerEntry>,
     /// `dimse_timeout`
     pub dimse_timeout: u64,
     /// `acse_timeout`
@@ -287,6 +339,7 @@ struct RestartConfig {
     port: u16,
     listen_plain: bool,
     output_directory: PathBuf,
+    index_file: PathBuf,
     drop_directory: Option<PathBuf>,
     activity_led: Option<PathBuf>,
     log_directory: PathBuf,
@@ -312,6 +365,7 @@ impl RestartConfig {
             port,
             listen_plain,
             output_directory,
+            index_file,
             drop_directory,
             activity_led,
             log_directory,
@@ -340,6 +394,7 @@ impl RestartConfig {
             "output_directory",
             *output_directory != other.output_directory,
         );
+        differs("index_file", *index_file != other.index_file);
         differs("drop_directory", *drop_directory != other.drop_directory);
         differs("activity_led", *activity_led != other.activity_led);
         differs("log_directory", *log_directory != other.log_directory);
@@ -433,6 +488,7 @@ impl Config {
             bind,
             port,
             output_directory,
+            index_file,
             layout,
             fsync,
             overwrite,
@@ -446,6 +502,7 @@ impl Config {
             dimse_timeout,
             shutdown_timeout,
             accept_private_sop_classes,
+            max_find_results,
             listen_plain,
             drop_directory,
             activity_led,
@@ -466,13 +523,16 @@ impl Config {
                     reload_check: tls_reload_check,
                 },
             allow,
+            peer,
         } = self.clone();
         let live = LiveConfig {
             aetitle,
             tls_aetitle,
             max_pdu,
             accept_private_sop_classes,
+            max_find_results,
             allow,
+            peer,
             dimse_timeout,
             acse_timeout,
             max_associations,
@@ -490,6 +550,7 @@ impl Config {
             port,
             listen_plain,
             output_directory,
+            index_file,
             drop_directory,
             activity_led,
             log_directory,
@@ -520,6 +581,9 @@ impl Config {
         }
         if self.output_directory.as_os_str().is_empty() {
             bad("output_directory", "must not be empty".into());
+        }
+        if let Err(m) = check_index_file(&self.index_file) {
+            bad("index_file", m);
         }
         if self.free_space_reserve_percent > 90 {
             bad(
@@ -603,6 +667,32 @@ impl Config {
         for (i, entry) in self.allow.iter().enumerate() {
             if let Err(m) = check_ae_title(&entry.aetitle) {
                 bad(&format!("allow.{i}.aetitle"), m);
+            }
+        }
+        for (i, entry) in self.peer.iter().enumerate() {
+            if let Err(m) = check_ae_title(&entry.aetitle) {
+                bad(&format!("peer.{i}.aetitle"), m);
+            }
+            if self.peer[..i].iter().any(|p| p.aetitle == entry.aetitle) {
+                bad(
+                    &format!("peer.{i}.aetitle"),
+                    format!("{} is already a [[peer]] above", entry.aetitle),
+                );
+            }
+            if entry.host.trim().is_empty() {
+                bad(
+                    &format!("peer.{i}.host"),
+                    "must name a host or an address".into(),
+                );
+            }
+            if entry.port == 0 {
+                bad(&format!("peer.{i}.port"), "must be 1 to 65535".into());
+            }
+            if entry.tls && (tls.key.is_none() || tls.cert.is_none()) {
+                bad(
+                    &format!("peer.{i}.tls"),
+                    "needs [tls] key and cert (our client certificate)".into(),
+                );
             }
         }
         if tls.reload_check == 0 || tls.reload_check > 3600 {
@@ -929,7 +1019,7 @@ const MAX_TYPE_PROBLEMS: usize = 64;
 /// The keys of `file` that no configuration has, each with its problem
 /// text: "unknown key", and the known key it most likely meant.
 fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
-    let tables: [(&str, &[&str]); 3] = [
+    let tables: [(&str, &[&str]); 4] = [
         (
             "",
             serde_aux::serde_introspection::serde_introspect::<Config>(),
@@ -941,6 +1031,10 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
         (
             "allow",
             serde_aux::serde_introspection::serde_introspect::<AllowEntry>(),
+        ),
+        (
+            "peer",
+            serde_aux::serde_introspection::serde_introspect::<PeerEntry>(),
         ),
     ];
     let mut found = Vec::new();
@@ -961,14 +1055,12 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
     if let Some(toml::Value::Table(tls)) = file.get("tls") {
         check(tls, steps("tls"), "tls");
     }
-    if let Some(toml::Value::Array(allow)) = file.get("allow") {
-        for (i, entry) in allow.iter().enumerate() {
-            if let toml::Value::Table(entry) = entry {
-                check(
-                    entry,
-                    vec![Step::Key("allow".into()), Step::Index(i)],
-                    "allow",
-                );
+    for array in ["allow", "peer"] {
+        if let Some(toml::Value::Array(entries)) = file.get(array) {
+            for (i, entry) in entries.iter().enumerate() {
+                if let toml::Value::Table(entry) = entry {
+                    check(entry, vec![Step::Key(array.into()), Step::Index(i)], array);
+                }
             }
         }
     }
@@ -993,11 +1085,10 @@ fn unknown_key_message(key: &str, table: &str, tables: &[(&str, &[&str])]) -> St
             format!("unknown key; did you mean {k}?")
         }
         Some(((distance, _), t, k)) if near_enough(distance) => {
-            let section = if t == "allow" { "[[allow]]" } else { "[tls]" };
-            let section = if t.is_empty() {
-                "the top, before any [section]"
-            } else {
-                section
+            let section = match t {
+                "" => "the top, before any [section]".to_string(),
+                "tls" => "[tls]".to_string(),
+                array => format!("[[{array}]]"),
             };
             let shown = if t.is_empty() {
                 k.to_string()
@@ -1072,6 +1163,35 @@ fn restore_default(merged: &mut toml::Table, defaults: &toml::Table, path: &[Ste
         (Some(_), _) => false,
         (None, _) => remove_path(merged, path),
     }
+}
+
+/// Checks `index_file`: a file name, and when relative (to the store's
+/// root) one that stays inside the store and is not one of the store's own
+/// names (`.incoming`, `.lock`).
+pub fn check_index_file(path: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if path.as_os_str().is_empty() || path.file_name().is_none() {
+        return Err("must name a file".into());
+    }
+    if path.is_absolute() {
+        return Ok(());
+    }
+    if path
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "{}: a relative index_file is inside the store: no `..` or `.`",
+            path.display()
+        ));
+    }
+    let first = path.components().next().map(|c| c.as_os_str());
+    if first == Some(crate::store::INCOMING_DIR.as_ref())
+        || first == Some(crate::store::LOCK_FILE.as_ref())
+    {
+        return Err(format!("{}: that name is the store's own", path.display()));
+    }
+    Ok(())
 }
 
 /// Checks an AE title: 1 to 16 characters of the default repertoire, not
@@ -1277,6 +1397,24 @@ mod tests {
     }
 
     #[test]
+    fn index_file_stays_inside_the_store_unless_absolute() {
+        let c = Config::from_toml("", "x.toml").expect("defaults");
+        assert_eq!(c.index_file, PathBuf::from("index.sqlite"));
+        for ok in ["sub/idx.sqlite", "/var/lib/minipacs/index.sqlite"] {
+            assert!(Config::from_toml(&format!("index_file = \"{ok}\"\n"), "x.toml").is_ok());
+        }
+        for bad in ["../index.sqlite", ".lock", ".incoming/x", ""] {
+            let err =
+                Config::from_toml(&format!("index_file = \"{bad}\"\n"), "x.toml").expect_err(bad);
+            assert_eq!(err.problems[0].key.as_deref(), Some("index_file"), "{err}");
+            assert_eq!(err.problems[0].line, Some(1), "{err}");
+        }
+        // Read at start only.
+        let other = Config::from_toml("index_file = \"other.sqlite\"\n", "x.toml").expect("ok");
+        assert_eq!(c.restart_reason(&other).as_deref(), Some("index_file"));
+    }
+
+    #[test]
     fn syntax_errors_and_unknown_keys_are_located() {
         let err = Config::from_toml("port = 104\nprot = 5\n", "x.toml").expect_err("unknown key");
         assert_eq!(err.problems[0].line, Some(2));
@@ -1317,6 +1455,63 @@ mod tests {
         assert_eq!(
             running.restart_reason(&new).as_deref(),
             Some("port, tls.port")
+        );
+    }
+
+    #[test]
+    fn peers_are_checked_located_and_applied_live() {
+        let text = "[[peer]]\naetitle = \"VIEWER\"\nhost = \"192.0.2.20\"\nport = 11112\n";
+        let config = Config::from_toml(text, "x.toml").expect("valid");
+        assert_eq!(
+            config.peer,
+            vec![PeerEntry {
+                aetitle: "VIEWER".into(),
+                host: "192.0.2.20".into(),
+                port: 11112,
+                tls: false,
+            }]
+        );
+        let running = Config::from_toml("", "x.toml").expect("defaults");
+        assert_eq!(running.restart_reason(&config), None);
+        assert_eq!(config.live().peer.len(), 1);
+
+        let text = "[[peer]]\naetitle = \"VIEWER\"\nhost = \"a\"\nport = 1\n\
+                    [[peer]]\naetitle = \"VIEWER\"\nhots = \"b\"\nport = 0\ntls = true\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("invalid");
+        let text = err.to_string();
+        assert!(
+            text.contains("line 7: peer[1].hots: unknown key; did you mean host?"),
+            "{text}"
+        );
+        let err = Config::from_toml(
+            "[[peer]]\naetitle = \"VIEWER\"\nhost = \"a\"\nport = 1\n\
+             [[peer]]\naetitle = \"VIEWER\"\nhost = \"\"\nport = 0\ntls = true\n",
+            "x.toml",
+        )
+        .expect_err("invalid");
+        let found: Vec<_> = err
+            .problems
+            .iter()
+            .map(|p| (p.key.as_deref().unwrap_or(""), p.message.as_str()))
+            .collect();
+        assert!(
+            found.contains(&("peer[1].aetitle", "VIEWER is already a [[peer]] above")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("peer[1].host", "must name a host or an address")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("peer[1].port", "must be 1 to 65535")),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&(
+                "peer[1].tls",
+                "needs [tls] key and cert (our client certificate)"
+            )),
+            "{found:?}"
         );
     }
 }

@@ -35,6 +35,8 @@ pub struct Entry {
     pub name: OsString,
     /// whether it is a regular file (symbolic links are not)
     pub is_file: bool,
+    /// whether it is a folder (symbolic links are not)
+    pub is_dir: bool,
 }
 
 /// The flags every directory descriptor is opened with.
@@ -208,25 +210,54 @@ impl Folder {
     /// the filesystem's directory cookies are 64-bit hashes (ext4 does this;
     /// a 32-bit Pi OS on a 64-bit kernel, or qemu-arm, shows it).
     pub fn entries(&self) -> io::Result<Vec<Entry>> {
-        let mut dir = rustix::fs::Dir::read_from(&self.fd)?;
         let mut out = Vec::new();
+        self.for_each_entry(|entry| {
+            out.push(entry);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `each` with every entry of the folder (not `.` and `..`), read
+    /// as they come: unlike [`Folder::entries`] nothing is collected, so a
+    /// folder of 100,000 objects costs one read buffer (the index's walk of
+    /// the store). Entries added or removed meanwhile may or may not be seen.
+    pub fn for_each_entry(&self, mut each: impl FnMut(Entry) -> io::Result<()>) -> io::Result<()> {
+        let mut dir = rustix::fs::Dir::read_from(&self.fd)?;
         while let Some(entry) = dir.read() {
             let entry = entry?;
-            let name = OsStr::from_bytes(entry.file_name().to_bytes()).to_os_string();
+            let name = OsStr::from_bytes(entry.file_name().to_bytes());
             if name == "." || name == ".." {
                 continue;
             }
-            let is_file = match entry.file_type() {
-                rustix::fs::FileType::RegularFile => true,
+            let kind = entry.file_type();
+            let name = name.to_os_string();
+            let (is_file, is_dir) = match kind {
+                rustix::fs::FileType::RegularFile => (true, false),
+                rustix::fs::FileType::Directory => (false, true),
                 // The filesystem did not say (DT_UNKNOWN): ask.
-                rustix::fs::FileType::Unknown => self
-                    .stat_at(&name)?
-                    .is_some_and(|s| is_kind(&s, SFlag::S_IFREG)),
-                _ => false,
+                rustix::fs::FileType::Unknown => match self.stat_at(&name)? {
+                    Some(s) => (is_kind(&s, SFlag::S_IFREG), is_kind(&s, SFlag::S_IFDIR)),
+                    None => (false, false),
+                },
+                _ => (false, false),
             };
-            out.push(Entry { name, is_file });
+            each(Entry {
+                name,
+                is_file,
+                is_dir,
+            })?;
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// The descriptor's path in `/proc/self/fd`: a name for the folder that
+    /// this process can always resolve, whoever may traverse its real path
+    /// (the worker may not: see the module's doc). For libraries that take
+    /// only paths (SQLite).
+    pub fn proc_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
     }
 
     /// Fsyncs the folder, so that names created, renamed or removed in it
@@ -286,14 +317,16 @@ mod tests {
             names,
             [Entry {
                 name: "sub".into(),
-                is_file: false
+                is_file: false,
+                is_dir: true
             }]
         );
         assert_eq!(
             sub.entries().expect("entries"),
             [Entry {
                 name: "final".into(),
-                is_file: true
+                is_file: true,
+                is_dir: false
             }]
         );
         let mut text = String::new();

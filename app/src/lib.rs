@@ -18,6 +18,7 @@ pub mod logs;
 pub mod net;
 pub mod part10;
 pub mod privsep;
+pub mod retrieve;
 pub mod send;
 pub mod service;
 pub mod services;

@@ -1,5 +1,5 @@
-//! The `minipacs` command line: `serve`, `send`, `echo`, `dump` and
-//! `config check`. Option names follow dcmtk's long names where dcmtk has one.
+//! The `minipacs` command line: `serve`, `send`, `echo`, `dump`,
+//! `index rebuild` and `config check`. Option names follow dcmtk's long names where dcmtk has one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +43,11 @@ enum Command {
         /// files to parse
         #[arg(required = true)]
         files: Vec<PathBuf>,
+    },
+    /// The index of what the store holds.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
     },
     /// Configuration tools.
     Config {
@@ -114,6 +119,24 @@ enum CaCommand {
         #[arg(long)]
         rsa: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Make the index anew from the store's files (with the server stopped:
+    /// refused while one holds the store).
+    Rebuild(IndexArgs),
+}
+
+#[derive(Args)]
+struct IndexArgs {
+    /// The service's configuration file (it says where the store and its
+    /// index are); options given here win over it.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// The store's folder.
+    #[arg(long, visible_alias = "od")]
+    output_directory: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -496,6 +519,15 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Index {
+            command: IndexCommand::Rebuild(args),
+        } => {
+            let mut top = Overrides::default();
+            top.set("output_directory", args.output_directory.as_ref())?;
+            let config = Config::load_with(args.config.as_deref(), top.0)?;
+            index_rebuild(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -561,6 +593,68 @@ fn serve_one_process(
         return Err(privsep::restart_on(&last_good));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `minipacs index rebuild`: takes the store's lock (so no server is
+/// writing to the store or its index meanwhile), removes the index and
+/// makes it anew from the files, with the progress line.
+fn index_rebuild(config: &Config) -> anyhow::Result<()> {
+    use minipacs::dirfd::Folder;
+    use minipacs::index::catchup;
+    use minipacs::store::{self, LOCK_FILE};
+    let store_path = &config.output_directory;
+    let root = Folder::open(store_path)
+        .with_context(|| format!("opening the store {}", store_path.display()))?;
+    // The lock file exists once a server has run here; a store that never
+    // had one (files copied in) gets it, owned like the store.
+    let had_lock = root.stat_at(LOCK_FILE)?.is_some();
+    let lock = store::open_lock_file(&root)?;
+    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "the store {} is in use by a running minipacs server: stop it first \
+                 (the index is rebuilt with the store to itself; a server rebuilds a \
+                 missing or unusable index at its start anyway)",
+                store_path.display()
+            )
+        })?;
+    let shown = catchup::display_location(&root, &config.index_file);
+    let path = catchup::location(&root, &config.index_file);
+    catchup::remove(&path)?;
+    let started = std::time::Instant::now();
+    let (index, _) = catchup::open_for_store(&root, &config.index_file)?;
+    let report = catchup::catch_up(
+        &index,
+        &root,
+        &config.index_file,
+        &mut catchup::Progress::log_only(),
+    )?;
+    drop(index);
+    // Run as root on a store served by the worker's user: what this made
+    // must stay the store owner's, or the worker could not write it.
+    if nix::unistd::geteuid().is_root() {
+        let owner = root.stat()?;
+        let lock_path = (!had_lock).then(|| root.proc_path().join(LOCK_FILE));
+        for file in catchup::files(&path).into_iter().chain(lock_path) {
+            match std::os::unix::fs::lchown(&file, Some(owner.st_uid), Some(owner.st_gid)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("giving {} to the store's owner", file.display()))
+                }
+            }
+        }
+    }
+    println!(
+        "index {} rebuilt: {} object(s) from {} file(s), {} not indexable, in {:.1} s",
+        shown.display(),
+        report.indexed,
+        report.files_seen,
+        report.not_indexable,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// The configuration `serve` runs on: the pipeline of [`Config::load_with`]

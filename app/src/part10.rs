@@ -39,7 +39,13 @@ pub enum Part10Error {
 
 /// Reads the file meta group of `path`.
 pub fn read_meta(path: &Path) -> Result<Part10Info, Part10Error> {
-    let file = File::open(path)?;
+    read_meta_of(&File::open(path)?)
+}
+
+/// Reads the file meta group of an open file, from its start (a file
+/// opened through a folder's descriptor, as the retrieve path does). The
+/// file's position is left wherever reading stopped.
+pub fn read_meta_of(file: &File) -> Result<Part10Info, Part10Error> {
     let file_len = file.metadata()?.len();
     let mut r = BufReader::with_capacity(4096, file);
     let mut preamble = [0u8; 132];

@@ -78,23 +78,31 @@ pub struct SendReport {
 }
 
 async fn connect(peer: &Peer) -> anyhow::Result<Connection> {
-    let addr = format!("{}:{}", peer.host, peer.port);
-    let stream = tokio::time::timeout(peer.scu.timeout, TcpStream::connect(&addr))
+    connect_to(&peer.host, peer.port, peer.scu.timeout, peer.tls.as_ref()).await
+}
+
+/// Connects to `host`:`port` (TCP_NODELAY), then with TLS when given one,
+/// each step within `timeout`. Used by the sender and by C-MOVE.
+pub async fn connect_to(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+) -> anyhow::Result<Connection> {
+    let addr = format!("{host}:{port}");
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(&addr))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to {addr}: timed out"))?
         .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
-    let Some(tls) = &peer.tls else {
+    let Some(tls) = tls else {
         return Ok(Box::new(stream));
     };
     let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
-    let stream = tokio::time::timeout(
-        peer.scu.timeout,
-        connector.connect(tls.server_name.clone(), stream),
-    )
-    .await
-    .map_err(|_| anyhow::anyhow!("TLS handshake with {addr}: timed out"))?
-    .with_context(|| format!("TLS handshake with {addr}"))?;
+    let stream = tokio::time::timeout(timeout, connector.connect(tls.server_name.clone(), stream))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake with {addr}: timed out"))?
+        .with_context(|| format!("TLS handshake with {addr}"))?;
     let session = stream.get_ref().1;
     tracing::debug!(
         version = ?session.protocol_version(),

@@ -2,8 +2,9 @@
 //! `dimse` crate's [`Service`] and [`Observer`] traits.
 //!
 //! The protocol crate knows nothing of disks or logs; here a C-STORE
-//! becomes an object in the [`Store`], and every answered message becomes
-//! an audit record, a log line, counters and a blink of the activity LED.
+//! becomes an object in the [`Store`], a C-FIND a query over the index
+//! ([`crate::index::query`]), and every answered message becomes an audit
+//! record, a log line, counters and a blink of the activity LED.
 //! The fsync decision for the audit trail before a release lives here too:
 //! it follows the store's durability setting.
 
@@ -13,12 +14,15 @@ use std::sync::Arc;
 
 use dimse::command::status;
 use dimse::scp::{
-    AssociationInfo, Failure, IncomingObject, ObjectOutcome, Observer, Service, StoreRequest,
+    AssociationInfo, Failure, FindOutcome, FindRequest, IncomingObject, Matches, MoveRetrieval,
+    ObjectOutcome, Observer, Retrieval, RetrieveOperation, RetrieveOutcome, RetrieveRequest,
+    Service, StoreRequest, SubOperationOutcome, SubOperationResult,
 };
 use dimse::uid::Uid;
 use tracing::{info, warn};
 
-use crate::logs::{Audit, ObjectRecord};
+use crate::index::query::{self, Model, Stopped};
+use crate::logs::{Audit, FindRecord, ObjectRecord, RetrieveRecord};
 use crate::service::ActivityLed;
 use crate::store::{Incoming, ObjectInfo, Store};
 
@@ -87,7 +91,37 @@ pub struct Receiver {
     pub audit: Option<Arc<Audit>>,
     /// the activity LED, when the board has one
     pub led: Option<Arc<ActivityLed>>,
+    /// the index of what is stored, when it could be opened
+    pub index: Option<Arc<crate::index::Index>>,
+    /// `max_find_results` (live): the most matches one C-FIND answers, 0
+    /// for no limit
+    pub max_find_results: AtomicUsize,
+    /// the known DICOM nodes, C-MOVE's destinations (live)
+    pub peers: crate::retrieve::Peers,
+    /// how long a C-MOVE's destination gets to answer each step
+    pub dimse_timeout: std::time::Duration,
 }
+
+impl Receiver {
+    /// What a retrieve reads from, or why it cannot run.
+    fn retrieve_source(&self) -> Result<crate::retrieve::Source, Failure> {
+        let index = self
+            .index
+            .as_ref()
+            .ok_or_else(|| Failure::new(status::UNABLE_TO_PROCESS, "the index is unavailable"))?;
+        let root =
+            self.store.root().try_clone().map_err(|e| {
+                Failure::new(status::UNABLE_TO_PROCESS, format!("store folder: {e}"))
+            })?;
+        Ok(crate::retrieve::Source {
+            index: Arc::clone(index),
+            root: Arc::new(root),
+        })
+    }
+}
+
+/// Matches a C-FIND's query thread may be ahead of the network by.
+const FIND_CHANNEL: usize = 4;
 
 impl Service for Receiver {
     type Object = StoreObject;
@@ -108,9 +142,72 @@ impl Service for Receiver {
             Ok(incoming) => Ok(StoreObject {
                 incoming,
                 sop_instance: request.sop_instance.clone(),
+                index: self
+                    .index
+                    .as_ref()
+                    .map(|index| (Arc::clone(index), Arc::clone(&self.store))),
             }),
             Err(e) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
         }
+    }
+
+    fn find(
+        &self,
+        association: &AssociationInfo,
+        request: &FindRequest<'_>,
+    ) -> Result<Matches, Failure> {
+        let Some(index) = &self.index else {
+            return Err(Failure::new(
+                status::UNABLE_TO_PROCESS,
+                "the index is unavailable",
+            ));
+        };
+        let model = Model::of(request.sop_class.as_str()).ok_or_else(|| {
+            Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "not a FIND model we answer",
+            )
+        })?;
+        let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(FIND_CHANNEL);
+        let path = index.path().to_path_buf();
+        let retrieve_ae = association.called_ae.clone();
+        let limit = self.max_find_results.load(Ordering::Relaxed);
+        // SQLite blocks: the query reads and sends from a blocking thread,
+        // one row at a time, and stops when the receiver is dropped.
+        tokio::task::spawn_blocking(move || {
+            let sent = query::run(&path, &query, &retrieve_ae, limit, |identifier| {
+                tx.blocking_send(Ok(identifier))
+                    .map_err(|_| Stopped::Cancelled)
+            });
+            if let Err(failure) = sent {
+                let _ = tx.blocking_send(Err(failure));
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn get(
+        &self,
+        _association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> Result<Retrieval, Failure> {
+        crate::retrieve::select(&self.retrieve_source()?, request).await
+    }
+
+    async fn move_(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> Result<MoveRetrieval, Failure> {
+        crate::retrieve::prepare_move(
+            &self.retrieve_source()?,
+            &self.peers,
+            association.called_ae.as_str(),
+            self.dimse_timeout,
+            request,
+        )
+        .await
     }
 }
 
@@ -118,6 +215,8 @@ impl Service for Receiver {
 pub struct StoreObject {
     incoming: Incoming,
     sop_instance: Uid,
+    /// the index to record it in, and the store whose folder it is read from
+    index: Option<(Arc<crate::index::Index>, Arc<Store>)>,
 }
 
 impl IncomingObject for StoreObject {
@@ -132,9 +231,25 @@ impl IncomingObject for StoreObject {
 
     async fn commit(self) -> Result<PathBuf, Failure> {
         // fdatasync, rename and folder fsync block: on a blocking thread,
-        // so that other associations keep their runtime thread.
-        let incoming = self.incoming;
-        match tokio::task::spawn_blocking(move || incoming.commit()).await {
+        // so that other associations keep their runtime thread. The index
+        // records the object there too, once it is durable and before its
+        // success goes out (so a C-FIND right after finds it); its failure
+        // is not the object's (see crate::index::record).
+        let (incoming, index) = (self.incoming, self.index);
+        let committed = move || {
+            let path = incoming.commit()?;
+            if let Some((index, store)) = index {
+                let root = store.options().root;
+                match path.strip_prefix(&root).ok().and_then(|p| p.to_str()) {
+                    Some(relative) => index.record_stored(store.root(), relative),
+                    None => {
+                        warn!(path = %path.display(), "stored outside the store's root? not indexed")
+                    }
+                }
+            }
+            Ok::<_, crate::store::StoreError>(path)
+        };
+        match tokio::task::spawn_blocking(committed).await {
             Ok(Ok(path)) => Ok(path),
             Ok(Err(e)) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
             Err(e) => Err(Failure::new(
@@ -146,6 +261,138 @@ impl IncomingObject for StoreObject {
 }
 
 impl Observer<PathBuf> for Receiver {
+    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
+        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
+            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
+        });
+        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
+        let keys = parsed
+            .as_ref()
+            .map(query::Query::summary)
+            .unwrap_or_default();
+        let operation = match outcome.operation {
+            RetrieveOperation::Get => "C-GET",
+            RetrieveOperation::Move => "C-MOVE",
+        };
+        let destination = outcome.destination.map(|d| d.as_str());
+        let counts = &outcome.counts;
+        let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        if let Some(audit) = &self.audit {
+            audit.retrieve(&RetrieveRecord {
+                time: std::time::SystemTime::now(),
+                peer: association.peer,
+                calling_ae: &association.calling_ae,
+                operation,
+                sop_class_uid: outcome.sop_class.as_str(),
+                level,
+                keys: &keys,
+                destination,
+                completed: count(counts.completed),
+                failed: count(counts.failed),
+                warning: count(counts.warning),
+                remaining: count(counts.remaining),
+                status: outcome.status,
+                reason: outcome.comment,
+                milliseconds: ms as u64,
+            });
+        }
+        let reason = outcome.comment.unwrap_or("");
+        macro_rules! retrieve_line {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    peer = %association.peer,
+                    calling = %association.calling_ae,
+                    operation,
+                    destination = destination.unwrap_or(""),
+                    level,
+                    keys = %keys,
+                    completed = counts.completed,
+                    failed = counts.failed,
+                    warning = counts.warning,
+                    remaining = counts.remaining,
+                    ms = format_args!("{ms:.1}"),
+                    status = format_args!("{:04X}", outcome.status),
+                    reason,
+                    $message
+                )
+            };
+        }
+        if outcome.status == status::SUCCESS || outcome.status == status::CANCEL {
+            retrieve_line!(info, "retrieve");
+        } else {
+            retrieve_line!(warn, "retrieve failed or incomplete");
+        }
+    }
+
+    fn sub_operation(&self, association: &AssociationInfo, outcome: &SubOperationOutcome<'_>) {
+        // A refused object gets its own line with the destination's words:
+        // the usual cause is a SOP class or transfer syntax it does not take
+        // (nothing is transcoded).
+        if outcome.result == SubOperationResult::Failed {
+            warn!(
+                peer = %association.peer,
+                calling = %association.calling_ae,
+                destination = outcome.destination.map_or("", |d| d.as_str()),
+                sop_class = %outcome.sop_class.map_or("", |u| u.as_str()),
+                sop_instance = %outcome.sop_instance.map_or("", |u| u.as_str()),
+                status = format_args!("{:04X}", outcome.status),
+                reason = outcome.comment.unwrap_or(""),
+                "retrieve sub-operation failed"
+            );
+        }
+    }
+
+    fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
+        // The identifier again, for what was asked (small, and parsed
+        // once more only for the record).
+        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
+            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
+        });
+        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
+        let keys = parsed
+            .as_ref()
+            .map(query::Query::summary)
+            .unwrap_or_default();
+        let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        if let Some(audit) = &self.audit {
+            audit.find(&FindRecord {
+                time: std::time::SystemTime::now(),
+                peer: association.peer,
+                calling_ae: &association.calling_ae,
+                sop_class_uid: outcome.sop_class.as_str(),
+                level,
+                keys: &keys,
+                matches: outcome.matches,
+                status: outcome.status,
+                reason: outcome.comment,
+                milliseconds: ms as u64,
+            });
+        }
+        let reason = outcome.comment.unwrap_or("");
+        macro_rules! find_line {
+            ($level:ident, $message:literal) => {
+                $level!(
+                    peer = %association.peer,
+                    calling = %association.calling_ae,
+                    sop_class = %outcome.sop_class,
+                    level,
+                    keys = %keys,
+                    matches = outcome.matches,
+                    ms = format_args!("{ms:.1}"),
+                    status = format_args!("{:04X}", outcome.status),
+                    reason,
+                    $message
+                )
+            };
+        }
+        if outcome.status == status::SUCCESS || outcome.status == status::CANCEL {
+            find_line!(info, "C-FIND");
+        } else {
+            find_line!(warn, "C-FIND failed");
+        }
+    }
+
     fn echoed(&self, association: &AssociationInfo, status: u16) {
         info!(peer = %association.peer, calling = %association.calling_ae,
             status = format_args!("{status:04X}"), "C-ECHO");

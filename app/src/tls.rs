@@ -582,6 +582,35 @@ pub fn client_config(files: &ClientTlsFiles) -> Result<ClientConfig, TlsError> {
     }
 }
 
+/// The configuration minipacs connects to its `[[peer]]`s with (C-MOVE
+/// destinations): the receiver's own key and certificate as the client
+/// certificate, and the receiver's CA certificates as the roots the peer's
+/// chain must end in (the system's public roots when there are none). Built
+/// from the same material as the server's, so that it needs no file access
+/// of its own and follows every reload.
+pub fn peer_client_config(material: &TlsMaterial) -> Result<ClientConfig, TlsError> {
+    let roots = if material.cas.is_empty() {
+        let mut roots = RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        roots
+    } else {
+        roots_of(&material.cas)?
+    };
+    let chain = material.cert.certs()?;
+    ClientConfig::builder_with_provider(Arc::new(provider(CipherPreference::Aes)))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::Config)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, material.key.key()?)
+        .map_err(|source| TlsError::KeyMismatch {
+            key: material.key.path.clone(),
+            cert: material.cert.path.clone(),
+            source,
+        })
+}
+
 /// Parses a server name for certificate verification (a DNS name or an IP).
 pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_string()).map_err(|source| TlsError::ServerName {

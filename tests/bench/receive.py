@@ -691,11 +691,13 @@ class Row:
 
 def count_files(folder: Path) -> int:
     """Regular files under folder, skipping hidden entries (minipacs keeps
-    its in-flight temp files in .incoming and a .lock file)."""
+    its in-flight temp files in .incoming and a .lock file) and minipacs's
+    index (index.sqlite and its -wal and -shm, in the store's root)."""
     total = 0
-    for _root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        total += sum(1 for f in files if not f.startswith("."))
+        top = Path(root) == Path(folder)
+        total += sum(1 for f in files if not f.startswith(".") and not (top and f.startswith("index.sqlite")))
     return total
 
 

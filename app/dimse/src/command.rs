@@ -1,5 +1,6 @@
 //! DIMSE command sets (PS3.7 §9.3 and §E): the small implicit-VR
-//! little-endian data sets that announce each C-ECHO and C-STORE.
+//! little-endian data sets that announce each C-ECHO, C-STORE, C-FIND,
+//! C-GET, C-MOVE and C-CANCEL.
 //!
 //! Command sets are decoded from and encoded into fixed-size buffers; the
 //! UIDs they carry live in `heapless` strings, so a command costs no heap
@@ -8,6 +9,7 @@
 use heapless::Vec as HVec;
 use std::borrow::Cow;
 
+use crate::ae::AeTitle;
 use crate::uid::{self, Uid};
 
 /// The command field values (0000,0100) this appliance speaks.
@@ -20,6 +22,20 @@ pub mod field {
     pub const C_ECHO_RQ: u16 = 0x0030;
     /// C-ECHO-RSP
     pub const C_ECHO_RSP: u16 = 0x8030;
+    /// C-FIND-RQ
+    pub const C_FIND_RQ: u16 = 0x0020;
+    /// C-FIND-RSP
+    pub const C_FIND_RSP: u16 = 0x8020;
+    /// C-GET-RQ
+    pub const C_GET_RQ: u16 = 0x0010;
+    /// C-GET-RSP
+    pub const C_GET_RSP: u16 = 0x8010;
+    /// C-MOVE-RQ
+    pub const C_MOVE_RQ: u16 = 0x0021;
+    /// C-MOVE-RSP
+    pub const C_MOVE_RSP: u16 = 0x8021;
+    /// C-CANCEL-RQ
+    pub const C_CANCEL_RQ: u16 = 0x0FFF;
 }
 
 /// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) used here.
@@ -28,6 +44,9 @@ pub mod status {
     pub const SUCCESS: u16 = 0x0000;
     /// Refused: SOP class not supported
     pub const SOP_CLASS_NOT_SUPPORTED: u16 = 0x0122;
+    /// Refused: not authorized (PS3.7 C.5.x): a C-STORE from a peer whose
+    /// allowlist entry does not grant storing
+    pub const NOT_AUTHORIZED: u16 = 0x0124;
     /// Refused: Out of Resources (storage)
     pub const OUT_OF_RESOURCES: u16 = 0xA700;
     /// Error: Data Set does not match SOP Class
@@ -36,6 +55,32 @@ pub mod status {
     pub const CANNOT_UNDERSTAND: u16 = 0xC000;
     /// Warning: Coercion of Data Elements (the first warning status)
     pub const WARNING_FIRST: u16 = 0xB000;
+    /// C-FIND: Pending, matches are continuing (optional keys supported)
+    pub const PENDING: u16 = 0xFF00;
+    /// C-FIND: Pending, but one or more optional keys were not supported
+    pub const PENDING_WARNING: u16 = 0xFF01;
+    /// Cancel: the operation was ended by a C-CANCEL-RQ
+    pub const CANCEL: u16 = 0xFE00;
+    /// C-FIND: Error: Identifier does not match SOP Class
+    pub const IDENTIFIER_MISMATCH: u16 = 0xA900;
+    /// C-FIND: Failed: Unable to process (the C000 family)
+    pub const UNABLE_TO_PROCESS: u16 = 0xC000;
+    /// C-STORE: Warning: Elements Discarded
+    pub const ELEMENTS_DISCARDED: u16 = 0xB006;
+    /// C-STORE: Warning: Data Set does not match SOP Class
+    pub const DATA_SET_MISMATCH_WARNING: u16 = 0xB007;
+    /// C-GET, C-MOVE: Refused: Out of Resources, unable to calculate the
+    /// number of matches
+    pub const UNABLE_TO_CALCULATE_MATCHES: u16 = 0xA701;
+    /// C-GET, C-MOVE: Refused: Out of Resources, unable to perform
+    /// sub-operations (also the final status when every sub-operation
+    /// failed)
+    pub const UNABLE_TO_PERFORM_SUB_OPERATIONS: u16 = 0xA702;
+    /// C-MOVE: Refused: Move Destination unknown
+    pub const MOVE_DESTINATION_UNKNOWN: u16 = 0xA801;
+    /// C-GET, C-MOVE: Warning: sub-operations complete, one or more
+    /// failures or warnings
+    pub const SUB_OPERATIONS_WARNING: u16 = 0xB000;
 
     /// True for success and for the warning statuses, which mean "stored".
     pub fn is_stored(code: u16) -> bool {
@@ -55,6 +100,13 @@ const TAG_DATA_SET_TYPE: u32 = 0x0000_0800;
 const TAG_STATUS: u32 = 0x0000_0900;
 const TAG_ERROR_COMMENT: u32 = 0x0000_0902;
 const TAG_AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+const TAG_MOVE_DESTINATION: u32 = 0x0000_0600;
+const TAG_REMAINING: u32 = 0x0000_1020;
+const TAG_COMPLETED: u32 = 0x0000_1021;
+const TAG_FAILED: u32 = 0x0000_1022;
+const TAG_WARNING: u32 = 0x0000_1023;
+const TAG_MOVE_ORIGINATOR_AE: u32 = 0x0000_1030;
+const TAG_MOVE_ORIGINATOR_MESSAGE_ID: u32 = 0x0000_1031;
 
 /// Why a command set could not be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -70,13 +122,46 @@ pub enum CommandError {
     BadLength(u16, u16),
 }
 
-/// The fields of a command set that C-ECHO and C-STORE use.
+/// The sub-operation counts of a C-GET-RSP or C-MOVE-RSP, (0000,1020) to
+/// (0000,1023), as they are on the wire: each is present or not (PS3.4
+/// C.4.2.1.5, C.4.3.1.4: a pending or cancel response carries all four, a
+/// final one all but Remaining, an immediate refusal none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubOperations {
+    /// (0000,1020) Number of Remaining Sub-operations
+    pub remaining: Option<u16>,
+    /// (0000,1021) Number of Completed Sub-operations
+    pub completed: Option<u16>,
+    /// (0000,1022) Number of Failed Sub-operations
+    pub failed: Option<u16>,
+    /// (0000,1023) Number of Warning Sub-operations
+    pub warning: Option<u16>,
+}
+
+/// Who asked for the C-MOVE that a C-STORE-RQ is a sub-operation of:
+/// (0000,1030) Move Originator Application Entity Title and (0000,1031)
+/// Move Originator Message ID (PS3.7 §9.1.1.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoveOriginator {
+    /// the C-MOVE requester's AE title
+    pub ae_title: AeTitle,
+    /// the Message ID of its C-MOVE-RQ
+    pub message_id: u16,
+}
+
+/// The fields of a command set that the services spoken here use.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Command {
     /// (0000,0100) Command Field
     pub command_field: u16,
-    /// (0000,0110) Message ID, or for a response (0000,0120) Message ID Being Responded To
+    /// (0000,0110) Message ID, or for a response or a C-CANCEL-RQ (0000,0120)
+    /// Message ID Being Responded To
     pub message_id: u16,
+    /// (0000,0120) Message ID Being Responded To, when present (a
+    /// C-CANCEL-RQ names the request it cancels with it)
+    pub message_id_being_responded_to: Option<u16>,
+    /// (0000,0700) Priority (0 medium, 1 high, 2 low; 0 when absent)
+    pub priority: u16,
     /// (0000,0002) Affected SOP Class UID; `None` when absent or too long to be a UID
     pub sop_class: Option<Uid>,
     /// (0000,1000) Affected SOP Instance UID; `None` when absent or too long to be a UID
@@ -87,6 +172,19 @@ pub struct Command {
     pub has_data_set: bool,
     /// (0000,0900) Status, for responses
     pub status: Option<u16>,
+    /// (0000,0902) Error Comment of a response, cut to 64 bytes (on a
+    /// character boundary; bytes that are not UTF-8 replaced)
+    pub error_comment: Option<heapless::String<MAX_COMMENT>>,
+    /// (0000,0600) Move Destination of a C-MOVE-RQ; `None` when absent or
+    /// not a valid AE title
+    pub move_destination: Option<AeTitle>,
+    /// (0000,1020) to (0000,1023), for C-GET and C-MOVE responses
+    pub sub_operations: SubOperations,
+    /// (0000,1030) Move Originator Application Entity Title of a
+    /// C-STORE-RQ; `None` when absent or not a valid AE title
+    pub move_originator_ae: Option<AeTitle>,
+    /// (0000,1031) Move Originator Message ID of a C-STORE-RQ
+    pub move_originator_message_id: Option<u16>,
 }
 
 impl Command {
@@ -120,12 +218,25 @@ impl Command {
                     cmd.command_field = us()?;
                     seen_field = true;
                 }
-                TAG_MESSAGE_ID | TAG_MESSAGE_ID_RESPONDED => cmd.message_id = us()?,
+                TAG_MESSAGE_ID => cmd.message_id = us()?,
+                TAG_MESSAGE_ID_RESPONDED => {
+                    cmd.message_id = us()?;
+                    cmd.message_id_being_responded_to = Some(cmd.message_id);
+                }
+                TAG_PRIORITY => cmd.priority = us()?,
                 TAG_DATA_SET_TYPE => {
                     cmd.has_data_set = us()? != NO_DATA_SET;
                     seen_data_set_type = true;
                 }
                 TAG_STATUS => cmd.status = Some(us()?),
+                TAG_ERROR_COMMENT => cmd.error_comment = Some(comment_of(value)),
+                TAG_MOVE_DESTINATION => cmd.move_destination = ae_of(value),
+                TAG_REMAINING => cmd.sub_operations.remaining = Some(us()?),
+                TAG_COMPLETED => cmd.sub_operations.completed = Some(us()?),
+                TAG_FAILED => cmd.sub_operations.failed = Some(us()?),
+                TAG_WARNING => cmd.sub_operations.warning = Some(us()?),
+                TAG_MOVE_ORIGINATOR_AE => cmd.move_originator_ae = ae_of(value),
+                TAG_MOVE_ORIGINATOR_MESSAGE_ID => cmd.move_originator_message_id = Some(us()?),
                 TAG_AFFECTED_SOP_CLASS => cmd.sop_class = Uid::from_padded(value),
                 TAG_AFFECTED_SOP_INSTANCE => {
                     cmd.sop_instance = Uid::from_padded(value);
@@ -142,12 +253,42 @@ impl Command {
         }
         Ok(cmd)
     }
+
+    /// The Move Originator of a C-STORE-RQ, when both of its fields are
+    /// present and valid.
+    pub fn move_originator(&self) -> Option<MoveOriginator> {
+        Some(MoveOriginator {
+            ae_title: self.move_originator_ae.clone()?,
+            message_id: self.move_originator_message_id?,
+        })
+    }
+}
+
+/// An AE value (padded with spaces) as a valid AE title, if it is one.
+fn ae_of(value: &[u8]) -> Option<AeTitle> {
+    let text = std::str::from_utf8(value).ok()?;
+    AeTitle::new(text.trim_end_matches(['\0', ' '])).ok()
+}
+
+/// An Error Comment value as text of at most [`MAX_COMMENT`] bytes: what a
+/// peer wrote is shown, never refused (it is for people).
+fn comment_of(value: &[u8]) -> heapless::String<MAX_COMMENT> {
+    let text = String::from_utf8_lossy(value);
+    let text = text.trim_matches(['\0', ' ']);
+    let mut out = heapless::String::new();
+    for c in text.chars() {
+        if out.push(c).is_err() {
+            break;
+        }
+    }
+    out
 }
 
 /// The capacity of an encoded command set. The largest we build is a
 /// C-STORE-RSP: the group length (12 bytes), two UIDs of at most 64 bytes
 /// and a comment of at most 64 (8 + 64 each), and three US elements (10
-/// each): 258 bytes. The inputs are typed ([`Uid`] holds at most 64 bytes,
+/// each): 258 bytes. (A C-MOVE-RSP with a comment and all four counts is
+/// 236, a C-STORE-RQ with the Move Originator fields 230.) The inputs are typed ([`Uid`] holds at most 64 bytes,
 /// comments are cut to 64), so no command can outgrow the buffer; the test
 /// `the_largest_command_fits` builds the largest one.
 pub const COMMAND_CAPACITY: usize = 512;
@@ -178,8 +319,11 @@ impl Encoder {
         head[..2].copy_from_slice(&((tag >> 16) as u16).to_le_bytes());
         head[2..4].copy_from_slice(&(tag as u16).to_le_bytes());
         head[4..].copy_from_slice(&len.to_le_bytes());
-        // UIDs are padded with NUL, text with a space.
-        let fill = if tag == TAG_ERROR_COMMENT { b' ' } else { 0 };
+        // UIDs are padded with NUL, text (comments, AE titles) with a space.
+        let fill = match tag {
+            TAG_ERROR_COMMENT | TAG_MOVE_DESTINATION | TAG_MOVE_ORIGINATOR_AE => b' ',
+            _ => 0,
+        };
         let fits = self.out.extend_from_slice(&head).is_ok()
             && self.out.extend_from_slice(value).is_ok()
             && (pad == 0 || self.out.push(fill).is_ok());
@@ -192,6 +336,23 @@ impl Encoder {
 
     fn us(&mut self, tag: u32, value: u16) {
         self.element(tag, &value.to_le_bytes());
+    }
+
+    fn ae(&mut self, tag: u32, value: &AeTitle) {
+        self.element(tag, value.as_str().as_bytes());
+    }
+
+    fn counts(&mut self, counts: &SubOperations) {
+        for (tag, value) in [
+            (TAG_REMAINING, counts.remaining),
+            (TAG_COMPLETED, counts.completed),
+            (TAG_FAILED, counts.failed),
+            (TAG_WARNING, counts.warning),
+        ] {
+            if let Some(value) = value {
+                self.us(tag, value);
+            }
+        }
     }
 
     fn finish(mut self) -> EncodedCommand {
@@ -229,13 +390,170 @@ pub fn echo_rsp(message_id: u16, status_code: u16) -> EncodedCommand {
 
 /// Encodes a C-STORE-RQ (medium priority, a data set follows).
 pub fn store_rq(message_id: u16, sop_class: &Uid, sop_instance: &Uid) -> EncodedCommand {
+    store_rq_with(message_id, sop_class, sop_instance, 0, None)
+}
+
+/// Encodes a C-STORE-RQ with a priority and, for a sub-operation of a
+/// C-MOVE, the Move Originator fields (a data set follows).
+pub fn store_rq_with(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: &Uid,
+    priority: u16,
+    move_originator: Option<&MoveOriginator>,
+) -> EncodedCommand {
     let mut e = Encoder::new();
     e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
     e.us(TAG_COMMAND_FIELD, field::C_STORE_RQ);
     e.us(TAG_MESSAGE_ID, message_id);
-    e.us(TAG_PRIORITY, 0);
+    e.us(TAG_PRIORITY, priority);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
     e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
+    if let Some(originator) = move_originator {
+        e.ae(TAG_MOVE_ORIGINATOR_AE, &originator.ae_title);
+        e.us(TAG_MOVE_ORIGINATOR_MESSAGE_ID, originator.message_id);
+    }
+    e.finish()
+}
+
+/// Encodes a C-GET-RQ (an identifier data set follows).
+pub fn get_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_GET_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.finish()
+}
+
+/// Encodes a C-MOVE-RQ to `destination` (an identifier data set follows).
+pub fn move_rq(
+    message_id: u16,
+    sop_class: &Uid,
+    priority: u16,
+    destination: &AeTitle,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_MOVE_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.ae(TAG_MOVE_DESTINATION, destination);
+    e.finish()
+}
+
+/// Encodes a C-GET-RSP: pending, final or refusal, with the counts that
+/// are present in `counts`, an identifier following (`with_identifier`:
+/// the Failed SOP Instance UID List) or not, and an Error Comment (made to
+/// fit by [`fit_comment`]).
+pub fn get_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    retrieve_rsp(
+        field::C_GET_RSP,
+        message_id,
+        sop_class,
+        status_code,
+        counts,
+        with_identifier,
+        comment,
+    )
+}
+
+/// Encodes a C-MOVE-RSP, as [`get_rsp`] does a C-GET-RSP.
+pub fn move_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    retrieve_rsp(
+        field::C_MOVE_RSP,
+        message_id,
+        sop_class,
+        status_code,
+        counts,
+        with_identifier,
+        comment,
+    )
+}
+
+fn retrieve_rsp(
+    command_field: u16,
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    counts: &SubOperations,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, command_field);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(
+        TAG_DATA_SET_TYPE,
+        if with_identifier { 0x0000 } else { NO_DATA_SET },
+    );
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    e.counts(counts);
+    e.finish()
+}
+
+/// Encodes a C-FIND-RQ (an identifier data set follows).
+pub fn find_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_FIND_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_PRIORITY, priority);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.finish()
+}
+
+/// Encodes a C-FIND-RSP: a pending one (`with_identifier`, an identifier
+/// data set follows) or the final one, whose failure status may carry an
+/// Error Comment (made to fit by [`fit_comment`]).
+pub fn find_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    status_code: u16,
+    with_identifier: bool,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::C_FIND_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(
+        TAG_DATA_SET_TYPE,
+        if with_identifier { 0x0000 } else { NO_DATA_SET },
+    );
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    e.finish()
+}
+
+/// Encodes a C-CANCEL-RQ for the request `message_id`.
+pub fn cancel_rq(message_id: u16) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.us(TAG_COMMAND_FIELD, field::C_CANCEL_RQ);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
     e.finish()
 }
 
@@ -459,6 +777,152 @@ mod tests {
         assert_eq!(cmd.sop_instance.as_ref(), Some(&longest));
         assert_eq!(cmd.status, Some(0xA700));
         let rq = store_rq(u16::MAX, &longest, &longest);
-        assert_eq!(Command::decode(&rq).map(|c| c.sop_class), Ok(Some(longest)));
+        assert_eq!(
+            Command::decode(&rq).map(|c| c.sop_class),
+            Ok(Some(longest.clone()))
+        );
+        let rsp = find_rsp(u16::MAX, &longest, 0xC000, false, Some(&comment));
+        assert!(rsp.len() <= COMMAND_CAPACITY);
+        let all = Some(u16::MAX);
+        let counts = SubOperations {
+            remaining: all,
+            completed: all,
+            failed: all,
+            warning: all,
+        };
+        let rsp = move_rsp(u16::MAX, &longest, 0xA702, &counts, true, Some(&comment));
+        assert!(rsp.len() <= COMMAND_CAPACITY);
+        let originator = MoveOriginator {
+            ae_title: AeTitle::new(&"M".repeat(16)).expect("valid"),
+            message_id: u16::MAX,
+        };
+        let rq = store_rq_with(u16::MAX, &longest, &longest, 2, Some(&originator));
+        assert_eq!(
+            Command::decode(&rq).map(|c| c.move_originator()),
+            Ok(Some(originator))
+        );
+    }
+
+    #[test]
+    fn retrieve_commands_round_trip() {
+        let get = u("1.2.840.10008.5.1.4.1.2.2.3");
+        let rq = Command::decode(&get_rq(3, &get, 1)).expect("decodes");
+        assert_eq!(
+            (
+                rq.command_field,
+                rq.message_id,
+                rq.priority,
+                rq.has_data_set
+            ),
+            (field::C_GET_RQ, 3, 1, true)
+        );
+        assert_eq!(rq.move_destination, None);
+
+        let moved = u("1.2.840.10008.5.1.4.1.2.1.2");
+        let dest = AeTitle::new("STORESCP").expect("valid");
+        let rq = Command::decode(&move_rq(4, &moved, 0, &dest)).expect("decodes");
+        assert_eq!(rq.command_field, field::C_MOVE_RQ);
+        assert_eq!(rq.move_destination.as_ref(), Some(&dest));
+
+        let pending = SubOperations {
+            remaining: Some(3),
+            completed: Some(2),
+            failed: Some(1),
+            warning: Some(0),
+        };
+        let rsp = Command::decode(&get_rsp(3, &get, status::PENDING, &pending, false, None))
+            .expect("decodes");
+        assert_eq!(rsp.command_field, field::C_GET_RSP);
+        assert_eq!(rsp.message_id_being_responded_to, Some(3));
+        assert_eq!(rsp.sub_operations, pending);
+        assert!(!rsp.has_data_set);
+        assert_eq!(rsp.error_comment, None);
+
+        let last = SubOperations {
+            remaining: None,
+            ..pending
+        };
+        let rsp = Command::decode(&move_rsp(
+            4,
+            &moved,
+            status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+            &last,
+            true,
+            Some("all failed"),
+        ))
+        .expect("decodes");
+        assert_eq!(rsp.command_field, field::C_MOVE_RSP);
+        assert_eq!(rsp.sub_operations, last);
+        assert!(rsp.has_data_set);
+        assert_eq!(rsp.error_comment.as_deref(), Some("all failed"));
+
+        // A refusal carries no counts at all.
+        let rsp = Command::decode(&move_rsp(
+            4,
+            &moved,
+            status::MOVE_DESTINATION_UNKNOWN,
+            &SubOperations::default(),
+            false,
+            Some("unknown"),
+        ))
+        .expect("decodes");
+        assert_eq!(rsp.sub_operations, SubOperations::default());
+
+        // Without the originator fields, a C-STORE-RQ names none.
+        let plain = Command::decode(&store_rq(1, &get, &get)).expect("decodes");
+        assert_eq!(plain.move_originator(), None);
+    }
+
+    #[test]
+    fn what_a_peer_writes_in_text_fields_is_taken_without_overflow() {
+        let mut e = Encoder::new();
+        e.us(TAG_COMMAND_FIELD, field::C_STORE_RSP);
+        e.us(TAG_MESSAGE_ID_RESPONDED, 1);
+        e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+        e.us(TAG_STATUS, 0xA700);
+        // Longer than LO allows, and not UTF-8 in the middle.
+        let mut comment = b"  disk \xff full ".to_vec();
+        comment.extend_from_slice(&[b'x'; 100]);
+        e.out
+            .extend_from_slice(&[0x00, 0x00, 0x02, 0x09])
+            .expect("room");
+        e.out
+            .extend_from_slice(&(comment.len() as u32).to_le_bytes())
+            .expect("room");
+        e.out.extend_from_slice(&comment).expect("room");
+        // A Move Destination longer than an AE title, and an originator
+        // with a backslash.
+        e.element(TAG_MOVE_DESTINATION, b"SEVENTEEN_LETTERS");
+        e.element(TAG_MOVE_ORIGINATOR_AE, b"A\\B");
+        e.us(TAG_MOVE_ORIGINATOR_MESSAGE_ID, 7);
+        let cmd = Command::decode(&e.finish()).expect("decodes");
+        let text = cmd.error_comment.clone().expect("a comment");
+        assert!(text.starts_with("disk \u{FFFD} full x"), "{text}");
+        assert!(text.len() <= MAX_COMMENT);
+        assert_eq!(cmd.move_destination, None);
+        assert_eq!(cmd.move_originator_ae, None);
+        assert_eq!(cmd.move_originator_message_id, Some(7));
+        assert_eq!(cmd.move_originator(), None);
+    }
+
+    #[test]
+    fn find_and_cancel_commands_round_trip() {
+        let class = u("1.2.840.10008.5.1.4.1.2.2.1");
+        let rq = Command::decode(&find_rq(7, &class, 2)).expect("decodes");
+        assert_eq!(
+            (
+                rq.command_field,
+                rq.message_id,
+                rq.priority,
+                rq.has_data_set
+            ),
+            (field::C_FIND_RQ, 7, 2, true)
+        );
+        let cancel = Command::decode(&cancel_rq(7)).expect("decodes");
+        assert_eq!(cancel.command_field, field::C_CANCEL_RQ);
+        assert_eq!(cancel.message_id_being_responded_to, Some(7));
+        let pending =
+            Command::decode(&find_rsp(7, &class, status::PENDING, true, None)).expect("decodes");
+        assert_eq!((pending.status, pending.has_data_set), (Some(0xFF00), true));
     }
 }

@@ -45,6 +45,31 @@ pub enum ProtocolViolation {
     /// A C-STORE-RQ that announces no data set.
     #[error("C-STORE-RQ without a data set")]
     StoreWithoutDataSet,
+    /// A C-FIND-RQ that announces no identifier.
+    #[error("C-FIND-RQ without an identifier")]
+    FindWithoutIdentifier,
+    /// A command other than C-CANCEL-RQ while a C-FIND is answered (no
+    /// asynchronous operations are negotiated).
+    #[error("command 0x{0:04X} while a C-FIND is answered")]
+    CommandDuringFind(u16),
+    /// A C-GET-RQ or C-MOVE-RQ that announces no identifier.
+    #[error("C-GET-RQ or C-MOVE-RQ without an identifier")]
+    RetrieveWithoutIdentifier,
+    /// A command other than C-CANCEL-RQ, or the C-STORE-RSP of the
+    /// sub-operation in flight, while a C-GET or C-MOVE is performed.
+    #[error("command 0x{0:04X} while a C-GET or C-MOVE is performed")]
+    CommandDuringRetrieve(u16),
+    /// A C-STORE-RSP for another message than the C-STORE-RQ we sent.
+    #[error("C-STORE-RSP for message {got}, expected {expected}")]
+    WrongResponse {
+        /// the Message ID of our C-STORE-RQ
+        expected: u16,
+        /// the Message ID Being Responded To of the response
+        got: u16,
+    },
+    /// A response without its Status (0000,0900).
+    #[error("response without a status")]
+    ResponseWithoutStatus,
     /// A command this SCP does not perform (PS3.7 has it abort: there is
     /// no response we could give that the requester expects).
     #[error("unsupported DIMSE command 0x{0:04X}")]
@@ -72,6 +97,12 @@ impl ProtocolViolation {
             | ProtocolViolation::BadCommand(_)
             | ProtocolViolation::EchoWithDataSet
             | ProtocolViolation::StoreWithoutDataSet
+            | ProtocolViolation::FindWithoutIdentifier
+            | ProtocolViolation::CommandDuringFind(_)
+            | ProtocolViolation::RetrieveWithoutIdentifier
+            | ProtocolViolation::CommandDuringRetrieve(_)
+            | ProtocolViolation::WrongResponse { .. }
+            | ProtocolViolation::ResponseWithoutStatus
             | ProtocolViolation::UnsupportedCommand(_)
             | ProtocolViolation::DataWithoutCommand
             | ProtocolViolation::DataContextSwitch => AbortReason::UnexpectedPduParameter,
@@ -98,6 +129,17 @@ pub enum AssociationError {
     /// The peer was silent for longer than the DIMSE timeout.
     #[error("no data for {0} s (DIMSE timeout)")]
     Timeout(u64),
+    /// A data set we were sending (a C-GET sub-operation) could not be read
+    /// to its end: part of it is on the wire and there is no way in DIMSE
+    /// to take it back, so the association is aborted.
+    #[error("reading the data set of {sop_instance} to send: {source}")]
+    SubOperationData {
+        /// the SOP instance being sent
+        sop_instance: crate::uid::Uid,
+        /// why it could not be read
+        #[source]
+        source: std::io::Error,
+    },
     /// The caller stopped the association between messages (the service
     /// shutting down, or the association given up to make room).
     #[error("stopped by the service")]
@@ -126,9 +168,9 @@ impl AssociationError {
                 Some(AbortReason::InvalidPduParameter)
             }
             AssociationError::Violation(v) => Some(v.abort_reason()),
-            AssociationError::Timeout(_) | AssociationError::Stopped => {
-                Some(AbortReason::NotSpecified)
-            }
+            AssociationError::Timeout(_)
+            | AssociationError::Stopped
+            | AssociationError::SubOperationData { .. } => Some(AbortReason::NotSpecified),
         }
     }
 

@@ -22,6 +22,8 @@
 //!   protocol error to an A-ABORT reason.
 //! - [`scp`]: one accepted association, from A-ASSOCIATE-AC to release or
 //!   abort, driving a [`scp::Service`].
+//! - [`retrieve`]: the counts, statuses and failed-instance list of a
+//!   C-GET or C-MOVE.
 //! - [`scu`]: the requesting side (C-ECHO, streaming C-STORE).
 
 pub mod ae;
@@ -29,6 +31,7 @@ pub mod command;
 pub mod error;
 pub mod negotiation;
 pub mod pdu;
+pub mod retrieve;
 pub mod scp;
 pub mod scu;
 pub mod uid;

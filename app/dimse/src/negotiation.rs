@@ -6,12 +6,19 @@
 //! to understand a transfer syntax: it accepts the first one the SCU proposes
 //! for each storage context (dcmtk's `+xa`, private and unknown syntaxes
 //! included), which is the one the SCU prefers.
+//!
+//! For C-GET the requester receives the objects over the same association,
+//! so it proposes their storage SOP classes with the SCP role for itself
+//! (SCP/SCU Role Selection, PS3.7 D.3.3.4). When retrieve is enabled that
+//! role is granted (and answered in the A-ASSOCIATE-AC), and the contexts of
+//! those classes are marked: C-GET sub-operations go only to them. They
+//! stay usable for the peer's own C-STOREs as well.
 
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
     AssociationRJServiceProviderPresentationReason, AssociationRJServiceUserReason,
     AssociationRJSource, AssociationRQ, PresentationContextResult, PresentationContextResultReason,
-    UserVariableItem,
+    RequestorRoles, UserVariableItem,
 };
 
 use crate::ae::AeTitle;
@@ -26,6 +33,15 @@ pub enum ServiceClass {
     Verification,
     /// a storage SOP class (C-STORE)
     Storage,
+    /// a Query/Retrieve FIND information model, Patient Root or Study
+    /// Root (C-FIND; the model is the context's abstract syntax)
+    Find,
+    /// a Query/Retrieve GET information model, Patient Root or Study Root
+    /// (C-GET)
+    Get,
+    /// a Query/Retrieve MOVE information model, Patient Root or Study Root
+    /// (C-MOVE)
+    Move,
 }
 
 /// A presentation context accepted for the life of an association.
@@ -39,6 +55,15 @@ pub struct AcceptedContext {
     pub transfer_syntax: Uid,
     /// the service it was accepted for
     pub service: ServiceClass,
+    /// the peer (the association requestor) was granted the SCP role for
+    /// this abstract syntax by SCP/SCU Role Selection: C-GET sub-operations
+    /// (our C-STORE-RQs) are sent on this context. False without a role
+    /// selection, when the default roles hold (the peer is SCU only).
+    pub peer_scp_role: bool,
+    /// the peer may send C-STOREs on this context (a storage context of a
+    /// peer granted `store`); false for a storage context accepted only so
+    /// that C-GET sub-operations can go to a peer that may not store
+    pub peer_may_store: bool,
 }
 
 /// The contexts of one association, bounded by the 128 a PDU can propose.
@@ -60,6 +85,15 @@ pub struct AcceptPolicy {
     pub accept_private_sop_classes: bool,
     /// who may associate; empty: anyone who calls our AE title
     pub allow: Vec<Allowed>,
+    /// accept the Patient Root and Study Root Query/Retrieve FIND models
+    /// (the application answers C-FIND); off, they are refused at
+    /// negotiation
+    pub find: bool,
+    /// accept the Patient Root and Study Root Query/Retrieve GET and MOVE
+    /// models (the application answers C-GET and C-MOVE), and grant the
+    /// SCP role for storage SOP classes that a C-GET requester asks for;
+    /// off, the models are refused at negotiation and no role is granted
+    pub retrieve: bool,
 }
 
 /// One entry of the calling AE title allowlist.
@@ -71,6 +105,61 @@ pub struct Allowed {
     pub host: Option<std::net::IpAddr>,
     /// if set, the common name its TLS client certificate must carry
     pub cert_name: Option<String>,
+    /// the services it may use
+    pub grants: Grants,
+}
+
+/// The services an allowlist entry grants. Verification (C-ECHO) is always
+/// granted: it reveals nothing and is how a peer checks the link. A
+/// presentation context for a service not granted is refused at
+/// negotiation (user rejection), so the peer learns at once what it may
+/// not do, and a request on it cannot reach the service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grants {
+    /// C-STORE into us
+    pub store: bool,
+    /// C-FIND
+    pub find: bool,
+    /// C-GET (its sub-operations go to the peer on storage contexts)
+    pub get: bool,
+    /// C-MOVE
+    pub r#move: bool,
+}
+
+impl Grants {
+    /// Every service.
+    pub const ALL: Grants = Grants {
+        store: true,
+        find: true,
+        get: true,
+        r#move: true,
+    };
+    /// No service but C-ECHO.
+    pub const NONE: Grants = Grants {
+        store: false,
+        find: false,
+        get: false,
+        r#move: false,
+    };
+
+    fn union(self, other: Grants) -> Grants {
+        Grants {
+            store: self.store || other.store,
+            find: self.find || other.find,
+            get: self.get || other.get,
+            r#move: self.r#move || other.r#move,
+        }
+    }
+
+    fn permits(self, service: ServiceClass) -> bool {
+        match service {
+            ServiceClass::Verification => true,
+            ServiceClass::Storage => self.store,
+            ServiceClass::Find => self.find,
+            ServiceClass::Get => self.get,
+            ServiceClass::Move => self.r#move,
+        }
+    }
 }
 
 /// What is known of the peer apart from its request.
@@ -195,6 +284,20 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         );
     }
     let calling = rq.calling_ae_title.trim();
+    // What the entries admitting this peer grant together (all, without
+    // an allowlist).
+    let grants = if policy.allow.is_empty() {
+        Grants::ALL
+    } else {
+        policy
+            .allow
+            .iter()
+            .filter(|a| a.admits(calling, peer))
+            .fold(None, |acc: Option<Grants>, a| {
+                Some(acc.map_or(a.grants, |g| g.union(a.grants)))
+            })
+            .unwrap_or(Grants::NONE)
+    };
     if !policy.allow.is_empty() && !policy.allow.iter().any(|a| a.admits(calling, peer)) {
         return Negotiated::Reject(
             AssociationRJ {
@@ -207,6 +310,11 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         );
     }
 
+    let roles = if grants.get {
+        granted_roles(rq, policy, grants.store)
+    } else {
+        Vec::new()
+    };
     let mut contexts = Box::new(ContextTable::new());
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     for pc in &rq.presentation_contexts {
@@ -214,6 +322,12 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         let is_verification = abstract_syntax == uid::VERIFICATION;
         let service = if is_verification {
             Some(ServiceClass::Verification)
+        } else if policy.find && uid::is_find_sop_class(abstract_syntax) {
+            Some(ServiceClass::Find)
+        } else if policy.retrieve && uid::is_get_sop_class(abstract_syntax) {
+            Some(ServiceClass::Get)
+        } else if policy.retrieve && uid::is_move_sop_class(abstract_syntax) {
+            Some(ServiceClass::Move)
         } else if uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes) {
             Some(ServiceClass::Storage)
         } else {
@@ -232,11 +346,31 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 .find(|ts| ts.as_str() == uid::IMPLICIT_VR_LE)
                 .or(all.first())
                 .cloned()
+        } else if matches!(
+            service,
+            Some(ServiceClass::Find | ServiceClass::Get | ServiceClass::Move)
+        ) {
+            // Identifiers are read and written by the application: only
+            // the two uncompressed little-endian syntaxes, the SCU's
+            // preference first.
+            proposed
+                .into_iter()
+                .find(|ts| matches!(ts.as_str(), uid::IMPLICIT_VR_LE | uid::EXPLICIT_VR_LE))
         } else {
             proposed.into_iter().next()
         };
         let service = service.filter(|_| valid_id);
+        // A storage context of a peer that may not store is still taken
+        // for C-GET's sub-operations when it asked for the SCP role.
+        let peer_scp_role = service == Some(ServiceClass::Storage)
+            && roles.iter().any(|(class, _)| *class == abstract_syntax);
+        let refused = service.is_some_and(|s| !grants.permits(s))
+            && !(service == Some(ServiceClass::Storage) && peer_scp_role);
         let (reason, ts) = match (service, chosen, Uid::new(abstract_syntax)) {
+            _ if refused => (
+                PresentationContextResultReason::UserRejection,
+                pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
+            ),
             (None, _, _) | (_, _, None) => (
                 PresentationContextResultReason::AbstractSyntaxNotSupported,
                 pc.transfer_syntaxes.first().cloned().unwrap_or_default(),
@@ -254,6 +388,8 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                     abstract_syntax,
                     transfer_syntax: ts,
                     service,
+                    peer_scp_role,
+                    peer_may_store: service == ServiceClass::Storage && grants.store,
                 });
                 (PresentationContextResultReason::Acceptance, text)
             }
@@ -279,25 +415,75 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
     }
     let peer_max_pdu = max_pdu_of(&rq.user_variables);
 
+    let mut user_variables = vec![
+        UserVariableItem::MaxLength(policy.max_pdu),
+        UserVariableItem::ImplementationClassUID(uid::IMPLEMENTATION_CLASS_UID.to_string()),
+        UserVariableItem::ImplementationVersionName(uid::IMPLEMENTATION_VERSION_NAME.to_string()),
+    ];
+    // Only SOP classes with an accepted storage context are answered.
+    user_variables.extend(
+        roles
+            .iter()
+            .filter(|(class, _)| {
+                contexts
+                    .iter()
+                    .any(|c| c.peer_scp_role && c.abstract_syntax.as_str() == *class)
+            })
+            .map(|(class, scu)| {
+                UserVariableItem::ScuScpRoleSelectionSubItem(
+                    class.to_string(),
+                    RequestorRoles {
+                        scu: *scu,
+                        scp: true,
+                    },
+                )
+            }),
+    );
     let ac = AssociationAC {
         protocol_version: 1,
         calling_ae_title: rq.calling_ae_title.clone(),
         called_ae_title: rq.called_ae_title.clone(),
         application_context_name: uid::APPLICATION_CONTEXT.to_string(),
         presentation_contexts: results,
-        user_variables: vec![
-            UserVariableItem::MaxLength(policy.max_pdu),
-            UserVariableItem::ImplementationClassUID(uid::IMPLEMENTATION_CLASS_UID.to_string()),
-            UserVariableItem::ImplementationVersionName(
-                uid::IMPLEMENTATION_VERSION_NAME.to_string(),
-            ),
-        ],
+        user_variables,
     };
     Negotiated::Accept {
         ac,
         contexts,
         peer_max_pdu,
     }
+}
+
+/// The SOP classes for which the requestor proposed the SCP role and gets
+/// it (PS3.7 D.3.3.4), each with the SCU role it proposed (granted as
+/// proposed: a peer that asks for both roles may also send C-STOREs). The
+/// SCP role is granted for storage SOP classes only, and only when
+/// retrieve is enabled: it exists here for C-GET. Role items for other
+/// classes, or that do not ask for the SCP role, get no answer, which
+/// leaves the default roles (PS3.7 D.3.3.4: the requestor is SCU).
+fn granted_roles<'a>(
+    rq: &'a AssociationRQ,
+    policy: &AcceptPolicy,
+    may_store: bool,
+) -> Vec<(&'a str, bool)> {
+    if !policy.retrieve {
+        return Vec::new();
+    }
+    let mut granted: Vec<(&str, bool)> = Vec::new();
+    for item in &rq.user_variables {
+        let UserVariableItem::ScuScpRoleSelectionSubItem(class, roles) = item else {
+            continue;
+        };
+        let class = class.trim_end_matches(['\0', ' ']);
+        if roles.scp
+            && uid::is_storage_sop_class(class, policy.accept_private_sop_classes)
+            && granted.iter().all(|(c, _)| *c != class)
+        {
+            // The SCU role (the peer storing to us) only if it may store.
+            granted.push((class, roles.scu && may_store));
+        }
+    }
+    granted
 }
 
 #[cfg(test)]
@@ -311,6 +497,8 @@ mod tests {
             max_pdu: 65536,
             accept_private_sop_classes: true,
             allow: Vec::new(),
+            find: false,
+            retrieve: false,
         }
     }
 
@@ -338,11 +526,13 @@ mod tests {
                 aetitle: ae("SCU"),
                 host: Some("10.0.0.5".parse().expect("ip")),
                 cert_name: None,
+                grants: Grants::ALL,
             },
             Allowed {
                 aetitle: ae("CT1"),
                 host: None,
                 cert_name: Some("ct1.example".into()),
+                grants: Grants::ALL,
             },
         ];
         let from = |ip: &str, names: &'static [String]| PeerFacts {
@@ -392,6 +582,240 @@ mod tests {
             abstract_syntax: abs.into(),
             transfer_syntaxes: ts.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    #[test]
+    fn find_models_are_accepted_when_enabled_with_a_little_endian_syntax() {
+        let request = rq(
+            "MINIPACS",
+            vec![
+                pc(
+                    1,
+                    uid::STUDY_ROOT_FIND,
+                    &[uid::EXPLICIT_VR_BE, uid::EXPLICIT_VR_LE],
+                ),
+                pc(3, uid::PATIENT_ROOT_FIND, &[uid::IMPLICIT_VR_LE]),
+                pc(5, uid::PATIENT_ROOT_FIND, &["1.2.840.10008.1.2.4.50"]),
+                // Patient/Study Only (retired) and MOVE are not FIND models.
+                pc(7, "1.2.840.10008.5.1.4.1.2.3.1", &[uid::IMPLICIT_VR_LE]),
+                pc(9, "1.2.840.10008.5.1.4.1.2.2.2", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let mut p = policy();
+        p.find = true;
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &p, &PEER) else {
+            panic!("expected acceptance");
+        };
+        use PresentationContextResultReason::*;
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| r.reason.clone())
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                Acceptance,
+                Acceptance,
+                TransferSyntaxesNotSupported,
+                AbstractSyntaxNotSupported,
+                AbstractSyntaxNotSupported
+            ]
+        );
+        assert_eq!(contexts[0].service, ServiceClass::Find);
+        assert_eq!(contexts[0].transfer_syntax.as_str(), uid::EXPLICIT_VR_LE);
+        // Off: the same request finds nothing to accept.
+        assert!(matches!(
+            negotiate(&request, &policy(), &PEER),
+            Negotiated::Reject(_, RejectReason::NoAcceptableContext)
+        ));
+    }
+
+    #[test]
+    fn an_allowlist_entry_grants_only_its_services() {
+        let mut request = rq(
+            "MINIPACS",
+            vec![
+                pc(1, uid::VERIFICATION, &[uid::IMPLICIT_VR_LE]),
+                pc(3, uid::STUDY_ROOT_FIND, &[uid::IMPLICIT_VR_LE]),
+                pc(5, uid::STUDY_ROOT_GET, &[uid::IMPLICIT_VR_LE]),
+                pc(7, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+                pc(9, "1.2.840.10008.5.1.4.1.1.4", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        // The peer asks for both roles for CT, none for MR.
+        request
+            .user_variables
+            .push(UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                RequestorRoles {
+                    scu: true,
+                    scp: true,
+                },
+            ));
+        let entry = |grants| Allowed {
+            aetitle: ae("SCU"),
+            host: None,
+            cert_name: None,
+            grants,
+        };
+        let outcome = |grants: &[Grants]| {
+            let mut p = policy();
+            p.find = true;
+            p.retrieve = true;
+            p.allow = grants.iter().map(|g| entry(*g)).collect();
+            match negotiate(&request, &p, &PEER) {
+                Negotiated::Accept { ac, contexts, .. } => {
+                    use PresentationContextResultReason::*;
+                    let accepted: Vec<_> = ac
+                        .presentation_contexts
+                        .iter()
+                        .map(|r| (r.id, r.reason == Acceptance))
+                        .collect();
+                    let storing: Vec<_> = contexts
+                        .iter()
+                        .map(|c| (c.id, c.peer_may_store, c.peer_scp_role))
+                        .collect();
+                    let scu_role = ac.user_variables.iter().find_map(|v| match v {
+                        UserVariableItem::ScuScpRoleSelectionSubItem(_, roles) => Some(roles.scu),
+                        _ => None,
+                    });
+                    (accepted, storing, scu_role)
+                }
+                Negotiated::Reject(..) => panic!("rejected"),
+            }
+        };
+        let store_only = Grants {
+            store: true,
+            ..Grants::NONE
+        };
+        let (accepted, storing, _) = outcome(&[store_only]);
+        assert_eq!(
+            accepted,
+            vec![(1, true), (3, false), (5, false), (7, true), (9, true)]
+        );
+        // No C-GET granted: no SCP role for the peer.
+        assert_eq!(
+            storing,
+            vec![(1, false, false), (7, true, false), (9, true, false)]
+        );
+
+        let query_and_get = Grants {
+            find: true,
+            get: true,
+            ..Grants::NONE
+        };
+        let (accepted, storing, scu_role) = outcome(&[query_and_get]);
+        // CT is taken for C-GET's sub-operations only; MR (no role asked)
+        // could only be stored into us, which is not granted.
+        assert_eq!(
+            accepted,
+            vec![(1, true), (3, true), (5, true), (7, true), (9, false)]
+        );
+        assert_eq!(
+            storing,
+            vec![
+                (1, false, false),
+                (3, false, false),
+                (5, false, false),
+                (7, false, true)
+            ]
+        );
+        assert_eq!(
+            scu_role,
+            Some(false),
+            "the role item withholds the SCU role"
+        );
+
+        // Two entries for the same peer: their grants add up.
+        let (accepted, _, scu_role) = outcome(&[store_only, query_and_get]);
+        assert!(accepted.iter().all(|(_, ok)| *ok), "{accepted:?}");
+        assert_eq!(scu_role, Some(true));
+    }
+
+    #[test]
+    fn retrieve_models_are_accepted_when_enabled_and_roles_only_for_storage() {
+        let mut request = rq(
+            "MINIPACS",
+            vec![
+                pc(1, uid::PATIENT_ROOT_GET, &[uid::IMPLICIT_VR_LE]),
+                pc(3, uid::STUDY_ROOT_MOVE, &["1.2.840.10008.1.2.4.50"]),
+                pc(5, uid::STUDY_ROOT_MOVE, &[uid::EXPLICIT_VR_LE]),
+                pc(7, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+            ],
+        );
+        let both = RequestorRoles {
+            scu: true,
+            scp: true,
+        };
+        request.user_variables.extend([
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2\0".into(),
+                both,
+            ),
+            // Asked twice: answered once.
+            UserVariableItem::ScuScpRoleSelectionSubItem("1.2.840.10008.5.1.4.1.1.2".into(), both),
+            // Not asking for the SCP role: no answer, the default roles.
+            UserVariableItem::ScuScpRoleSelectionSubItem(
+                uid::PATIENT_ROOT_GET.into(),
+                RequestorRoles {
+                    scu: true,
+                    scp: false,
+                },
+            ),
+        ]);
+        let mut p = policy();
+        p.retrieve = true;
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &p, &PEER) else {
+            panic!("expected acceptance");
+        };
+        use PresentationContextResultReason::*;
+        let reasons: Vec<_> = ac
+            .presentation_contexts
+            .iter()
+            .map(|r| r.reason.clone())
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                Acceptance,
+                TransferSyntaxesNotSupported,
+                Acceptance,
+                Acceptance
+            ]
+        );
+        let services: Vec<_> = contexts
+            .iter()
+            .map(|c| (c.id, c.service, c.peer_scp_role))
+            .collect();
+        assert_eq!(
+            services,
+            vec![
+                (1, ServiceClass::Get, false),
+                (5, ServiceClass::Move, false),
+                (7, ServiceClass::Storage, true)
+            ]
+        );
+        let roles: Vec<_> = ac
+            .user_variables
+            .iter()
+            .filter(|v| matches!(v, UserVariableItem::ScuScpRoleSelectionSubItem(..)))
+            .cloned()
+            .collect();
+        assert_eq!(
+            roles,
+            vec![UserVariableItem::ScuScpRoleSelectionSubItem(
+                "1.2.840.10008.5.1.4.1.1.2".into(),
+                both
+            )]
+        );
+        // Off: only storage, with the default roles.
+        let Negotiated::Accept { ac, contexts, .. } = negotiate(&request, &policy(), &PEER) else {
+            panic!("expected acceptance");
+        };
+        assert_eq!(contexts.len(), 1);
+        assert!(!contexts[0].peer_scp_role);
+        assert_eq!(ac.user_variables.len(), 3);
     }
 
     #[test]

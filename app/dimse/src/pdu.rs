@@ -119,24 +119,35 @@ impl<R: AsyncRead + Unpin> PduReader<R> {
 
     /// Reads the next PDU header. Returns `Ok(None)` when the peer closed the
     /// connection cleanly between PDUs.
+    ///
+    /// Cancel-safe: the bytes of a header read so far are kept in the
+    /// reader, so the future may be dropped (a `select!` between the next
+    /// PDU and the next C-FIND match) and called again without losing any.
     pub async fn read_header(&mut self) -> Result<Option<PduHeader>, FramingError> {
         // Move the carried bytes (at most a header's worth) to the front.
-        let mut head = [0u8; PDU_HEADER_LEN];
-        let carried = self.carry;
-        head[..carried].copy_from_slice(&self.buf[self.body_len..self.body_len + carried]);
-        self.carry = 0;
-        self.body_len = 0;
-        let mut have = carried;
-        while have < PDU_HEADER_LEN {
-            let n = self.stream.read(&mut head[have..]).await?;
+        if self.body_len > 0 {
+            self.buf
+                .copy_within(self.body_len..self.body_len + self.carry, 0);
+            self.body_len = 0;
+        }
+        while self.carry < PDU_HEADER_LEN {
+            // `read` is cancel-safe, and what it read is counted before the
+            // next await.
+            let n = self
+                .stream
+                .read(&mut self.buf[self.carry..PDU_HEADER_LEN])
+                .await?;
             if n == 0 {
-                if have == 0 {
+                if self.carry == 0 {
                     return Ok(None);
                 }
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
             }
-            have += n;
+            self.carry += n;
         }
+        let mut head = [0u8; PDU_HEADER_LEN];
+        head.copy_from_slice(&self.buf[..PDU_HEADER_LEN]);
+        self.carry = 0;
         parse_header(&head, self.max_body).map(Some)
     }
 
@@ -302,6 +313,132 @@ pub async fn write_pdata<W: AsyncWrite + Unpin>(
         stream.write_all(&headers).await?;
         stream.write_all(data).await
     }
+}
+
+/// Sends `data` as a data set: PDVs in P-DATA-TF PDUs no longer than the
+/// peer's maximum (`peer_max_pdu`, 0 for no limit, then 64 KiB PDUs), the
+/// last one marked last.
+pub async fn write_data_set<W: AsyncWrite + Unpin>(
+    stream: &mut W,
+    context_id: u8,
+    data: &[u8],
+    peer_max_pdu: u32,
+) -> io::Result<()> {
+    let max_body = match peer_max_pdu {
+        0 => 64 * 1024,
+        n => (n as usize).min(1 << 24),
+    };
+    // A PDV item's header (length and control) takes 6 bytes of the body.
+    let chunk = max_body.saturating_sub(PDV_HEADER_LEN).max(16);
+    let mut rest = data;
+    loop {
+        let (part, tail) = rest.split_at(rest.len().min(chunk));
+        stream
+            .write_all(&pdata_headers(
+                context_id,
+                false,
+                tail.is_empty(),
+                part.len(),
+            ))
+            .await?;
+        stream.write_all(part).await?;
+        rest = tail;
+        if rest.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// The largest PDU body we send a streamed data set in, whatever the peer
+/// accepts: larger buys nothing once system calls are amortised, and the
+/// send buffer is this big.
+pub const MAX_SEND_BODY: usize = 1 << 20;
+
+/// The PDU body length to send data sets in to a peer that announced
+/// `peer_max_pdu` (0: no limit, then 64 KiB), at most [`MAX_SEND_BODY`].
+pub fn send_body_len(peer_max_pdu: u32) -> usize {
+    match peer_max_pdu {
+        0 => 64 * 1024,
+        n => (n as usize).min(MAX_SEND_BODY),
+    }
+}
+
+/// Why a message with a streamed data set was not (wholly) sent.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The data set could not be read before anything of the message was
+    /// sent: the association is as it was.
+    #[error("data set unreadable: {0}")]
+    Unread(#[source] io::Error),
+    /// The data set could not be read to its end after part of it was
+    /// sent: the association cannot carry another message.
+    #[error("data set unreadable after part of it was sent: {0}")]
+    Read(#[source] io::Error),
+    /// Writing to the peer failed.
+    #[error("sending: {0}")]
+    Write(#[source] io::Error),
+    /// The peer took nothing for longer than the timeout.
+    #[error("peer not reading")]
+    Timeout,
+}
+
+/// Sends a command set followed by a data set of `length` bytes read from
+/// `data`, in PDUs of at most `max_body` bytes. The data set passes through
+/// `buf` (grown once to one PDU, then reused): never wholly in memory. Its
+/// first chunk is read before the command goes out, so that a data set that
+/// cannot be read at all leaves nothing on the wire. Each write must make
+/// progress within `timeout`.
+#[allow(clippy::too_many_arguments)]
+pub async fn send_streamed<W, R>(
+    writer: &mut W,
+    buf: &mut Vec<u8>,
+    context_id: u8,
+    command: &[u8],
+    data: &mut R,
+    length: u64,
+    max_body: usize,
+    timeout: std::time::Duration,
+) -> Result<(), StreamError>
+where
+    W: AsyncWrite + Unpin,
+    R: AsyncRead + Unpin + ?Sized,
+{
+    const HEAD: usize = PDU_HEADER_LEN + PDV_HEADER_LEN;
+    let chunk_max = max_body.saturating_sub(PDV_HEADER_LEN).max(16);
+    if buf.len() < HEAD + chunk_max {
+        buf.resize(HEAD + chunk_max, 0);
+    }
+    let chunk = |left: u64| left.min(chunk_max as u64) as usize;
+    let timed = |result: Result<io::Result<()>, tokio::time::error::Elapsed>| match result {
+        Err(_) => Err(StreamError::Timeout),
+        Ok(written) => written.map_err(StreamError::Write),
+    };
+    let mut n = chunk(length);
+    data.read_exact(&mut buf[HEAD..HEAD + n])
+        .await
+        .map_err(StreamError::Unread)?;
+    timed(
+        tokio::time::timeout(
+            timeout,
+            write_pdata(writer, context_id, true, true, command),
+        )
+        .await,
+    )?;
+    let mut left = length;
+    loop {
+        left -= n as u64;
+        let last = left == 0;
+        buf[..HEAD].copy_from_slice(&pdata_headers(context_id, false, last, n));
+        timed(tokio::time::timeout(timeout, writer.write_all(&buf[..HEAD + n])).await)?;
+        if last {
+            break;
+        }
+        n = chunk(left);
+        data.read_exact(&mut buf[HEAD..HEAD + n])
+            .await
+            .map_err(StreamError::Read)?;
+    }
+    timed(tokio::time::timeout(timeout, writer.flush()).await)
 }
 
 /// A-RELEASE-RQ, which has no variable fields.

@@ -10,6 +10,30 @@
 //! what a file, a log or a configuration is: the service decides where an
 //! object goes and when it is durable, the observer what is recorded.
 //!
+//! A C-FIND's identifier is assembled in memory (it is small, and capped
+//! at [`MAX_IDENTIFIER`]) and handed to [`Service::find`] as bytes in the
+//! context's transfer syntax; the service answers with a bounded channel of
+//! encoded response identifiers, each sent as a pending response while the
+//! next PDU is read at the same time, so that a C-CANCEL-RQ stops the
+//! answer within one response. Parsing identifiers and matching them is
+//! the application's: this crate holds no dictionary and no database.
+//!
+//! C-GET and C-MOVE take their identifier the same way and hand it to
+//! [`Service::get`] or [`Service::move_`], which answer with a
+//! [`Retrieval`]: how many objects there are, and a bounded channel of
+//! [`Outgoing`] objects, each a data set to be read from the application
+//! (its file, after the Part-10 meta header) and streamed through one send
+//! buffer of the peer's PDU size, bytes unchanged. A C-GET sends them as
+//! C-STORE-RQs on this association, on the storage contexts whose SCP role
+//! the peer took (see [`negotiation`](crate::negotiation)), and reads each
+//! C-STORE-RSP while watching for a C-CANCEL-RQ; a C-MOVE opens one
+//! association (as [`scu`](crate::scu)) on the connection the application
+//! made to the destination and sends them there, with the Move Originator
+//! fields, while this association is read for a C-CANCEL-RQ. Either way a
+//! pending response follows each sub-operation and a final one the last
+//! (PS3.4 C.4.2, C.4.3); the counts are this crate's, the lookups,
+//! files and peers the application's.
+//!
 //! Accepting or rejecting the request is the caller's, with the helpers
 //! [`read_associate_rq`], [`negotiation::negotiate`](crate::negotiation::negotiate),
 //! [`send_pdu`] and [`send_abort`]: it knows which bounds apply (association
@@ -17,15 +41,19 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::command::{self, field, status, Command};
+use crate::ae::AeTitle;
+use crate::command::{self, field, status, Command, MoveOriginator};
 use crate::error::{AssociationError, ProtocolViolation};
 use crate::negotiation::{find_context, AcceptedContext, ContextTable, ServiceClass};
-use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType};
+use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType, StreamError};
+use crate::retrieve::{self, Tally};
+use crate::scu::{ScuAssociation, ScuError, ScuOptions};
 use crate::uid::Uid;
 
 /// The largest A-ASSOCIATE-RQ we read: 128 presentation contexts with a
@@ -35,6 +63,10 @@ pub const MAX_ASSOCIATE_RQ: u32 = 128 * 1024;
 /// C-STORE-RQ can be is well under 1 KiB; C-FIND identifiers travel as data
 /// sets, not commands).
 pub const MAX_COMMAND: usize = 16 * 1024;
+/// The largest C-FIND identifier we take. A query names a few dozen keys
+/// (well under 4 KiB); a larger one is read and dropped, and answered with
+/// a failure status, not an abort.
+pub const MAX_IDENTIFIER: usize = 64 * 1024;
 
 /// A DIMSE failure status with its Error Comment (0000,0902): what a
 /// service answers when it cannot or will not do what was asked.
@@ -70,6 +102,9 @@ pub struct AssociationInfo {
     pub dimse_timeout: Duration,
     /// the largest PDU body we receive (announced in the A-ASSOCIATE-AC)
     pub max_pdu: u32,
+    /// the largest PDU body the peer receives (from its A-ASSOCIATE-RQ; 0
+    /// for no limit): data sets we send are cut to fit it
+    pub peer_max_pdu: u32,
 }
 
 /// One C-STORE-RQ, as the service sees it when the object begins.
@@ -83,14 +118,207 @@ pub struct StoreRequest<'a> {
     pub sop_instance: &'a Uid,
     /// the transfer syntax of the presentation context: the data set's
     pub transfer_syntax: &'a Uid,
+    /// (0000,1030) and (0000,1031): who asked for the C-MOVE this C-STORE
+    /// is a sub-operation of, when the sender says so
+    pub move_originator: Option<&'a MoveOriginator>,
+}
+
+/// One C-FIND-RQ with its whole identifier, as the service sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct FindRequest<'a> {
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID: the information model (Patient
+    /// Root or Study Root FIND), equal to the context's abstract syntax
+    pub sop_class: &'a Uid,
+    /// (0000,0700) Priority
+    pub priority: u16,
+    /// the transfer syntax of the presentation context: the identifier's,
+    /// and the one the response identifiers must be encoded in
+    pub transfer_syntax: &'a Uid,
+    /// the identifier data set (at most [`MAX_IDENTIFIER`] bytes)
+    pub identifier: &'a [u8],
+}
+
+/// What a service answers a C-FIND with: the encoded identifier of each
+/// match, in the request's transfer syntax, one at a time. Each is sent as
+/// a pending response (FF00); the channel closing ends the answer with
+/// success (0000), a `Failure` ends it with that failure. The handler drops
+/// the receiver on a C-CANCEL-RQ (answered FE00) or when the association
+/// ends, so the producer's next `send` fails and it stops. Bounded by its
+/// producer: a channel of a few entries keeps memory flat however many
+/// matches there are.
+pub type Matches = tokio::sync::mpsc::Receiver<Result<Vec<u8>, Failure>>;
+
+/// Which retrieve a request is (the two differ only in where the objects
+/// go).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetrieveOperation {
+    /// C-GET: to the requester, over its own association
+    Get,
+    /// C-MOVE: to the Move Destination, over an association we open
+    Move,
+}
+
+/// One C-GET-RQ or C-MOVE-RQ with its whole identifier, as the service
+/// sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RetrieveRequest<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID: the information model (Patient
+    /// Root or Study Root GET or MOVE), equal to the context's abstract
+    /// syntax
+    pub sop_class: &'a Uid,
+    /// (0000,0700) Priority (passed on to the sub-operations' C-STORE-RQs)
+    pub priority: u16,
+    /// the transfer syntax of the presentation context: the identifier's
+    pub transfer_syntax: &'a Uid,
+    /// the identifier data set (at most [`MAX_IDENTIFIER`] bytes)
+    pub identifier: &'a [u8],
+    /// (0000,0600) Move Destination, for a C-MOVE (always a valid AE
+    /// title: a C-MOVE without one is refused with A801 before the service
+    /// is asked); `None` for a C-GET
+    pub move_destination: Option<&'a AeTitle>,
+}
+
+/// One object to send as a C-STORE sub-operation.
+///
+/// The application opens the object's file, positions the reader after
+/// the Part-10 meta header (the data set starts there) and says how many
+/// data set bytes follow. They are sent unchanged, in the transfer syntax
+/// they are stored in, read chunk by chunk into the association's one send
+/// buffer: never a whole object in memory.
+pub struct Outgoing {
+    /// the object's SOP Class UID (the C-STORE-RQ's Affected SOP Class)
+    pub sop_class: Uid,
+    /// the object's SOP Instance UID
+    pub sop_instance: Uid,
+    /// the transfer syntax the data set is encoded in: it is sent on a
+    /// presentation context of exactly this (SOP class, transfer syntax)
+    /// pair, or not at all (no transcoding here)
+    pub transfer_syntax: Uid,
+    /// how many data set bytes `data` yields (the file's length less the
+    /// meta header's); exactly these are read and sent
+    pub length: u64,
+    /// the data set bytes; a read failure before the first byte is sent
+    /// fails this sub-operation only, one after it aborts the association
+    /// it was being sent on (DIMSE cannot take half a data set back)
+    pub data: Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("sop_class", &self.sop_class)
+            .field("sop_instance", &self.sop_instance)
+            .field("transfer_syntax", &self.transfer_syntax)
+            .field("length", &self.length)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An object the application could not hand over (its file gone or
+/// unreadable, say): counted as a failed sub-operation, and its SOP
+/// Instance UID, when known, put in the Failed SOP Instance UID List.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubOperationFailure {
+    /// the object that failed, when the application knows it
+    pub sop_instance: Option<Uid>,
+    /// why (for the observer; the peer sees only the counts and the list)
+    pub failure: Failure,
+}
+
+impl SubOperationFailure {
+    /// The failure of one object.
+    pub fn new(sop_instance: Option<Uid>, failure: Failure) -> Self {
+        SubOperationFailure {
+            sop_instance,
+            failure,
+        }
+    }
+}
+
+impl From<Failure> for SubOperationFailure {
+    fn from(failure: Failure) -> Self {
+        SubOperationFailure::new(None, failure)
+    }
+}
+
+/// The objects of a retrieve, one at a time, as the application produces
+/// them. The handler drops the receiver on a C-CANCEL-RQ or when the
+/// association ends, so the producer's next `send` fails and it stops.
+/// Bounded by its producer: a few entries (each an open file) keep memory
+/// and descriptors flat however many objects there are.
+pub type Outgoings = tokio::sync::mpsc::Receiver<Result<Outgoing, SubOperationFailure>>;
+
+/// What a service answers a C-GET or C-MOVE with.
+#[derive(Debug)]
+pub struct Retrieval {
+    /// how many objects will come through `objects` (known up front, from
+    /// the index). The wire counts are 16-bit: above 65535 the Number of
+    /// Remaining Sub-operations is reported as 65535 until fewer remain
+    /// (and the other counts saturate at 65535), so that a large retrieve
+    /// is performed rather than refused; the observer gets exact counts.
+    /// Objects that never come (the channel closes early) are counted as
+    /// failed; objects beyond the number are still sent.
+    pub sub_operations: u64,
+    /// the distinct (SOP class, transfer syntax) pairs of the objects, in
+    /// the order they should be proposed: the presentation contexts of the
+    /// C-MOVE association (one each, at most 128; objects of a pair left
+    /// out or refused by the destination fail without being sent). Not
+    /// used by C-GET, whose contexts the requester proposed.
+    pub presentations: Vec<(Uid, Uid)>,
+    /// the objects
+    pub objects: Outgoings,
+}
+
+/// A connection to a C-MOVE destination, already established (TCP, or
+/// TLS over it): anything that reads and writes bytes.
+pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + ?Sized> Transport for T {}
+
+/// Where a C-MOVE's objects go: the application looked the Move
+/// Destination up (its peers table) and connected to it; this crate
+/// requests the association, sends, and releases it.
+pub struct MoveDestination {
+    /// the connection, already open
+    pub transport: Box<dyn Transport>,
+    /// the destination's AE title (the called AE title we request)
+    pub called_ae: AeTitle,
+    /// our AE title for that association (the calling AE title)
+    pub calling_ae: AeTitle,
+}
+
+impl std::fmt::Debug for MoveDestination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MoveDestination")
+            .field("called_ae", &self.called_ae)
+            .field("calling_ae", &self.calling_ae)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a service answers a C-MOVE with: the objects and where they go.
+#[derive(Debug)]
+pub struct MoveRetrieval {
+    /// the objects
+    pub retrieval: Retrieval,
+    /// the destination, connected
+    pub destination: MoveDestination,
 }
 
 /// The application's side of DIMSE: what to do with each request.
 ///
 /// C-ECHO is answered at once; C-STORE is begun, fed its data set fragment
 /// by fragment, and committed when the last fragment has arrived, and only
-/// then answered. (C-FIND, C-MOVE, C-GET and N-ACTION come here next, each
-/// as a method with a default that refuses.)
+/// then answered; C-FIND is answered from [`Service::find`]'s stream of
+/// matches; C-GET and C-MOVE from [`Service::get`]'s and
+/// [`Service::move_`]'s stream of objects. (N-ACTION comes here next, as
+/// a method with a default that refuses.)
 pub trait Service: Send + Sync {
     /// An object being received.
     type Object: IncomingObject;
@@ -108,6 +336,61 @@ pub trait Service: Send + Sync {
         association: &AssociationInfo,
         request: &StoreRequest<'_>,
     ) -> Result<Self::Object, Failure>;
+
+    /// Begins a C-FIND: the matches to send, or the failure to answer at
+    /// once. By default C-FIND is refused (0122, SOP class not supported).
+    fn find(
+        &self,
+        association: &AssociationInfo,
+        request: &FindRequest<'_>,
+    ) -> Result<Matches, Failure> {
+        let _ = (association, request);
+        Err(Failure::new(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            "C-FIND not supported",
+        ))
+    }
+
+    /// Begins a C-GET: how many objects match the identifier and the
+    /// stream of them, or the failure to answer at once (A900 for an
+    /// identifier that does not fit the model, A701 when the matches
+    /// cannot be counted, a C000-range status otherwise). The objects go
+    /// back to the requester on this association. Asynchronous, so that
+    /// the count can come from a blocking index lookup; no C-CANCEL-RQ is
+    /// read until it resolves. By default C-GET is refused (0122, SOP
+    /// class not supported).
+    fn get(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> impl Future<Output = Result<Retrieval, Failure>> + Send {
+        let _ = (association, request);
+        async {
+            Err(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "C-GET not supported",
+            ))
+        }
+    }
+
+    /// Begins a C-MOVE: the objects as for [`Service::get`], and the
+    /// destination named by `request.move_destination`, connected. Which
+    /// destinations exist, and what a failure to reach one is answered
+    /// with (A801 for an unknown AE title), is the application's. By
+    /// default C-MOVE is refused (0122, SOP class not supported).
+    fn move_(
+        &self,
+        association: &AssociationInfo,
+        request: &RetrieveRequest<'_>,
+    ) -> impl Future<Output = Result<MoveRetrieval, Failure>> + Send {
+        let _ = (association, request);
+        async {
+            Err(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "C-MOVE not supported",
+            ))
+        }
+    }
 }
 
 /// An object whose data set is arriving.
@@ -144,6 +427,104 @@ pub struct ObjectOutcome<'a, R> {
     pub result: Result<&'a R, &'a Failure>,
 }
 
+/// How one C-FIND ended, for the observer.
+#[derive(Debug)]
+pub struct FindOutcome<'a> {
+    /// the information model (the request's Affected SOP Class UID)
+    pub sop_class: &'a Uid,
+    /// the identifier's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the identifier as received (empty when it was over the cap)
+    pub identifier: &'a [u8],
+    /// pending responses sent (matches answered)
+    pub matches: u64,
+    /// the final status (0000, FE00 after a cancel, or a failure)
+    pub status: u16,
+    /// the failure's comment, when the final status is one
+    pub comment: Option<&'a str>,
+    /// from the last identifier fragment to the final response
+    pub elapsed: Duration,
+}
+
+/// How one sub-operation (one object sent) of a C-GET or C-MOVE ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubOperationResult {
+    /// stored by the receiver (status 0000)
+    Completed,
+    /// stored with a warning (B000, B006, B007 and other warnings)
+    Warning,
+    /// not stored: refused by the receiver, or not sent
+    Failed,
+}
+
+/// One sub-operation of a C-GET or C-MOVE, for the observer (an audit
+/// record of each object that left).
+#[derive(Debug)]
+pub struct SubOperationOutcome<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// the C-MOVE's destination AE title; `None` for a C-GET
+    pub destination: Option<&'a AeTitle>,
+    /// the object's SOP class; `None` when the application's failure named
+    /// no object
+    pub sop_class: Option<&'a Uid>,
+    /// the object's SOP instance; `None` as for `sop_class`
+    pub sop_instance: Option<&'a Uid>,
+    /// data set bytes sent
+    pub bytes: u64,
+    /// the receiver's C-STORE-RSP status, or, for an object not sent, the
+    /// failure's
+    pub status: u16,
+    /// the receiver's Error Comment, or why the object was not sent
+    pub comment: Option<&'a str>,
+    /// how it counts
+    pub result: SubOperationResult,
+    /// from taking the object to its C-STORE-RSP
+    pub elapsed: Duration,
+}
+
+/// Sub-operation counts of a retrieve, exact (the wire's are 16-bit).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SubOperationCounts {
+    /// not performed (after a C-CANCEL-RQ; 0 otherwise)
+    pub remaining: u64,
+    /// stored without warning
+    pub completed: u64,
+    /// not stored, or not sent
+    pub failed: u64,
+    /// stored with a warning
+    pub warning: u64,
+}
+
+/// How one C-GET or C-MOVE ended, for the observer.
+#[derive(Debug)]
+pub struct RetrieveOutcome<'a> {
+    /// C-GET or C-MOVE
+    pub operation: RetrieveOperation,
+    /// the information model (the request's Affected SOP Class UID)
+    pub sop_class: &'a Uid,
+    /// the identifier's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the identifier as received (empty when it was over the cap)
+    pub identifier: &'a [u8],
+    /// the C-MOVE's Move Destination; `None` for a C-GET (or a C-MOVE
+    /// without a valid one)
+    pub destination: Option<&'a AeTitle>,
+    /// what was done
+    pub counts: SubOperationCounts,
+    /// the final status: 0000 all completed, B000 some failed or warned,
+    /// A702 all failed, FE00 cancelled, or the refusal
+    pub status: u16,
+    /// the Error Comment of the final response, when it has one
+    pub comment: Option<&'a str>,
+    /// why the first failed sub-operation failed (the receiver's Error
+    /// Comment or status, or why it was not sent), when one failed: the
+    /// reason a B000 or A702 is worth a line in the log
+    pub first_failure: Option<&'a str>,
+    /// from the last identifier fragment to the final response
+    pub elapsed: Duration,
+}
+
 /// What the application records of an association's messages: audit
 /// trails, counters, an activity LED. Every method has a default that does
 /// nothing.
@@ -155,6 +536,21 @@ pub trait Observer<R>: Send + Sync {
 
     /// A C-STORE was answered (stored or not).
     fn object(&self, association: &AssociationInfo, outcome: &ObjectOutcome<'_, R>) {
+        let _ = (association, outcome);
+    }
+
+    /// A C-FIND was answered with its final response.
+    fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// One object of a C-GET or C-MOVE was sent (or failed).
+    fn sub_operation(&self, association: &AssociationInfo, outcome: &SubOperationOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// A C-GET or C-MOVE was answered with its final response.
+    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
         let _ = (association, outcome);
     }
 
@@ -181,6 +577,15 @@ pub struct AssociationSummary {
     pub bytes: u64,
     /// C-ECHO requests answered
     pub echoes: u64,
+    /// C-FIND requests answered (whatever their final status)
+    pub finds: u64,
+    /// C-GET and C-MOVE requests answered (whatever their final status)
+    pub retrieves: u64,
+    /// objects sent by C-GET and C-MOVE and stored by the receiver
+    /// (completed or with a warning)
+    pub sent: u64,
+    /// data set bytes of the objects in `sent`
+    pub sent_bytes: u64,
 }
 
 /// How an association ended, with what it did.
@@ -281,6 +686,11 @@ where
         command: Vec::with_capacity(1024),
         command_context: None,
         in_flight: None,
+        query: None,
+        query_ready: None,
+        cancel_seen: None,
+        send_buf: Vec::new(),
+        next_message_id: 1,
         summary: AssociationSummary::default(),
     };
     let result = handler.run(&mut reader, shutdown).await;
@@ -319,6 +729,85 @@ struct InFlight<O> {
     sink: Sink<O>,
 }
 
+/// What a query/retrieve request whose identifier is arriving will do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QueryOperation {
+    Find,
+    Retrieve(RetrieveOperation),
+}
+
+/// The C-FIND, C-GET or C-MOVE whose identifier is arriving (or has
+/// arrived).
+struct QueryInFlight {
+    operation: QueryOperation,
+    context_id: u8,
+    message_id: u16,
+    sop_class: Uid,
+    transfer_syntax: Uid,
+    priority: u16,
+    /// the identifier so far, at most [`MAX_IDENTIFIER`] bytes
+    identifier: Vec<u8>,
+    /// why it will be answered with a failure without asking the service
+    /// (a context not accepted for the operation, an identifier over the
+    /// cap, a C-MOVE without a valid Move Destination)
+    refusal: Option<Failure>,
+    /// (0000,0600) of a C-MOVE
+    move_destination: Option<AeTitle>,
+}
+
+/// What arrived from the requester while a C-GET or C-MOVE is performed.
+#[derive(Debug, Default)]
+struct RetrieveEvents {
+    /// a C-CANCEL-RQ of the retrieve
+    cancelled: bool,
+    /// the C-STORE-RSP awaited: its status and Error Comment
+    store_rsp: Option<(u16, Option<String>)>,
+}
+
+/// How one sub-operation went.
+#[derive(Debug)]
+struct SubOperationDone {
+    /// the receiver's status, or the failure's for an object not sent
+    status: u16,
+    comment: Option<String>,
+    /// data set bytes sent
+    bytes: u64,
+    result: SubOperationResult,
+    /// whether the receiver answered (the status is its own)
+    sent: bool,
+}
+
+impl SubOperationDone {
+    /// An object that failed without being (wholly) sent.
+    fn not_sent(failure: Failure) -> Self {
+        SubOperationDone {
+            status: failure.status,
+            comment: Some(failure.comment),
+            bytes: 0,
+            result: SubOperationResult::Failed,
+            sent: false,
+        }
+    }
+
+    /// An object the receiver answered with `status`.
+    fn answered(status: u16, comment: Option<String>, bytes: u64) -> Self {
+        SubOperationDone {
+            status,
+            comment,
+            bytes,
+            result: retrieve::classify(status),
+            sent: true,
+        }
+    }
+}
+
+/// The destination of a C-MOVE: its association, or why there is none
+/// (never established, or lost on the way).
+struct MoveTarget {
+    called_ae: AeTitle,
+    association: Result<ScuAssociation<Box<dyn Transport>>, String>,
+}
+
 /// The state of one association (mini-redis's `Handler`): its write side,
 /// what was agreed, and the message being assembled. (The read side is
 /// apart: PDVs are borrowed from its buffer while the handler acts on them.)
@@ -334,6 +823,19 @@ struct Handler<'a, W, Sv: Service, Ob> {
     /// the context of the command being assembled
     command_context: Option<u8>,
     in_flight: Option<InFlight<Sv::Object>>,
+    /// the C-FIND, C-GET or C-MOVE whose identifier is arriving
+    query: Option<QueryInFlight>,
+    /// one whose identifier is complete, performed once the PDU that
+    /// completed it has been read to its end
+    query_ready: Option<QueryInFlight>,
+    /// the Message ID a C-CANCEL-RQ named (in the PDU that completed an
+    /// identifier, or while matches or objects are sent)
+    cancel_seen: Option<u16>,
+    /// the buffer C-GET sub-operations are sent from (allocated at the
+    /// first C-GET, of the peer's PDU size, kept for the association)
+    send_buf: Vec<u8>,
+    /// the Message ID of our next C-STORE-RQ (C-GET sub-operations)
+    next_message_id: u16,
     summary: AssociationSummary,
 }
 
@@ -345,7 +847,7 @@ where
 {
     /// True between messages: nothing would be lost by stopping now.
     fn idle(&self) -> bool {
-        self.in_flight.is_none() && self.command_context.is_none()
+        self.in_flight.is_none() && self.command_context.is_none() && self.query.is_none()
     }
 
     async fn run<R: AsyncRead + Unpin>(
@@ -405,6 +907,11 @@ where
                 if pdv.is_command {
                     self.command_fragment(context, pdv.data, pdv.is_last)
                         .await?;
+                } else if let Some(query) = self.query.as_mut() {
+                    identifier_fragment(query, pdv.context_id, pdv.data)?;
+                    if pdv.is_last {
+                        self.query_ready = self.query.take();
+                    }
                 } else {
                     Self::data_fragment(&mut self.in_flight, pdv.context_id, pdv.data)?;
                     if pdv.is_last {
@@ -421,6 +928,14 @@ where
                     }
                 }
             }
+            if let Some(query) = self.query_ready.take() {
+                match query.operation {
+                    QueryOperation::Find => self.serve_find(reader, query).await?,
+                    QueryOperation::Retrieve(operation) => {
+                        self.serve_retrieve(reader, operation, query).await?
+                    }
+                }
+            }
         }
     }
 
@@ -432,7 +947,7 @@ where
         data: &[u8],
         is_last: bool,
     ) -> Result<(), AssociationError> {
-        if self.in_flight.is_some() {
+        if self.in_flight.is_some() || self.query.is_some() {
             return Err(ProtocolViolation::CommandInsideDataSet.into());
         }
         match self.command_context {
@@ -474,9 +989,774 @@ where
                 }
                 self.in_flight = Some(self.begin_store(context, &cmd));
             }
+            field::C_FIND_RQ => {
+                if !cmd.has_data_set {
+                    return Err(ProtocolViolation::FindWithoutIdentifier.into());
+                }
+                if self.query_ready.is_some() {
+                    return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
+                }
+                self.query = Some(begin_query(QueryOperation::Find, context, &cmd));
+            }
+            field::C_GET_RQ | field::C_MOVE_RQ => {
+                if !cmd.has_data_set {
+                    return Err(ProtocolViolation::RetrieveWithoutIdentifier.into());
+                }
+                if self.query_ready.is_some() {
+                    return Err(ProtocolViolation::CommandDuringRetrieve(cmd.command_field).into());
+                }
+                let operation = if cmd.command_field == field::C_GET_RQ {
+                    RetrieveOperation::Get
+                } else {
+                    RetrieveOperation::Move
+                };
+                self.query = Some(begin_query(
+                    QueryOperation::Retrieve(operation),
+                    context,
+                    &cmd,
+                ));
+            }
+            field::C_CANCEL_RQ => {
+                // A cancel of a request whose identifier just arrived in
+                // the same PDU; any other is of an operation already
+                // answered, and is ignored (PS3.7 9.3.2.3).
+                if self.query_ready.is_some() {
+                    self.cancel_seen = Some(cmd.message_id);
+                }
+            }
             other => return Err(ProtocolViolation::UnsupportedCommand(other).into()),
         }
         Ok(())
+    }
+
+    /// Answers a C-FIND whose identifier has arrived: the service's matches
+    /// as pending responses, then the final one. The next PDU is read at
+    /// the same time as the next match is awaited, so that a C-CANCEL-RQ
+    /// stops the answer before the next pending response.
+    async fn serve_find<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        find: QueryInFlight,
+    ) -> Result<(), AssociationError> {
+        let started = Instant::now();
+        let timeout = self.association.dimse_timeout;
+        let mut matches: u64 = 0;
+        let cancelled_early = self.cancel_seen.take() == Some(find.message_id);
+        let request = FindRequest {
+            message_id: find.message_id,
+            sop_class: &find.sop_class,
+            priority: find.priority,
+            transfer_syntax: &find.transfer_syntax,
+            identifier: &find.identifier,
+        };
+        let end: Result<(), Failure> = if let Some(refusal) = find.refusal.clone() {
+            Err(refusal)
+        } else if cancelled_early {
+            Err(Failure::new(status::CANCEL, "cancelled"))
+        } else {
+            match self.service.find(self.association, &request) {
+                Err(failure) => Err(failure),
+                Ok(mut rx) => loop {
+                    let next = tokio::select! {
+                        biased;
+                        header = reader.read_header() => {
+                            if self.during_find(reader, header?, find.message_id).await? {
+                                break Err(Failure::new(status::CANCEL, "cancelled"));
+                            }
+                            continue;
+                        }
+                        next = rx.recv() => next,
+                    };
+                    match next {
+                        None => break Ok(()),
+                        Some(Err(failure)) => break Err(failure),
+                        Some(Ok(identifier)) => {
+                            let rsp = command::find_rsp(
+                                find.message_id,
+                                &find.sop_class,
+                                status::PENDING,
+                                true,
+                                None,
+                            );
+                            let send = async {
+                                pdu::write_pdata(
+                                    &mut self.writer,
+                                    find.context_id,
+                                    true,
+                                    true,
+                                    &rsp,
+                                )
+                                .await?;
+                                pdu::write_data_set(
+                                    &mut self.writer,
+                                    find.context_id,
+                                    &identifier,
+                                    self.association.peer_max_pdu,
+                                )
+                                .await?;
+                                self.writer.flush().await
+                            };
+                            match tokio::time::timeout(timeout, send).await {
+                                Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+                                Ok(sent) => sent?,
+                            }
+                            matches += 1;
+                        }
+                    }
+                },
+            }
+        };
+        // Dropping the receiver (with `end` decided) stops the producer.
+        let (code, comment) = match &end {
+            Ok(()) => (status::SUCCESS, None),
+            Err(f) if f.status == status::CANCEL => (status::CANCEL, None),
+            Err(f) => (f.status, Some(f.comment.as_str())),
+        };
+        let rsp = command::find_rsp(find.message_id, &find.sop_class, code, false, comment);
+        match tokio::time::timeout(timeout, async {
+            pdu::write_pdata(&mut self.writer, find.context_id, true, true, &rsp).await?;
+            self.writer.flush().await
+        })
+        .await
+        {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(sent) => sent?,
+        }
+        self.summary.finds += 1;
+        self.observer.found(
+            self.association,
+            &FindOutcome {
+                sop_class: &find.sop_class,
+                transfer_syntax: &find.transfer_syntax,
+                identifier: &find.identifier,
+                matches,
+                status: code,
+                comment,
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Performs a C-GET or C-MOVE whose identifier has arrived: asks the
+    /// service for the objects, performs each as a C-STORE sub-operation
+    /// (a pending response after each but the last), and sends the final
+    /// response. The next PDU of this association is read while the next
+    /// object is awaited and while each is stored, so that a C-CANCEL-RQ
+    /// stops the retrieve after the sub-operation in progress.
+    async fn serve_retrieve<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        operation: RetrieveOperation,
+        query: QueryInFlight,
+    ) -> Result<(), AssociationError> {
+        let started = Instant::now();
+        let cancelled_early = self.cancel_seen.take() == Some(query.message_id);
+        let move_destination = query
+            .move_destination
+            .as_ref()
+            .filter(|_| operation == RetrieveOperation::Move);
+        let request = RetrieveRequest {
+            operation,
+            message_id: query.message_id,
+            sop_class: &query.sop_class,
+            priority: query.priority,
+            transfer_syntax: &query.transfer_syntax,
+            identifier: &query.identifier,
+            move_destination,
+        };
+        let begun = if let Some(refusal) = query.refusal.clone() {
+            Err(refusal)
+        } else if cancelled_early {
+            Err(Failure::new(status::CANCEL, "cancelled"))
+        } else {
+            match operation {
+                RetrieveOperation::Get => self
+                    .service
+                    .get(self.association, &request)
+                    .await
+                    .map(|retrieval| (retrieval, None)),
+                RetrieveOperation::Move => self
+                    .service
+                    .move_(self.association, &request)
+                    .await
+                    .map(|moved| (moved.retrieval, Some(moved.destination))),
+            }
+        };
+        let (retrieval, destination) = match begun {
+            Ok(begun) => begun,
+            Err(failure) => {
+                // Answered at once: a refusal (no counts), or a cancel that
+                // came with the identifier (nothing done, nothing left).
+                let (code, comment, counts) = if failure.status == status::CANCEL {
+                    let zero = Some(0);
+                    let counts = command::SubOperations {
+                        remaining: zero,
+                        completed: zero,
+                        failed: zero,
+                        warning: zero,
+                    };
+                    (status::CANCEL, None, counts)
+                } else {
+                    let comment = Some(failure.comment.as_str());
+                    (failure.status, comment, command::SubOperations::default())
+                };
+                self.send_retrieve_rsp(operation, &query, code, &counts, None, comment)
+                    .await?;
+                self.summary.retrieves += 1;
+                self.observer.retrieved(
+                    self.association,
+                    &RetrieveOutcome {
+                        operation,
+                        sop_class: &query.sop_class,
+                        transfer_syntax: &query.transfer_syntax,
+                        identifier: &query.identifier,
+                        destination: move_destination,
+                        counts: SubOperationCounts::default(),
+                        status: code,
+                        comment,
+                        first_failure: None,
+                        elapsed: started.elapsed(),
+                    },
+                );
+                return Ok(());
+            }
+        };
+        let mut tally = Tally::new(retrieval.sub_operations);
+        let mut objects = retrieval.objects;
+        let mut target = match destination {
+            None => None,
+            Some(destination) => Some(
+                self.open_destination(destination, &retrieval.presentations)
+                    .await,
+            ),
+        };
+        let run = self
+            .sub_operations(
+                reader,
+                operation,
+                &query,
+                &mut objects,
+                &mut target,
+                &mut tally,
+            )
+            .await;
+        // Dropping the receiver stops the producer.
+        drop(objects);
+        if let Some(MoveTarget {
+            association: Ok(scu),
+            called_ae,
+        }) = target
+        {
+            if run.is_ok() {
+                if let Err(e) = scu.release().await {
+                    tracing::debug!(destination = %called_ae, error = %e, "C-MOVE association release failed");
+                }
+            } else {
+                scu.abort().await;
+            }
+        }
+        let cancelled = run?;
+        let end = tally.finish(cancelled);
+        let identifier = end
+            .with_identifier
+            .then(|| tally.identifier(&query.transfer_syntax));
+        self.send_retrieve_rsp(
+            operation,
+            &query,
+            end.status,
+            &end.counts,
+            identifier.as_deref(),
+            end.comment.as_deref(),
+        )
+        .await?;
+        self.summary.retrieves += 1;
+        self.observer.retrieved(
+            self.association,
+            &RetrieveOutcome {
+                operation,
+                sop_class: &query.sop_class,
+                transfer_syntax: &query.transfer_syntax,
+                identifier: &query.identifier,
+                destination: move_destination,
+                counts: tally.counts(),
+                status: end.status,
+                comment: end.comment.as_deref(),
+                first_failure: tally.first_failure(),
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Requests the one association of a C-MOVE on the connection the
+    /// service made: a context per distinct (SOP class, transfer syntax)
+    /// pair of the objects, at most 128. A failure is kept as the reason
+    /// each object then fails.
+    async fn open_destination(
+        &self,
+        destination: MoveDestination,
+        presentations: &[(Uid, Uid)],
+    ) -> MoveTarget {
+        let mut proposals: Vec<(String, String)> = Vec::new();
+        for (class, ts) in presentations {
+            let pair = (class.to_string(), ts.to_string());
+            if proposals.len() < 128 && !proposals.contains(&pair) {
+                proposals.push(pair);
+            }
+        }
+        let called_ae = destination.called_ae;
+        let association = if proposals.is_empty() {
+            Err(format!("nothing to propose to {called_ae}"))
+        } else {
+            let options = ScuOptions {
+                calling_ae: destination.calling_ae.to_string(),
+                called_ae: called_ae.to_string(),
+                timeout: self.association.dimse_timeout,
+            };
+            ScuAssociation::request(destination.transport, &options, &proposals)
+                .await
+                .map_err(|e| format!("no association with {called_ae}: {e}"))
+        };
+        MoveTarget {
+            called_ae,
+            association,
+        }
+    }
+
+    /// The sub-operations of a retrieve, until the objects end (`false`)
+    /// or a C-CANCEL-RQ arrives (`true`).
+    async fn sub_operations<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        operation: RetrieveOperation,
+        query: &QueryInFlight,
+        objects: &mut Outgoings,
+        target: &mut Option<MoveTarget>,
+        tally: &mut Tally,
+    ) -> Result<bool, AssociationError> {
+        let destination = target.as_ref().map(|t| t.called_ae.clone());
+        loop {
+            let next = tokio::select! {
+                biased;
+                header = reader.read_header() => {
+                    let events = self.during_retrieve(reader, header?, query.message_id, None).await?;
+                    if events.cancelled {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                next = objects.recv() => next,
+            };
+            let Some(next) = next else {
+                return Ok(false);
+            };
+            let began = Instant::now();
+            let mut cancelled = false;
+            let (object, done) = match next {
+                Err(failed) => {
+                    let done = SubOperationDone::not_sent(failed.failure);
+                    (Err(failed.sop_instance), done)
+                }
+                Ok(mut object) => {
+                    let done = match target {
+                        None => {
+                            self.get_sub_operation(reader, query, &mut object, &mut cancelled)
+                                .await?
+                        }
+                        Some(target) => {
+                            self.move_sub_operation(
+                                reader,
+                                query,
+                                target,
+                                &mut object,
+                                &mut cancelled,
+                            )
+                            .await?
+                        }
+                    };
+                    (Ok(object), done)
+                }
+            };
+            let (sop_class, sop_instance) = match &object {
+                Ok(object) => (Some(&object.sop_class), Some(&object.sop_instance)),
+                Err(instance) => (None, instance.as_ref()),
+            };
+            let reason = match (&done.comment, done.sent) {
+                (Some(comment), false) => comment.clone(),
+                (Some(comment), true) => format!("{:04X} {comment}", done.status),
+                (None, _) => format!("{:04X}", done.status),
+            };
+            tally.record(done.result, sop_instance, Some(&reason));
+            if done.result != SubOperationResult::Failed {
+                self.summary.sent += 1;
+                self.summary.sent_bytes += done.bytes;
+            }
+            self.observer.sub_operation(
+                self.association,
+                &SubOperationOutcome {
+                    operation,
+                    destination: destination.as_ref(),
+                    sop_class,
+                    sop_instance,
+                    bytes: done.bytes,
+                    status: done.status,
+                    comment: done.comment.as_deref(),
+                    result: done.result,
+                    elapsed: began.elapsed(),
+                },
+            );
+            if cancelled {
+                return Ok(true);
+            }
+            if tally.remaining() > 0 {
+                self.send_retrieve_rsp(
+                    operation,
+                    query,
+                    status::PENDING,
+                    &tally.pending(),
+                    None,
+                    None,
+                )
+                .await?;
+            }
+        }
+    }
+
+    /// One C-GET sub-operation: the object as a C-STORE-RQ on this
+    /// association, on a storage context of its (SOP class, transfer
+    /// syntax) whose SCP role the peer took, then the peer's C-STORE-RSP
+    /// (within the DIMSE timeout; a C-CANCEL-RQ around it is noted).
+    async fn get_sub_operation<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        query: &QueryInFlight,
+        object: &mut Outgoing,
+        cancelled: &mut bool,
+    ) -> Result<SubOperationDone, AssociationError> {
+        let context = self.contexts.iter().find(|c| {
+            c.service == ServiceClass::Storage
+                && c.peer_scp_role
+                && c.abstract_syntax == object.sop_class
+                && c.transfer_syntax == object.transfer_syntax
+        });
+        let Some(context) = context else {
+            return Ok(SubOperationDone::not_sent(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                format!(
+                    "no presentation context with the SCP role for {} in {}",
+                    object.sop_class, object.transfer_syntax
+                ),
+            )));
+        };
+        let context_id = context.id;
+        let message_id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let rq = command::store_rq_with(
+            message_id,
+            &object.sop_class,
+            &object.sop_instance,
+            query.priority,
+            None,
+        );
+        let timeout = self.association.dimse_timeout;
+        let sent = pdu::send_streamed(
+            &mut self.writer,
+            &mut self.send_buf,
+            context_id,
+            &rq,
+            &mut object.data,
+            object.length,
+            pdu::send_body_len(self.association.peer_max_pdu),
+            timeout,
+        )
+        .await;
+        match sent {
+            Ok(()) => {}
+            Err(StreamError::Unread(e)) => {
+                return Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    format!("reading the data set: {e}"),
+                )))
+            }
+            Err(StreamError::Read(source)) => {
+                return Err(AssociationError::SubOperationData {
+                    sop_instance: object.sop_instance.clone(),
+                    source,
+                })
+            }
+            Err(StreamError::Write(e)) => return Err(e.into()),
+            Err(StreamError::Timeout) => return Err(AssociationError::Timeout(timeout.as_secs())),
+        }
+        loop {
+            let header = match tokio::time::timeout(timeout, reader.read_header()).await {
+                Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+                Ok(header) => header?,
+            };
+            let events = self
+                .during_retrieve(reader, header, query.message_id, Some(message_id))
+                .await?;
+            *cancelled |= events.cancelled;
+            if let Some((code, comment)) = events.store_rsp {
+                return Ok(SubOperationDone::answered(code, comment, object.length));
+            }
+        }
+    }
+
+    /// One C-MOVE sub-operation: the object as a C-STORE-RQ (with the Move
+    /// Originator fields) on the destination association, while this
+    /// association is read for a C-CANCEL-RQ. A destination association
+    /// that fails is aborted, and the objects after it fail unsent.
+    async fn move_sub_operation<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        query: &QueryInFlight,
+        target: &mut MoveTarget,
+        object: &mut Outgoing,
+        cancelled: &mut bool,
+    ) -> Result<SubOperationDone, AssociationError> {
+        let scu = match &mut target.association {
+            Ok(scu) => scu,
+            Err(why) => {
+                return Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    why.clone(),
+                )))
+            }
+        };
+        let Some(context_id) =
+            scu.context_for(object.sop_class.as_str(), object.transfer_syntax.as_str())
+        else {
+            return Ok(SubOperationDone::not_sent(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                format!(
+                    "{} accepted no presentation context for {} in {}",
+                    target.called_ae, object.sop_class, object.transfer_syntax
+                ),
+            )));
+        };
+        let originator = AeTitle::new(&self.association.calling_ae)
+            .ok()
+            .map(|ae_title| MoveOriginator {
+                ae_title,
+                message_id: query.message_id,
+            });
+        let stored = {
+            let store = scu.store_streamed(
+                context_id,
+                &object.sop_class,
+                &object.sop_instance,
+                query.priority,
+                originator.as_ref(),
+                &mut object.data,
+                object.length,
+            );
+            tokio::pin!(store);
+            loop {
+                tokio::select! {
+                    biased;
+                    stored = &mut store => break stored,
+                    header = reader.read_header() => {
+                        let events = self
+                            .during_retrieve(reader, header?, query.message_id, None)
+                            .await?;
+                        *cancelled |= events.cancelled;
+                    }
+                }
+            }
+        };
+        match stored {
+            Ok((code, comment)) => Ok(SubOperationDone::answered(code, comment, object.length)),
+            Err(ScuError::DataSet {
+                sent: false,
+                source,
+            }) => Ok(SubOperationDone::not_sent(Failure::new(
+                status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                format!("reading the data set: {source}"),
+            ))),
+            Err(e) => {
+                let why = format!("association with {} lost: {e}", target.called_ae);
+                if let Ok(scu) = std::mem::replace(&mut target.association, Err(why.clone())) {
+                    scu.abort().await;
+                }
+                Ok(SubOperationDone::not_sent(Failure::new(
+                    status::UNABLE_TO_PERFORM_SUB_OPERATIONS,
+                    why,
+                )))
+            }
+        }
+    }
+
+    /// Sends a C-GET-RSP or C-MOVE-RSP, with the identifier when given.
+    async fn send_retrieve_rsp(
+        &mut self,
+        operation: RetrieveOperation,
+        query: &QueryInFlight,
+        code: u16,
+        counts: &command::SubOperations,
+        identifier: Option<&[u8]>,
+        comment: Option<&str>,
+    ) -> Result<(), AssociationError> {
+        let encode = match operation {
+            RetrieveOperation::Get => command::get_rsp,
+            RetrieveOperation::Move => command::move_rsp,
+        };
+        let rsp = encode(
+            query.message_id,
+            &query.sop_class,
+            code,
+            counts,
+            identifier.is_some(),
+            comment,
+        );
+        let timeout = self.association.dimse_timeout;
+        let send = async {
+            pdu::write_pdata(&mut self.writer, query.context_id, true, true, &rsp).await?;
+            if let Some(identifier) = identifier {
+                pdu::write_data_set(
+                    &mut self.writer,
+                    query.context_id,
+                    identifier,
+                    self.association.peer_max_pdu,
+                )
+                .await?;
+            }
+            self.writer.flush().await
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Err(_) => Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(sent) => Ok(sent?),
+        }
+    }
+
+    /// Acts on a PDU that arrived while a C-GET or C-MOVE is performed:
+    /// command fragments only, each command a C-CANCEL-RQ (of this
+    /// retrieve: noted) or, when one is `expecting`, the C-STORE-RSP to our
+    /// C-STORE-RQ of that Message ID; an A-ABORT ends the association;
+    /// anything else breaks the protocol.
+    async fn during_retrieve<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        header: Option<pdu::PduHeader>,
+        message_id: u16,
+        expecting: Option<u16>,
+    ) -> Result<RetrieveEvents, AssociationError> {
+        let timeout = self.association.dimse_timeout;
+        let Some(header) = header else {
+            return Err(FramingError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+        };
+        match header.pdu_type {
+            PduType::PData => {}
+            PduType::Abort => return Err(AssociationError::PeerAborted),
+            PduType::ReleaseRq => return Err(ProtocolViolation::ReleaseDuringMessage.into()),
+            other => return Err(ProtocolViolation::UnexpectedPdu(other).into()),
+        }
+        let body = match tokio::time::timeout(timeout, reader.read_body(header)).await {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(body) => body?,
+        };
+        if body.is_empty() {
+            return Err(ProtocolViolation::EmptyPData.into());
+        }
+        let mut events = RetrieveEvents::default();
+        for item in pdu::pdvs(body) {
+            let pdv = item?;
+            if find_context(self.contexts, pdv.context_id).is_none() {
+                return Err(ProtocolViolation::UnknownContext(pdv.context_id).into());
+            }
+            if !pdv.is_command {
+                return Err(ProtocolViolation::DataWithoutCommand.into());
+            }
+            match self.command_context {
+                Some(id) if id != pdv.context_id => {
+                    return Err(ProtocolViolation::CommandContextSwitch.into())
+                }
+                _ => self.command_context = Some(pdv.context_id),
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(ProtocolViolation::CommandTooLong(MAX_COMMAND).into());
+            }
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last {
+                continue;
+            }
+            self.command_context = None;
+            let decoded = Command::decode(&self.command);
+            self.command.clear();
+            let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+            match (cmd.command_field, expecting) {
+                // A cancel naming another (finished) request is ignored.
+                (field::C_CANCEL_RQ, _) => events.cancelled |= cmd.message_id == message_id,
+                (field::C_STORE_RSP, Some(expected)) if events.store_rsp.is_none() => {
+                    if cmd.message_id != expected {
+                        return Err(ProtocolViolation::WrongResponse {
+                            expected,
+                            got: cmd.message_id,
+                        }
+                        .into());
+                    }
+                    let code = cmd.status.ok_or(ProtocolViolation::ResponseWithoutStatus)?;
+                    let comment = cmd.error_comment.map(|c| c.as_str().to_string());
+                    events.store_rsp = Some((code, comment));
+                }
+                (other, _) => return Err(ProtocolViolation::CommandDuringRetrieve(other).into()),
+            }
+        }
+        Ok(events)
+    }
+
+    /// Acts on a PDU that arrived while a C-FIND is answered: only a
+    /// C-CANCEL-RQ (of this C-FIND: true) or A-ABORT may come; anything else
+    /// breaks the protocol.
+    async fn during_find<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut PduReader<R>,
+        header: Option<pdu::PduHeader>,
+        message_id: u16,
+    ) -> Result<bool, AssociationError> {
+        let timeout = self.association.dimse_timeout;
+        let Some(header) = header else {
+            return Err(FramingError::Io(std::io::ErrorKind::UnexpectedEof.into()).into());
+        };
+        match header.pdu_type {
+            PduType::PData => {}
+            PduType::Abort => return Err(AssociationError::PeerAborted),
+            PduType::ReleaseRq => return Err(ProtocolViolation::ReleaseDuringMessage.into()),
+            other => return Err(ProtocolViolation::UnexpectedPdu(other).into()),
+        }
+        let body = match tokio::time::timeout(timeout, reader.read_body(header)).await {
+            Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(body) => body?,
+        };
+        if body.is_empty() {
+            return Err(ProtocolViolation::EmptyPData.into());
+        }
+        let mut cancelled = false;
+        for item in pdu::pdvs(body) {
+            let pdv = item?;
+            if find_context(self.contexts, pdv.context_id).is_none() {
+                return Err(ProtocolViolation::UnknownContext(pdv.context_id).into());
+            }
+            if !pdv.is_command {
+                return Err(ProtocolViolation::DataWithoutCommand.into());
+            }
+            if self.command.len() + pdv.data.len() > MAX_COMMAND {
+                return Err(ProtocolViolation::CommandTooLong(MAX_COMMAND).into());
+            }
+            self.command.extend_from_slice(pdv.data);
+            if !pdv.is_last {
+                continue;
+            }
+            let decoded = Command::decode(&self.command);
+            self.command.clear();
+            let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+            if cmd.command_field != field::C_CANCEL_RQ {
+                return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
+            }
+            // A cancel naming another (finished) request is ignored.
+            cancelled |= cmd.message_id == message_id;
+        }
+        Ok(cancelled)
     }
 
     /// Decides where the data set of a C-STORE-RQ goes: to the service, or,
@@ -490,6 +1770,11 @@ where
                 status::SOP_CLASS_NOT_SUPPORTED,
                 "C-STORE on a presentation context not accepted for storage",
             ))
+        } else if !context.peer_may_store {
+            Sink::Discard(Failure::new(
+                status::NOT_AUTHORIZED,
+                "this calling AE title may not store here",
+            ))
         } else if cmd.sop_instance.is_none() {
             Sink::Discard(Failure::new(
                 status::CANNOT_UNDERSTAND,
@@ -501,11 +1786,13 @@ where
                 "SOP class differs from the presentation context",
             ))
         } else {
+            let move_originator = cmd.move_originator();
             let request = StoreRequest {
                 message_id: cmd.message_id,
                 sop_class: &sop_class,
                 sop_instance: &sop_instance,
                 transfer_syntax: &context.transfer_syntax,
+                move_originator: move_originator.as_ref(),
             };
             match self.service.store(self.association, &request) {
                 Ok(object) => Sink::Object(object),
@@ -545,6 +1832,82 @@ where
         }
         Ok(())
     }
+}
+
+/// Begins a C-FIND-RQ, C-GET-RQ or C-MOVE-RQ: its identifier is
+/// collected, to be answered by the service, or with a failure when the
+/// context was not accepted for the operation, the SOP class is not the
+/// context's, or a C-MOVE names no valid Move Destination.
+fn begin_query(
+    operation: QueryOperation,
+    context: &AcceptedContext,
+    cmd: &Command,
+) -> QueryInFlight {
+    let sop_class = cmd.sop_class.clone().unwrap_or_default();
+    let (service, name) = match operation {
+        QueryOperation::Find => (ServiceClass::Find, "C-FIND"),
+        QueryOperation::Retrieve(RetrieveOperation::Get) => (ServiceClass::Get, "C-GET"),
+        QueryOperation::Retrieve(RetrieveOperation::Move) => (ServiceClass::Move, "C-MOVE"),
+    };
+    let refusal = if context.service != service {
+        Some(Failure::new(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            format!("{name} on a presentation context not accepted for {name}"),
+        ))
+    } else if cmd.sop_class.as_ref() != Some(&context.abstract_syntax) {
+        Some(Failure::new(
+            status::IDENTIFIER_MISMATCH,
+            "SOP class differs from the presentation context",
+        ))
+    } else if service == ServiceClass::Move && cmd.move_destination.is_none() {
+        Some(Failure::new(
+            status::MOVE_DESTINATION_UNKNOWN,
+            "Move Destination missing or not a valid AE title",
+        ))
+    } else {
+        None
+    };
+    QueryInFlight {
+        operation,
+        move_destination: cmd.move_destination.clone(),
+        context_id: context.id,
+        message_id: cmd.message_id,
+        sop_class,
+        transfer_syntax: context.transfer_syntax.clone(),
+        priority: cmd.priority,
+        identifier: Vec::new(),
+        refusal,
+    }
+}
+
+/// Adds one identifier fragment; past [`MAX_IDENTIFIER`] the identifier is
+/// dropped (the rest is read and discarded) and the request will fail
+/// (A700 for C-FIND, A701 for C-GET and C-MOVE).
+fn identifier_fragment(
+    find: &mut QueryInFlight,
+    context_id: u8,
+    data: &[u8],
+) -> Result<(), AssociationError> {
+    if find.context_id != context_id {
+        return Err(ProtocolViolation::DataContextSwitch.into());
+    }
+    if find.refusal.is_some() {
+        return Ok(());
+    }
+    if find.identifier.len() + data.len() > MAX_IDENTIFIER {
+        find.identifier = Vec::new();
+        let code = match find.operation {
+            QueryOperation::Find => status::OUT_OF_RESOURCES,
+            QueryOperation::Retrieve(_) => status::UNABLE_TO_CALCULATE_MATCHES,
+        };
+        find.refusal = Some(Failure::new(
+            code,
+            format!("identifier longer than {} KiB", MAX_IDENTIFIER / 1024),
+        ));
+        return Ok(());
+    }
+    find.identifier.extend_from_slice(data);
+    Ok(())
 }
 
 /// Commits the object (durably) and only then answers the C-STORE-RQ.

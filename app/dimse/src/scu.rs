@@ -1,5 +1,6 @@
 //! The SCU side: request an association, C-ECHO, C-STORE a file by
-//! streaming its data set, release.
+//! streaming its data set (from a blocking reader, or from an async one:
+//! the C-MOVE SCP sends its sub-operations this way), release or abort.
 //!
 //! A file's data set is read straight into the PDU buffer behind the PDU
 //! and PDV headers and sent from there: one buffer per association, never
@@ -42,6 +43,16 @@ pub enum ScuError {
     /// The peer did not answer in time.
     #[error("no answer within {0} s")]
     Timeout(u64),
+    /// Reading a data set to send failed (see [`pdu::StreamError`]): if
+    /// `sent` is false nothing of the message went out and the association
+    /// can go on; if true it cannot (abort it).
+    #[error("reading the data set to send: {source}")]
+    DataSet {
+        /// whether part of the message was sent already
+        sent: bool,
+        /// the error
+        source: std::io::Error,
+    },
     /// Reading the file to send failed.
     #[error("reading {what}: {source}")]
     File {
@@ -263,6 +274,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
         self.response(field::C_STORE_RSP).await
     }
 
+    /// Sends one object as a C-STORE-RQ (with this priority and, for a
+    /// C-MOVE sub-operation, the Move Originator fields) and its data set
+    /// of `len` bytes streamed from `data`, then awaits the C-STORE-RSP.
+    /// Returns the status and the peer's error comment, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn store_streamed<R: AsyncRead + Unpin + ?Sized>(
+        &mut self,
+        context_id: u8,
+        sop_class: &Uid,
+        sop_instance: &Uid,
+        priority: u16,
+        move_originator: Option<&command::MoveOriginator>,
+        data: &mut R,
+        len: u64,
+    ) -> Result<(u16, Option<String>), ScuError> {
+        let id = self.message_id();
+        let rq = command::store_rq_with(id, sop_class, sop_instance, priority, move_originator);
+        pdu::send_streamed(
+            &mut self.writer,
+            &mut self.buf,
+            context_id,
+            &rq,
+            data,
+            len,
+            self.send_pdu as usize,
+            self.timeout,
+        )
+        .await
+        .map_err(|e| match e {
+            pdu::StreamError::Unread(source) => ScuError::DataSet {
+                sent: false,
+                source,
+            },
+            pdu::StreamError::Read(source) => ScuError::DataSet { sent: true, source },
+            pdu::StreamError::Write(e) => ScuError::Framing(FramingError::Io(e)),
+            pdu::StreamError::Timeout => ScuError::Timeout(self.timeout.as_secs()),
+        })?;
+        self.response(field::C_STORE_RSP).await
+    }
+
     /// Reads PDUs until a complete response command arrives.
     async fn response(&mut self, expected: u16) -> Result<(u16, Option<String>), ScuError> {
         let mut command_buf = Vec::new();
@@ -299,6 +350,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> ScuAssociation<S> {
                 }
             }
         }
+    }
+
+    /// Aborts the association (as the service user) and closes the
+    /// connection: for an association that cannot go on.
+    pub async fn abort(mut self) {
+        let _ = self
+            .writer
+            .write_all(&pdu::abort_pdu(
+                pdu::AbortSource::ServiceUser,
+                pdu::AbortReason::NotSpecified,
+            ))
+            .await;
+        let _ = self.writer.flush().await;
+        let _ = self.writer.shutdown().await;
     }
 
     /// Releases the association politely.

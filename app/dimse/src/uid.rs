@@ -59,6 +59,34 @@ pub fn is_valid_uid(s: &str) -> bool {
 pub const VERIFICATION: &str = "1.2.840.10008.1.1";
 /// The DICOM application context name.
 pub const APPLICATION_CONTEXT: &str = "1.2.840.10008.3.1.1.1";
+/// Patient Root Query/Retrieve Information Model - FIND
+pub const PATIENT_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.1.1";
+/// Study Root Query/Retrieve Information Model - FIND
+pub const STUDY_ROOT_FIND: &str = "1.2.840.10008.5.1.4.1.2.2.1";
+
+/// Patient Root Query/Retrieve Information Model - MOVE
+pub const PATIENT_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.1.2";
+/// Patient Root Query/Retrieve Information Model - GET
+pub const PATIENT_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.1.3";
+/// Study Root Query/Retrieve Information Model - MOVE
+pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
+/// Study Root Query/Retrieve Information Model - GET
+pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
+
+/// True for the C-FIND information models this crate can accept.
+pub fn is_find_sop_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT_FIND || uid == STUDY_ROOT_FIND
+}
+
+/// True for the C-GET information models this crate can accept.
+pub fn is_get_sop_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT_GET || uid == STUDY_ROOT_GET
+}
+
+/// True for the C-MOVE information models this crate can accept.
+pub fn is_move_sop_class(uid: &str) -> bool {
+    uid == PATIENT_ROOT_MOVE || uid == STUDY_ROOT_MOVE
+}
 /// Implicit VR Little Endian, the default transfer syntax.
 pub const IMPLICIT_VR_LE: &str = "1.2.840.10008.1.2";
 /// Explicit VR Little Endian.

@@ -171,6 +171,8 @@ fn contexts() -> ContextTable {
                 abstract_syntax: u(abs),
                 transfer_syntax: u(uid::EXPLICIT_VR_LE),
                 service,
+                peer_scp_role: false,
+                peer_may_store: true,
             })
             .expect("room");
     };
@@ -186,6 +188,7 @@ fn info() -> AssociationInfo {
         called_ae: "MINIPACS".into(),
         dimse_timeout: Duration::from_secs(5),
         max_pdu: MAX_PDU,
+        peer_max_pdu: MAX_PDU,
     }
 }
 

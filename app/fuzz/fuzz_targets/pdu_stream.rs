@@ -1,6 +1,8 @@
 //! A whole association's byte stream into the SCP state machine: PDU
 //! framing, PDV splitting, command assembly and decoding, C-ECHO and
-//! C-STORE, read in pieces of a size the input chooses (the first byte), so
+//! C-STORE, C-FIND refused, C-GET (whose sub-operations' C-STORE-RSPs and
+//! C-CANCEL-RQs the input supplies) and C-MOVE (to a destination that is
+//! gone), read in pieces of a size the input chooses (the first byte), so
 //! that the PDU reader's carry-over runs too. Whatever the bytes, the SCP
 //! must end (release, abort or error) without panicking.
 #![no_main]
@@ -11,8 +13,12 @@ use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use dimse::ae::AeTitle;
 use dimse::negotiation::{AcceptedContext, ContextTable, ServiceClass};
-use dimse::scp::{self, AssociationInfo, Failure, IncomingObject, Service, StoreRequest};
+use dimse::scp::{
+    self, AssociationInfo, Failure, IncomingObject, MoveDestination, MoveRetrieval, Outgoing,
+    Retrieval, RetrieveRequest, Service, StoreRequest, SubOperationFailure,
+};
 use dimse::uid::{self, Uid};
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -50,14 +56,59 @@ impl AsyncWrite for Peer<'_> {
     }
 }
 
+const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
+
 /// Counts bytes and keeps nothing.
 struct Discard;
 struct Counted(u64);
+
+/// Two small CT objects (Explicit VR LE), and one the service cannot open.
+fn retrieval() -> Retrieval {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let ct = Uid::new(CT).expect("valid");
+    let ts = Uid::new(uid::EXPLICIT_VR_LE).expect("valid");
+    for (n, len) in [(1u8, 10usize), (2, 3)] {
+        let _ = tx.try_send(Ok(Outgoing {
+            sop_class: ct.clone(),
+            sop_instance: Uid::new(&format!("1.2.3.{n}")).expect("valid"),
+            transfer_syntax: ts.clone(),
+            length: len as u64,
+            data: Box::pin(std::io::Cursor::new(vec![n; len])),
+        }));
+    }
+    let _ = tx.try_send(Err(SubOperationFailure::from(Failure::new(0xA702, "gone"))));
+    Retrieval {
+        sub_operations: 3,
+        presentations: vec![(ct, ts)],
+        objects: rx,
+    }
+}
 
 impl Service for Discard {
     type Object = Counted;
     fn store(&self, _: &AssociationInfo, _: &StoreRequest<'_>) -> Result<Counted, Failure> {
         Ok(Counted(0))
+    }
+
+    async fn get(&self, _: &AssociationInfo, _: &RetrieveRequest<'_>) -> Result<Retrieval, Failure> {
+        Ok(retrieval())
+    }
+
+    async fn move_(
+        &self,
+        _: &AssociationInfo,
+        _: &RetrieveRequest<'_>,
+    ) -> Result<MoveRetrieval, Failure> {
+        // A destination whose other end is gone: its association fails.
+        let (ours, _) = tokio::io::duplex(64);
+        Ok(MoveRetrieval {
+            retrieval: retrieval(),
+            destination: MoveDestination {
+                transport: Box::new(ours),
+                called_ae: AeTitle::new("DEST").expect("valid"),
+                calling_ae: AeTitle::new("MINIPACS").expect("valid"),
+            },
+        })
     }
 }
 
@@ -86,13 +137,19 @@ fn contexts() -> ContextTable {
     let mut table = ContextTable::new();
     for (id, abs, service) in [
         (1, uid::VERIFICATION, ServiceClass::Verification),
-        (3, "1.2.840.10008.5.1.4.1.1.2", ServiceClass::Storage),
+        (3, CT, ServiceClass::Storage),
+        (5, uid::STUDY_ROOT_FIND, ServiceClass::Find),
+        (7, uid::STUDY_ROOT_GET, ServiceClass::Get),
+        (9, uid::STUDY_ROOT_MOVE, ServiceClass::Move),
     ] {
         let _ = table.push(AcceptedContext {
             id,
             abstract_syntax: Uid::new(abs).expect("valid"),
             transfer_syntax: Uid::new(uid::EXPLICIT_VR_LE).expect("valid"),
             service,
+            // C-GET sub-operations go to the storage context.
+            peer_scp_role: service == ServiceClass::Storage,
+            peer_may_store: true,
         });
     }
     table
@@ -112,6 +169,7 @@ fuzz_target!(|data: &[u8]| {
         called_ae: "MINIPACS".into(),
         dimse_timeout: Duration::from_secs(1),
         max_pdu: 16384,
+        peer_max_pdu: 16384,
     };
     let table = contexts();
     runtime().block_on(async {

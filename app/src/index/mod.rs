@@ -7,9 +7,14 @@
 //! `synchronous=NORMAL`: a commit survives the process being killed; one
 //! lost to a power cut is found again from its file.
 
+pub mod catchup;
 pub mod charset;
 pub mod header;
+pub mod query;
+mod record;
+pub mod retrieve;
 pub mod schema;
+mod vfs;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -42,6 +47,13 @@ pub enum IndexError {
 pub struct Index {
     conn: Mutex<Connection>,
     path: PathBuf,
+    /// Stored files whose indexing failed, retried on later commits
+    /// (capped: the next start's catch-up finds the rest); see [`record`].
+    retry: Mutex<std::collections::VecDeque<String>>,
+    /// The folder whose `/proc/self/fd` path the database was opened by,
+    /// kept open as long as the connection (its descriptor number is in
+    /// the paths SQLite keeps for the `-wal` and `-shm` files).
+    folder: Option<crate::dirfd::Folder>,
 }
 
 /// One stored file, as the index records it.
@@ -61,7 +73,8 @@ impl Index {
     /// Opens the index at `path`, creating its schema in a new file, and
     /// checks an existing one (`quick_check`, schema version).
     pub fn open(path: &Path) -> Result<Index, IndexError> {
-        let conn = Connection::open(path)?;
+        let vfs = vfs::name().map_err(IndexError::Unusable)?;
+        let conn = Connection::open_with_flags_and_vfs(path, rusqlite::OpenFlags::default(), vfs)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "cache_size", -CACHE_KIB)?;
         let mode: String =
@@ -89,7 +102,33 @@ impl Index {
         Ok(Index {
             conn: Mutex::new(conn),
             path: path.to_path_buf(),
+            retry: Mutex::default(),
+            folder: None,
         })
+    }
+
+    /// Opens the index `name` in `folder` through the folder's descriptor
+    /// (`/proc/self/fd/N/name`: see [`vfs`] for why), keeping a descriptor
+    /// of the folder open with it.
+    pub fn open_in(folder: &crate::dirfd::Folder, name: &Path) -> Result<Index, IndexError> {
+        let folder = folder
+            .try_clone()
+            .map_err(|e| IndexError::Unusable(format!("store folder: {e}")))?;
+        let mut index = Index::open(&folder.proc_path().join(name))?;
+        index.folder = Some(folder);
+        Ok(index)
+    }
+
+    /// Whether commits are synced at WAL checkpoints (`synchronous=NORMAL`,
+    /// the default) or never (`OFF`). OFF follows a store that does not
+    /// fsync (`fsync = false`: durability comes from elsewhere): the
+    /// checkpoints' fsyncs were most of what indexing added to such a
+    /// store's commits. A power cut may then leave the index corrupt, which
+    /// the next start's `quick_check` finds and rebuilds from the files.
+    pub fn set_synced(&self, synced: bool) -> Result<(), IndexError> {
+        self.lock()
+            .pragma_update(None, "synchronous", if synced { "NORMAL" } else { "OFF" })?;
+        Ok(())
     }
 
     /// The database file.
@@ -100,47 +139,121 @@ impl Index {
     /// Records one stored file, in one transaction (patient, study and
     /// series rows are made or brought up to date with it).
     pub fn insert(&self, entry: &Entry<'_>) -> Result<(), IndexError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut conn = self.lock();
         let tx = conn.transaction()?;
         insert_in(&tx, entry)?;
         tx.commit()?;
         Ok(())
     }
 
+    /// Records several stored files in one transaction (the catch-up's
+    /// batches: one WAL commit per batch instead of per file).
+    pub fn insert_all(&self, entries: &[Entry<'_>]) -> Result<(), IndexError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction()?;
+        for entry in entries {
+            insert_in(&tx, entry)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// Whether a row has this path (relative to the store's root).
     pub fn has_path(&self, path: &str) -> Result<bool, IndexError> {
-        let conn = self
-            .conn
+        let conn = self.lock();
+        let mut statement = conn.prepare_cached("SELECT 1 FROM instance WHERE path = ?1")?;
+        let found = statement.query_row([path], |_| Ok(())).optional()?;
+        Ok(found.is_some())
+    }
+
+    /// How many instance rows there are.
+    pub fn instance_count(&self) -> Result<u64, IndexError> {
+        let n: i64 = self
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        Ok(conn
-            .query_row("SELECT 1 FROM instance WHERE path = ?1", [path], |_| Ok(()))
-            .optional()?
-            .is_some())
+            .query_row("SELECT count(*) FROM instance", [], |r| r.get(0))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    /// The connection, whoever panicked while holding it (every write is
+    /// one transaction, so a panic leaves nothing half done).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
 /// The rows of one entry, inside the caller's transaction.
 fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexError> {
     let a = e.attributes;
-    let patient: i64 = tx.query_row(
-        "INSERT INTO patient (patient_id, patient_name, patient_birth_date, patient_sex)
+    // Most objects belong to a series the index has, with the same patient
+    // and study attributes: then the parent rows are only read (an upsert
+    // would rewrite them and their indexes, doubling what each commit
+    // writes to the WAL).
+    let known: Option<i64> = tx
+        .prepare_cached(
+            "SELECT se.id FROM series se JOIN study st ON se.study = st.id
+             JOIN patient p ON st.patient = p.id
+             WHERE se.series_instance_uid = ?1 AND se.modality = ?2
+               AND se.series_number IS ?3 AND se.series_description = ?4
+               AND se.series_date = ?5 AND se.body_part_examined = ?6
+               AND st.study_instance_uid = ?7 AND st.study_date = ?8 AND st.study_time = ?9
+               AND st.accession_number = ?10 AND st.study_id = ?11
+               AND st.study_description = ?12 AND st.referring_physician_name = ?13
+               AND p.patient_id = ?14 AND p.patient_name = ?15
+               AND p.patient_birth_date = ?16 AND p.patient_sex = ?17",
+        )?
+        .query_row(
+            params![
+                a.series_instance_uid,
+                a.modality,
+                a.series_number,
+                a.series_description,
+                a.series_date,
+                a.body_part_examined,
+                a.study_instance_uid,
+                a.study_date,
+                a.study_time,
+                a.accession_number,
+                a.study_id,
+                a.study_description,
+                a.referring_physician_name,
+                a.patient_id,
+                a.patient_name,
+                a.patient_birth_date,
+                a.patient_sex
+            ],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let series = match known {
+        Some(series) => series,
+        None => upsert_parents(tx, a)?,
+    };
+    insert_instance(tx, e, series)
+}
+
+/// Makes or brings up to date the patient, study and series rows of `a`;
+/// returns the series row's id.
+fn upsert_parents(tx: &rusqlite::Transaction<'_>, a: &Attributes) -> Result<i64, IndexError> {
+    let patient: i64 = tx
+        .prepare_cached(
+            "INSERT INTO patient (patient_id, patient_name, patient_birth_date, patient_sex)
          VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (patient_id) DO UPDATE SET patient_name = excluded.patient_name,
              patient_birth_date = excluded.patient_birth_date, patient_sex = excluded.patient_sex
          RETURNING id",
-        params![
-            a.patient_id,
-            a.patient_name,
-            a.patient_birth_date,
-            a.patient_sex
-        ],
-        |r| r.get(0),
-    )?;
-    let study: i64 = tx.query_row(
+        )?
+        .query_row(
+            params![
+                a.patient_id,
+                a.patient_name,
+                a.patient_birth_date,
+                a.patient_sex
+            ],
+            |r| r.get(0),
+        )?;
+    let study: i64 = tx.prepare_cached(
         "INSERT INTO study (patient, study_instance_uid, study_date, study_time, accession_number,
              study_id, study_description, referring_physician_name)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -150,6 +263,8 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexE
              study_description = excluded.study_description,
              referring_physician_name = excluded.referring_physician_name
          RETURNING id",
+    )?
+    .query_row(
         params![
             patient,
             a.study_instance_uid,
@@ -162,8 +277,9 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexE
         ],
         |r| r.get(0),
     )?;
-    let series: i64 = tx.query_row(
-        "INSERT INTO series (study, series_instance_uid, modality, series_number,
+    let series: i64 = tx
+        .prepare_cached(
+            "INSERT INTO series (study, series_instance_uid, modality, series_number,
              series_description, series_date, body_part_examined)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
          ON CONFLICT (series_instance_uid) DO UPDATE SET study = excluded.study,
@@ -171,18 +287,30 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexE
              series_description = excluded.series_description,
              series_date = excluded.series_date, body_part_examined = excluded.body_part_examined
          RETURNING id",
-        params![
-            study,
-            a.series_instance_uid,
-            a.modality,
-            a.series_number,
-            a.series_description,
-            a.series_date,
-            a.body_part_examined
-        ],
-        |r| r.get(0),
-    )?;
-    tx.execute(
+        )?
+        .query_row(
+            params![
+                study,
+                a.series_instance_uid,
+                a.modality,
+                a.series_number,
+                a.series_description,
+                a.series_date,
+                a.body_part_examined
+            ],
+            |r| r.get(0),
+        )?;
+    Ok(series)
+}
+
+/// The instance row of `e`, in the series row `series`.
+fn insert_instance(
+    tx: &rusqlite::Transaction<'_>,
+    e: &Entry<'_>,
+    series: i64,
+) -> Result<(), IndexError> {
+    let a = e.attributes;
+    tx.prepare_cached(
         "INSERT INTO instance (series, sop_instance_uid, sop_class_uid, instance_number, path,
              transfer_syntax, size, received)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -191,17 +319,17 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexE
              instance_number = excluded.instance_number,
              transfer_syntax = excluded.transfer_syntax, size = excluded.size,
              received = excluded.received",
-        params![
-            series,
-            a.sop_instance_uid,
-            a.sop_class_uid,
-            a.instance_number,
-            e.path,
-            a.transfer_syntax,
-            e.size as i64,
-            e.received
-        ],
-    )?;
+    )?
+    .execute(params![
+        series,
+        a.sop_instance_uid,
+        a.sop_class_uid,
+        a.instance_number,
+        e.path,
+        a.transfer_syntax,
+        e.size as i64,
+        e.received
+    ])?;
     Ok(())
 }
 
@@ -259,6 +387,38 @@ mod tests {
         assert_eq!((patients, studies, series, instances), (1, 1, 1, 3));
         // Reopening an index of this version keeps it.
         assert!(Index::open(&path).is_ok());
+    }
+
+    #[test]
+    fn parent_rows_follow_the_latest_object_of_their_series() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index.sqlite")).expect("opens");
+        for (n, name) in [(0, "Doe^Jane"), (1, "Doe^Jane"), (2, "Roe^Jane")] {
+            let a = Attributes {
+                patient_name: name.into(),
+                ..attributes(n)
+            };
+            let p = format!("CT.{n}");
+            index
+                .insert(&Entry {
+                    path: &p,
+                    size: 1,
+                    received: 0,
+                    attributes: &a,
+                })
+                .expect("inserts");
+        }
+        let conn = index.lock();
+        let (patients, name): (i64, String) = conn
+            .query_row("SELECT count(*), max(patient_name) FROM patient", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .expect("row");
+        assert_eq!((patients, name.as_str()), (1, "Roe^Jane"));
+        let instances: i64 = conn
+            .query_row("SELECT count(*) FROM instance", [], |r| r.get(0))
+            .expect("count");
+        assert_eq!(instances, 3);
     }
 
     #[test]

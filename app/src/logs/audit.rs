@@ -1,5 +1,6 @@
 //! The audit trail (`audit.jsonl`): one JSON line per association, per
-//! refused connection (A-ASSOCIATE-RJ, failed TLS handshake) and per object,
+//! refused connection (A-ASSOCIATE-RJ, failed TLS handshake), per object
+//! and per query (C-FIND),
 //! so "was this study received, from whom, and where is it" and "who tried
 //! to send and was turned away, why" have a durable answer.
 //!
@@ -103,6 +104,75 @@ pub struct ObjectRecord<'a> {
     pub stored_path: Option<&'a Path>,
 }
 
+/// One C-FIND, written when its final response is sent: who asked what,
+/// how many matches were answered, and how it ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename = "find")]
+pub struct FindRecord<'a> {
+    /// When the final response was sent.
+    #[serde(serialize_with = "ser_time")]
+    pub time: SystemTime,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Calling AE title of the association.
+    pub calling_ae: &'a str,
+    /// The information model (Affected SOP Class UID).
+    pub sop_class_uid: &'a str,
+    /// The Query/Retrieve Level; empty if the identifier had none.
+    pub level: &'a str,
+    /// The requested keys, `(gggg,eeee)=value` for matching keys.
+    pub keys: &'a str,
+    /// Pending responses sent.
+    pub matches: u64,
+    /// The final status, 4 hex digits ("0000", "FE00", "A900").
+    #[serde(serialize_with = "ser_status")]
+    pub status: u16,
+    /// Why it failed, when it did; null otherwise.
+    pub reason: Option<&'a str>,
+    /// From the identifier to the final response.
+    pub milliseconds: u64,
+}
+
+/// One C-MOVE or C-GET, written when its final response is sent: who
+/// asked for what, where it went, how many sub-operations completed,
+/// failed or warned, and how it ended.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename = "retrieve")]
+pub struct RetrieveRecord<'a> {
+    /// When the final response was sent.
+    #[serde(serialize_with = "ser_time")]
+    pub time: SystemTime,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// Calling AE title of the association.
+    pub calling_ae: &'a str,
+    /// "C-MOVE" or "C-GET".
+    pub operation: &'a str,
+    /// The information model (Affected SOP Class UID).
+    pub sop_class_uid: &'a str,
+    /// The Query/Retrieve Level; empty if the identifier had none.
+    pub level: &'a str,
+    /// The keys, `(gggg,eeee)=value`.
+    pub keys: &'a str,
+    /// The Move Destination (C-MOVE); null for C-GET.
+    pub destination: Option<&'a str>,
+    /// Sub-operations completed.
+    pub completed: u32,
+    /// Sub-operations failed.
+    pub failed: u32,
+    /// Sub-operations completed with a warning.
+    pub warning: u32,
+    /// Sub-operations not begun (after a cancel or a failure).
+    pub remaining: u32,
+    /// The final status, 4 hex digits ("0000", "B000", "A801", "FE00").
+    #[serde(serialize_with = "ser_status")]
+    pub status: u16,
+    /// Why it failed, when it did; null otherwise.
+    pub reason: Option<&'a str>,
+    /// From the identifier to the final response.
+    pub milliseconds: u64,
+}
+
 /// An association request turned away: answered with A-ASSOCIATE-RJ
 /// (called AE title wrong, calling AE title not allowed, association cap
 /// reached, ...) or refused before negotiation (a malformed request).
@@ -195,6 +265,17 @@ impl Audit {
 
     /// Records one object. Returns whether the line reached the file.
     pub fn object(&self, record: &ObjectRecord<'_>) -> bool {
+        self.append(record)
+    }
+
+    /// Records one C-FIND. Returns whether the line reached the file.
+    pub fn find(&self, record: &FindRecord<'_>) -> bool {
+        self.append(record)
+    }
+
+    /// Records a C-MOVE or C-GET. Returns whether the line reached the
+    /// file.
+    pub fn retrieve(&self, record: &RetrieveRecord<'_>) -> bool {
         self.append(record)
     }
 

@@ -39,7 +39,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use audit::{
-    AssociationOutcome, AssociationRecord, Audit, ObjectRecord, RejectedRecord, TlsFailedRecord,
+    AssociationOutcome, AssociationRecord, Audit, FindRecord, ObjectRecord, RejectedRecord,
+    RetrieveRecord, TlsFailedRecord,
 };
 pub use bundle::{collect_bundle, BundleInputs, BundleSummary};
 pub use init::{

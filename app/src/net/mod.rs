@@ -163,6 +163,15 @@ impl Service {
             .map(|(bytes, pct)| format!("{:.1} GB ({pct:.1} %)", bytes as f64 / 1e9))
             .unwrap_or_else(|e| e.to_string());
         let store = Arc::new(store);
+        // Before any association is accepted: the index is level with the
+        // files from the first C-STORE on, and nothing else writes to it
+        // meanwhile (see crate::index::catchup).
+        let index = open_index(
+            Arc::clone(&store),
+            config.index_file.clone(),
+            events.clone(),
+        )
+        .await;
         let stats = Arc::new(Stats::default());
         let budget = crate::logs::Budget {
             max_bytes: config.log_max_bytes,
@@ -189,6 +198,10 @@ impl Service {
             stats: Arc::clone(&stats),
             audit: audit.clone(),
             led,
+            index,
+            max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
+            peers: crate::retrieve::Peers::new(config.peer.clone()),
+            dimse_timeout: Duration::from_secs(config.dimse_timeout),
         });
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
@@ -230,6 +243,7 @@ impl Service {
             };
             let (reloader, cert) = TlsReloader::new(&first, policy).context("TLS configuration")?;
             let reloader = Arc::new(reloader);
+            set_peer_tls(&receiver, &first);
             let socket = TcpListener::from_std(socket)?;
             let aetitle = config.port_aetitle(true);
             info!(
@@ -240,9 +254,12 @@ impl Service {
             );
             let target = Arc::clone(&reloader);
             let notify = events.clone();
+            let peers_of = Arc::clone(&receiver);
             let apply = move |material: TlsMaterial, why: &str| {
                 let _ = notify.try_send(ServiceEvent::Reloading);
-                crate::tls::apply_logged(&target, &material, why);
+                if crate::tls::apply_logged(&target, &material, why) {
+                    set_peer_tls(&peers_of, &material);
+                }
                 let _ = notify.try_send(ServiceEvent::Reloaded);
             };
             match (files, updates) {
@@ -302,6 +319,50 @@ impl Service {
     }
 }
 
+/// Opens the store's index and brings it level with the files, on a
+/// blocking thread, telling `events` how far a long catch-up is. An index
+/// that cannot be opened at all (a read-only or full disk) leaves the
+/// receiver storing without one: the files are the truth, and the next
+/// start catches up.
+async fn open_index(
+    store: Arc<Store>,
+    index_file: std::path::PathBuf,
+    events: mpsc::Sender<ServiceEvent>,
+) -> Option<Arc<crate::index::Index>> {
+    use crate::index::catchup;
+    let work = move || -> Result<crate::index::Index, crate::index::IndexError> {
+        let root = store.root();
+        let shown = catchup::display_location(root, &index_file);
+        let started = std::time::Instant::now();
+        let (index, anew) = catchup::open_for_store(root, &index_file)?;
+        index.set_synced(store.options().fsync)?;
+        if let Some(why) = &anew {
+            info!(index = %shown.display(), why = %why, "indexing the store's files anew");
+        }
+        let mut progress = catchup::Progress::new(|line: &str| {
+            let _ = events.try_send(ServiceEvent::Status(line.to_string()));
+        });
+        let report = catchup::catch_up(&index, root, &index_file, &mut progress)?;
+        info!(
+            index = %shown.display(), files = report.files_seen, indexed = report.indexed,
+            dropped = report.dropped, not_indexable = report.not_indexable,
+            ms = started.elapsed().as_millis() as u64, "index level with the store"
+        );
+        Ok(index)
+    };
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(index)) => Some(Arc::new(index)),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "index unavailable: objects are stored but not indexed until a restart");
+            None
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "index catch-up did not finish: storing without an index");
+            None
+        }
+    }
+}
+
 /// Replaces the status file's contents (not atomically: it is rewritten
 /// every few seconds, and a torn one is only a stale status line).
 fn write_status(folder: &crate::dirfd::Folder, text: &str) -> std::io::Result<()> {
@@ -331,6 +392,32 @@ async fn apply_from_keeper(
     }
 }
 
+/// The services an `[[allow]]` entry grants: all when it names none.
+fn grants_of(services: Option<&[crate::config::Grant]>) -> dimse::negotiation::Grants {
+    use crate::config::Grant;
+    let Some(services) = services else {
+        return dimse::negotiation::Grants::ALL;
+    };
+    dimse::negotiation::Grants {
+        store: services.contains(&Grant::Store),
+        find: services.contains(&Grant::Find),
+        get: services.contains(&Grant::Get),
+        r#move: services.contains(&Grant::Move),
+    }
+}
+
+/// Builds the client configuration for TLS `[[peer]]`s from the server's
+/// material (our certificate is our client certificate too).
+fn set_peer_tls(receiver: &Receiver, material: &TlsMaterial) {
+    match crate::tls::peer_client_config(material) {
+        Ok(config) => receiver.peers.set_tls(Some(Arc::new(config))),
+        Err(e) => {
+            tracing::warn!(error = %e, "no TLS for [[peer]] connections");
+            receiver.peers.set_tls(None);
+        }
+    }
+}
+
 /// What the live keys set in the running receiver, made in one place for
 /// the start and for [`apply_live`]. The destructure names every field of
 /// [`LiveConfig`] (no `..`): a live key added there does not compile until
@@ -340,6 +427,8 @@ struct Applied {
     tls: PortSettings,
     limits: ServerLimits,
     store: StoreOptions,
+    max_find_results: usize,
+    peers: Vec<crate::config::PeerEntry>,
 }
 
 fn applied(config: &Config) -> anyhow::Result<Applied> {
@@ -353,7 +442,9 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         tls_aetitle: _, // in `ae_titles`
         max_pdu,
         accept_private_sop_classes,
+        max_find_results,
         allow,
+        peer,
         dimse_timeout,
         acse_timeout,
         max_associations,
@@ -373,6 +464,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
                 aetitle: AeTitle::new(&a.aetitle).context("allow.aetitle")?,
                 host: a.host,
                 cert_name: a.cert_name.clone(),
+                grants: grants_of(a.services.as_deref()),
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -382,6 +474,11 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             max_pdu,
             accept_private_sop_classes,
             allow: allow.clone(),
+            // C-FIND is answered from the index (a C-FIND while it is
+            // unavailable fails with a status, not at negotiation).
+            find: true,
+            // C-MOVE and C-GET likewise.
+            retrieve: true,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
@@ -404,6 +501,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             reserve_percent: free_space_reserve_percent,
             overwrite,
         },
+        max_find_results,
+        peers: peer,
     })
 }
 
@@ -431,6 +530,8 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         tls,
         limits,
         store: options,
+        max_find_results,
+        peers,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -441,6 +542,12 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
     };
     for (listener, is_tls) in live {
         listener.set_settings(if *is_tls { tls.clone() } else { plain.clone() });
+        // The listeners share one receiver; setting it twice is harmless.
+        listener
+            .shared
+            .max_find_results
+            .store(max_find_results, std::sync::atomic::Ordering::Relaxed);
+        listener.shared.peers.set(peers.clone());
     }
     bounds.set_limits(limits);
     if let Err(e) = store.set_options(options) {

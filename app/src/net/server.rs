@@ -430,7 +430,7 @@ impl Listener {
             addr: addr.ip().to_canonical(),
             cert_common_names: tls.as_ref().map_or(&[], |t| t.common_names.as_slice()),
         };
-        let (ac, contexts) = match negotiation::negotiate(&rq, &policy, &facts) {
+        let (ac, contexts, peer_max_pdu) = match negotiation::negotiate(&rq, &policy, &facts) {
             Negotiated::Reject(rj, why) => {
                 if self.bounds.record(addr) {
                     let fix = reject_fix(why, (&calling, &called), policy.ae_title.as_str());
@@ -440,7 +440,11 @@ impl Listener {
                 let _ = scp::send_pdu(&mut stream, &Pdu::AssociationRJ(rj)).await;
                 return;
             }
-            Negotiated::Accept { ac, contexts, .. } => (ac, contexts),
+            Negotiated::Accept {
+                ac,
+                contexts,
+                peer_max_pdu,
+            } => (ac, contexts, peer_max_pdu),
         };
         let accepted = contexts.len();
         let proposed = rq.presentation_contexts.len();
@@ -455,6 +459,7 @@ impl Listener {
             called_ae: policy.ae_title.to_string(),
             dimse_timeout,
             max_pdu: policy.max_pdu,
+            peer_max_pdu,
         };
         let receiver = &*self.shared;
         // Reads stamp the slot's activity, so that the association idle

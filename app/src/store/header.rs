@@ -6,6 +6,14 @@
 //! can). Top-level elements are walked in tag order and skipped without
 //! being kept; the walk stops at the first tag past (0020,000E), so pixel
 //! data is never read. Memory is a small fixed buffer whatever the object.
+//!
+//! Not yet one walker with [`crate::index::header`], which does the same
+//! walk for many more tags from the file's start: this one reads the data
+//! set at an offset with the presentation context's syntax, falls back to
+//! `_unsorted` where that one fails (no UIDs), and is the `stored_header`
+//! fuzz target. Merging them means the commit reads the header once and
+//! hands the attributes to both the layout and the index (one header read
+//! per object instead of two in the study layout): left for later.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom};

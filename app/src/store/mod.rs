@@ -170,6 +170,12 @@ impl Store {
         ))
     }
 
+    /// The store's folder, by descriptor (the index reads stored files
+    /// through it, and opens its database beside them).
+    pub fn root(&self) -> &Folder {
+        &self.root
+    }
+
     /// The store's options now.
     pub fn options(&self) -> StoreOptions {
         self.opts
