@@ -43,7 +43,7 @@ pub enum DropAction {
 
 /// What goes into a field log bundle for this configuration.
 pub fn bundle_inputs(config: &Config) -> BundleInputs {
-    let status = fs::read_to_string(config.log_directory.join(STATUS_FILE))
+    let status = fs::read_to_string(config.log_directory.join(crate::logs::STATUS_FILE))
         .unwrap_or_else(|_| "no status recorded (service not running?)".into());
     BundleInputs {
         log_dir: config.log_directory.clone(),
@@ -61,9 +61,6 @@ pub fn bundle_inputs(config: &Config) -> BundleInputs {
         max_bytes: BundleInputs::DEFAULT_MAX_BYTES,
     }
 }
-
-/// The file the running service keeps its latest status line in.
-pub const STATUS_FILE: &str = "status.txt";
 
 /// Looks at the drop folder once. `running` is the configuration in force,
 /// `last_good` where a new good one is saved. When something was dropped,

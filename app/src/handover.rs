@@ -22,12 +22,20 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{AtFlags, Flock};
-use nix::unistd::{Uid, User};
+use nix::unistd::{Gid, Uid, User};
 
 use crate::config::Config;
 use crate::dirfd::Folder;
-use crate::privsep::Identity;
 use crate::store::{INCOMING_DIR, LOCK_FILE};
+
+/// Who the worker runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// user ID
+    pub uid: Uid,
+    /// group ID
+    pub gid: Gid,
+}
 
 /// Mode of a store folder made here (less the umask).
 const STORE_DIR_MODE: u32 = 0o755;

@@ -61,14 +61,7 @@ const FRAME_EVENT: u8 = 3;
 /// The largest frame either side accepts (TLS material is a few KiB).
 const MAX_FRAME: u32 = 4 << 20;
 
-/// Who the worker runs as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Identity {
-    /// user ID
-    pub uid: Uid,
-    /// group ID
-    pub gid: Gid,
-}
+pub use crate::handover::Identity;
 
 /// Resolves the configured user and group. The default user, `minipacs`,
 /// is made by the package's sysusers.d file; on a machine without it (a

@@ -57,6 +57,9 @@ pub use crate::timestamp::rfc3339;
 pub const LOG_FILE: &str = "minipacs.log";
 /// File name of the current audit trail; rotations append `.1`, `.2`, ...
 pub const AUDIT_FILE: &str = "audit.jsonl";
+/// The file the running service keeps its latest status line in.
+pub const STATUS_FILE: &str = "status.txt";
+
 /// The privileged keeper's own log (when privileges are separated).
 pub const KEEPER_LOG_FILE: &str = "keeper.log";
 
@@ -64,7 +67,7 @@ pub const KEEPER_LOG_FILE: &str = "keeper.log";
 /// (the service log, the audit trail, their rotations, the status file),
 /// so that the keeper can check it may, before it starts one.
 pub fn is_worker_file(name: &str) -> bool {
-    name == crate::drop::STATUS_FILE
+    name == STATUS_FILE
         || rotation::rotation_index(LOG_FILE, name).is_some()
         || rotation::rotation_index(AUDIT_FILE, name).is_some()
 }

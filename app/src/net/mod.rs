@@ -370,7 +370,7 @@ fn write_status(folder: &crate::dirfd::Folder, text: &str) -> std::io::Result<()
     use std::io::Write;
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_TRUNC | OFlag::O_NOFOLLOW;
     folder
-        .open_file(crate::drop::STATUS_FILE, flags, 0o644)?
+        .open_file(crate::logs::STATUS_FILE, flags, 0o644)?
         .write_all(text.as_bytes())
 }
 
