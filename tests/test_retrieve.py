@@ -461,3 +461,44 @@ def test_allow_entries_grant_only_their_services(minipacs, tmp_path):
     finally:
         code = srv.stop()
         assert code == 0, srv.logs()[-3000:]
+
+
+def test_a_study_of_1000_objects_is_retrieved_in_bounded_memory(minipacs, tmp_path):
+    """C-GET and C-MOVE of a 1,000-object study: every object arrives, and
+    the worker's peak RSS stays within 24 MiB (nothing is proportional to
+    the number of objects: files are opened a few at a time and streamed)."""
+    from conftest import make_ct
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    study = "1.2.826.0.1.3680043.10.71.1000"
+    files = [make_ct(corpus / f"{i}.dcm", f"{study}.{i}", size=4096, study=study) for i in range(1000)]
+    dest = Storescp(tmp_path / "dest", aetitle="BIGDEST")
+    cfg = tmp_path / "minipacs.toml"
+    cfg.write_text(f'log_directory = "{tmp_path / "logs"}"\n'
+                   f'[[peer]]\naetitle = "BIGDEST"\nhost = "127.0.0.1"\nport = {dest.port}\n')
+    store = tmp_path / "store"
+    open_for_other_user(store)
+    srv = Server(minipacs, store, ["--config", str(cfg)]).start()
+    try:
+        r = subprocess.run([dcmtk("storescu"), "+sd", "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(corpus)],
+                           capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        out = tmp_path / "got"
+        out.mkdir()
+        r = subprocess.run(
+            [dcmtk("getscu"), "-S", "-aec", "MINIPACS", "-od", str(out), "-k", "0008,0052=STUDY",
+             "-k", f"0020,000D={study}", "127.0.0.1", str(srv.port)],
+            capture_output=True, text=True, env=dcmtk_env(), timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert len(list(out.iterdir())) == 1000
+        r = movescu(srv, "BIGDEST", "0008,0052=STUDY", f"0020,000D={study}")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert len(list(dest.folder.iterdir())) == 1000
+        peak_kib = srv.status("VmHWM")
+        print(f"\nworker peak RSS after retrieving 2 x 1,000 objects: {peak_kib / 1024:.1f} MiB")
+        assert peak_kib <= 24 * 1024, f"peak RSS {peak_kib} KiB"
+    finally:
+        dest.stop()
+        code = srv.stop()
+        assert code == 0, srv.logs()[-3000:]
