@@ -26,6 +26,42 @@ from conftest import Server, dcmtk, dcmtk_env, make_ct
 INDEX = "index.sqlite"
 
 
+def instances_by_cfind(port):
+    """Every SOP Instance UID the server answers for, walking Study Root
+    C-FIND from studies to series to instances on one association."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="MINIPACS")
+    assert assoc.is_established
+
+    def find(**keys):
+        ds = Dataset()
+        for k, v in keys.items():
+            setattr(ds, k, v)
+        found = []
+        for status, identifier in assoc.send_c_find(ds, FIND):
+            assert status is not None and status.Status in (0x0000, 0xFF00), status
+            if status.Status == 0xFF00:
+                found.append(identifier)
+        return found
+
+    instances = set()
+    try:
+        for study in find(QueryRetrieveLevel="STUDY", StudyInstanceUID=""):
+            for series in find(QueryRetrieveLevel="SERIES", StudyInstanceUID=study.StudyInstanceUID,
+                               SeriesInstanceUID=""):
+                for image in find(QueryRetrieveLevel="IMAGE", StudyInstanceUID=study.StudyInstanceUID,
+                                  SeriesInstanceUID=series.SeriesInstanceUID, SOPInstanceUID=""):
+                    instances.add(image.SOPInstanceUID)
+    finally:
+        assoc.release()
+    return instances
+
+
 def index_rows(store):
     """{relative path: (SOP Instance, SOP Class, Study, Series, Patient ID,
     transfer syntax, size)} as the index has them (read-only)."""
@@ -166,6 +202,10 @@ def test_kill_9_during_a_stream_then_restart_indexes_every_acknowledged_object(m
         missing = [f for f in acked if uid_of[f] not in indexed]
         assert missing == [], missing
         assert rows == file_rows(again)
+        # And a viewer finds every acknowledged object by C-FIND.
+        found = instances_by_cfind(again.port)
+        assert {uid_of[f] for f in acked} <= found
+        assert found == indexed
     finally:
         assert again.stop() == 0, again.logs()[-3000:]
 
@@ -179,6 +219,12 @@ def test_a_deleted_index_is_rebuilt_with_the_same_rows(minipacs, tmp_path):
         assert srv.stop() == 0, srv.logs()[-3000:]
     before = index_rows(store)
     assert len(before) == 8
+    again = Server(minipacs, store, port=srv.port).start()
+    try:
+        answers = instances_by_cfind(again.port)
+    finally:
+        assert again.stop() == 0, again.logs()[-3000:]
+    assert len(answers) == 8
     for p in store.iterdir():
         if p.name.startswith(INDEX):
             p.unlink()
@@ -187,6 +233,7 @@ def test_a_deleted_index_is_rebuilt_with_the_same_rows(minipacs, tmp_path):
         logs = again.wait_log("index level with the store")
         assert "indexing the store's files anew" in logs
         assert index_rows(store) == before
+        assert instances_by_cfind(again.port) == answers
     finally:
         assert again.stop() == 0, again.logs()[-3000:]
 
