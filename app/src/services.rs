@@ -260,16 +260,28 @@ impl IncomingObject for StoreObject {
     }
 }
 
-impl Observer<PathBuf> for Receiver {
-    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
-        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
-            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
-        });
-        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
-        let keys = parsed
+/// What a C-FIND, C-MOVE or C-GET asked, for its record: the level and
+/// the keys. The identifier is parsed once more only for this (it is
+/// small); one that does not parse leaves both empty.
+fn asked(sop_class: &Uid, transfer_syntax: &Uid, identifier: &[u8]) -> (&'static str, String) {
+    let parsed = Model::of(sop_class.as_str())
+        .and_then(|model| query::parse(model, transfer_syntax.as_str(), identifier).ok());
+    (
+        parsed.as_ref().map_or("", |q| q.level.as_str()),
+        parsed
             .as_ref()
             .map(query::Query::summary)
-            .unwrap_or_default();
+            .unwrap_or_default(),
+    )
+}
+
+impl Observer<PathBuf> for Receiver {
+    fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
+        let (level, keys) = asked(
+            outcome.sop_class,
+            outcome.transfer_syntax,
+            outcome.identifier,
+        );
         let operation = match outcome.operation {
             RetrieveOperation::Get => "C-GET",
             RetrieveOperation::Move => "C-MOVE",
@@ -344,16 +356,11 @@ impl Observer<PathBuf> for Receiver {
     }
 
     fn found(&self, association: &AssociationInfo, outcome: &FindOutcome<'_>) {
-        // The identifier again, for what was asked (small, and parsed
-        // once more only for the record).
-        let parsed = Model::of(outcome.sop_class.as_str()).and_then(|model| {
-            query::parse(model, outcome.transfer_syntax.as_str(), outcome.identifier).ok()
-        });
-        let level = parsed.as_ref().map_or("", |q| q.level.as_str());
-        let keys = parsed
-            .as_ref()
-            .map(query::Query::summary)
-            .unwrap_or_default();
+        let (level, keys) = asked(
+            outcome.sop_class,
+            outcome.transfer_syntax,
+            outcome.identifier,
+        );
         let ms = outcome.elapsed.as_secs_f64() * 1000.0;
         if let Some(audit) = &self.audit {
             audit.find(&FindRecord {

@@ -418,13 +418,18 @@ pub fn store_rq_with(
 
 /// Encodes a C-GET-RQ (an identifier data set follows).
 pub fn get_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
+    query_rq(field::C_GET_RQ, message_id, sop_class, priority).finish()
+}
+
+/// The fields a C-FIND-RQ, C-GET-RQ and C-MOVE-RQ share, ready for more.
+fn query_rq(command_field: u16, message_id: u16, sop_class: &Uid, priority: u16) -> Encoder {
     let mut e = Encoder::new();
     e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::C_GET_RQ);
+    e.us(TAG_COMMAND_FIELD, command_field);
     e.us(TAG_MESSAGE_ID, message_id);
     e.us(TAG_PRIORITY, priority);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.finish()
+    e
 }
 
 /// Encodes a C-MOVE-RQ to `destination` (an identifier data set follows).
@@ -434,13 +439,14 @@ pub fn move_rq(
     priority: u16,
     destination: &AeTitle,
 ) -> EncodedCommand {
+    // In tag order: Move Destination (0000,0600) comes before Priority.
     let mut e = Encoder::new();
     e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
     e.us(TAG_COMMAND_FIELD, field::C_MOVE_RQ);
     e.us(TAG_MESSAGE_ID, message_id);
+    e.ae(TAG_MOVE_DESTINATION, destination);
     e.us(TAG_PRIORITY, priority);
     e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.ae(TAG_MOVE_DESTINATION, destination);
     e.finish()
 }
 
@@ -514,13 +520,7 @@ fn retrieve_rsp(
 
 /// Encodes a C-FIND-RQ (an identifier data set follows).
 pub fn find_rq(message_id: u16, sop_class: &Uid, priority: u16) -> EncodedCommand {
-    let mut e = Encoder::new();
-    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::C_FIND_RQ);
-    e.us(TAG_MESSAGE_ID, message_id);
-    e.us(TAG_PRIORITY, priority);
-    e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.finish()
+    query_rq(field::C_FIND_RQ, message_id, sop_class, priority).finish()
 }
 
 /// Encodes a C-FIND-RSP: a pending one (`with_identifier`, an identifier
@@ -660,6 +660,77 @@ mod tests {
 
     fn u(s: &str) -> Uid {
         Uid::new(s).expect("valid UID")
+    }
+
+    /// The tags of an encoded command set, after its group length.
+    fn tags(command: &[u8]) -> Vec<u32> {
+        let mut tags = Vec::new();
+        let mut at = 0;
+        while at + 8 <= command.len() {
+            let group = u16::from_le_bytes([command[at], command[at + 1]]);
+            let element = u16::from_le_bytes([command[at + 2], command[at + 3]]);
+            let len = u32::from_le_bytes([
+                command[at + 4],
+                command[at + 5],
+                command[at + 6],
+                command[at + 7],
+            ]) as usize;
+            tags.push((u32::from(group) << 16) | u32::from(element));
+            at += 8 + len;
+        }
+        assert_eq!(at, command.len(), "elements end where the command set does");
+        tags
+    }
+
+    #[test]
+    fn every_encoder_writes_its_elements_in_ascending_tag_order() {
+        let class = u("1.2.840.10008.5.1.4.1.2.2.2");
+        let instance = u("1.2.3.4.5");
+        let ae = AeTitle::new("DEST").expect("valid AE title");
+        let originator = MoveOriginator {
+            ae_title: ae.clone(),
+            message_id: 9,
+        };
+        let counts = SubOperations {
+            remaining: Some(1),
+            completed: Some(2),
+            failed: Some(3),
+            warning: Some(4),
+        };
+        let encoded = [
+            ("echo_rq", echo_rq(1)),
+            ("echo_rsp", echo_rsp(1, 0)),
+            ("store_rq", store_rq(1, &class, &instance)),
+            (
+                "store_rq_with",
+                store_rq_with(1, &class, &instance, 0, Some(&originator)),
+            ),
+            (
+                "store_rsp",
+                store_rsp(1, &class, &instance, 0xA700, Some("full")),
+            ),
+            ("find_rq", find_rq(1, &class, 0)),
+            ("find_rsp", find_rsp(1, &class, 0xC000, false, Some("bad"))),
+            ("get_rq", get_rq(1, &class, 0)),
+            (
+                "get_rsp",
+                get_rsp(1, &class, 0xB000, &counts, true, Some("some")),
+            ),
+            ("move_rq", move_rq(1, &class, 0, &ae)),
+            (
+                "move_rsp",
+                move_rsp(1, &class, 0xB000, &counts, true, Some("some")),
+            ),
+            ("cancel_rq", cancel_rq(1)),
+        ];
+        for (name, command) in &encoded {
+            let tags = tags(command);
+            assert_eq!(tags[0], 0x0000_0000, "{name}: group length first");
+            assert!(
+                tags.windows(2).all(|w| w[0] < w[1]),
+                "{name}: tags out of order: {tags:08X?}"
+            );
+        }
     }
 
     #[test]
