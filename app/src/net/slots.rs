@@ -29,7 +29,8 @@ fn now_ms() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// When an association last read something: one atomic store per read.
+/// When an association last read or wrote something: one atomic store per
+/// read or write.
 #[derive(Debug)]
 pub struct Activity(AtomicU64);
 
@@ -38,12 +39,12 @@ impl Activity {
         Activity(AtomicU64::new(now_ms()))
     }
 
-    /// Records that bytes arrived now.
+    /// Records that bytes arrived or left now.
     pub fn touch(&self) {
         self.0.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// How long nothing has arrived.
+    /// How long nothing has arrived or left.
     pub fn idle(&self) -> Duration {
         Duration::from_millis(now_ms().saturating_sub(self.0.load(Ordering::Relaxed)))
     }
@@ -194,7 +195,11 @@ impl Slots {
     }
 }
 
-/// A stream that stamps its slot's [`Activity`] whenever bytes arrive.
+/// A stream that stamps its slot's [`Activity`] whenever bytes arrive or
+/// leave. Leaving counts too: during a C-MOVE nothing arrives from the
+/// requester, while a pending response goes to it after each object. A
+/// silent peer cannot fake it: once it stops reading, our writes stall and
+/// stamp nothing.
 pub struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
@@ -228,7 +233,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -308,5 +317,24 @@ mod tests {
         let (a, _) = slots.take(A, limits(4, 0, 0), &root).expect("a");
         root.cancel();
         assert!(a.stop.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn reads_and_writes_both_stamp_activity() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let activity = Arc::new(Activity(AtomicU64::new(0)));
+        let (ours, mut theirs) = tokio::io::duplex(64);
+        let mut tracked = Tracked::new(ours, Arc::clone(&activity));
+        now_ms();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let long_ago = activity.idle();
+        assert!(long_ago >= Duration::from_millis(30));
+        tracked.write_all(b"pending").await.expect("writes");
+        assert!(activity.idle() < long_ago, "a write is activity");
+        activity.0.store(0, Ordering::Relaxed);
+        theirs.write_all(b"x").await.expect("peer writes");
+        let mut byte = [0u8; 1];
+        tracked.read_exact(&mut byte).await.expect("reads");
+        assert!(activity.idle() < long_ago, "a read is activity");
     }
 }
