@@ -23,6 +23,21 @@ pub struct Part10Info {
     pub data_len: u64,
 }
 
+impl Part10Info {
+    /// What follows the data set on the wire: PDV fragments have even
+    /// length, and a deflated data set may end on an odd byte, so PS3.5
+    /// A.5's one NUL of padding goes with it. Other data sets are even by
+    /// construction and go exactly as stored.
+    pub fn padding(&self) -> &'static [u8] {
+        let deflated = self.transfer_syntax.as_str() == dimse::uid::DEFLATED_EXPLICIT_VR_LE;
+        if deflated && self.data_len % 2 == 1 {
+            &[0]
+        } else {
+            &[]
+        }
+    }
+}
+
 /// Why a file is not a sendable Part-10 file.
 #[derive(Debug, thiserror::Error)]
 pub enum Part10Error {

@@ -21,7 +21,7 @@ use dimse::scp::{
     Failure, MoveDestination, MoveRetrieval, Outgoing, Retrieval, RetrieveRequest,
     SubOperationFailure,
 };
-use dimse::uid::{self, Uid};
+use dimse::uid::Uid;
 use nix::fcntl::OFlag;
 use tokio::io::AsyncRead;
 
@@ -190,26 +190,18 @@ fn open(root: &Folder, stored: &Stored) -> Result<Outgoing, SubOperationFailure>
     use std::io::Seek;
     file.seek(std::io::SeekFrom::Start(info.data_offset))
         .map_err(|e| failed(e.to_string()))?;
-    // A deflated data set may end on an odd byte; PDV fragments are even,
-    // so PS3.5 A.5's one NUL of padding goes with it (as `minipacs send`).
-    let pad =
-        info.data_len % 2 == 1 && info.transfer_syntax.as_str() == uid::DEFLATED_EXPLICIT_VR_LE;
-    let data: Pin<Box<dyn AsyncRead + Send>> = if pad {
-        use tokio::io::AsyncReadExt;
-        Box::pin(
-            tokio::fs::File::from_std(file)
-                .take(info.data_len)
-                .chain(&[0u8][..]),
-        )
-    } else {
-        use tokio::io::AsyncReadExt;
-        Box::pin(tokio::fs::File::from_std(file).take(info.data_len))
-    };
+    use tokio::io::AsyncReadExt;
+    let padding = info.padding();
+    let data: Pin<Box<dyn AsyncRead + Send>> = Box::pin(
+        tokio::fs::File::from_std(file)
+            .take(info.data_len)
+            .chain(padding),
+    );
     Ok(Outgoing {
+        length: info.data_len + padding.len() as u64,
         sop_class: info.sop_class,
         sop_instance: info.sop_instance,
         transfer_syntax: info.transfer_syntax,
-        length: info.data_len + u64::from(pad),
         data,
     })
 }

@@ -269,12 +269,7 @@ async fn send_one(
     let file = File::open(&item.path)
         .and_then(|mut f| f.seek(SeekFrom::Start(info.data_offset)).map(|_| f))
         .map_err(|e| SendOneError::Object(format!("cannot read: {e}")))?;
-    // PDV fragments must have even length. A deflated data set may end on
-    // an odd byte; PS3.5 §A.5 pads it with one NUL, as we do here. Other
-    // data sets are even by construction and go exactly as stored.
-    let pad =
-        info.data_len % 2 == 1 && info.transfer_syntax.as_str() == uid::DEFLATED_EXPLICIT_VR_LE;
-    let padding: &[u8] = if pad { &[0] } else { &[] };
+    let padding = info.padding();
     let mut data = file.take(info.data_len).chain(padding);
     let result = assoc
         .store(
