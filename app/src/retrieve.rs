@@ -110,7 +110,7 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
         )
     })?;
     let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
-    let path = source.index.path().to_path_buf();
+    let index = Arc::clone(&source.index);
     let root = Arc::clone(&source.root);
     let (tx, rx) = tokio::sync::mpsc::channel(OBJECT_CHANNEL);
     let (selected_tx, selected_rx) = tokio::sync::oneshot::channel();
@@ -118,7 +118,7 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
     // hands over one object at a time, and stops when the receiver is
     // dropped (cancel, association gone).
     tokio::task::spawn_blocking(move || {
-        let selected = Retrieve::new(&path, &query)
+        let selected = Retrieve::new(&index, &query)
             .and_then(|r| r.selection().map(|s| (r, s)))
             .map_err(|f| {
                 Failure::new(

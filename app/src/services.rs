@@ -170,13 +170,13 @@ impl Service for Receiver {
         })?;
         let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
         let (tx, rx) = tokio::sync::mpsc::channel(FIND_CHANNEL);
-        let path = index.path().to_path_buf();
+        let index = Arc::clone(index);
         let retrieve_ae = association.called_ae.clone();
         let limit = self.max_find_results.load(Ordering::Relaxed);
         // SQLite blocks: the query reads and sends from a blocking thread,
         // one row at a time, and stops when the receiver is dropped.
         tokio::task::spawn_blocking(move || {
-            let sent = query::run(&path, &query, &retrieve_ae, limit, |identifier| {
+            let sent = query::run(&index, &query, &retrieve_ae, limit, |identifier| {
                 tx.blocking_send(Ok(identifier))
                     .map_err(|_| Stopped::Cancelled)
             });

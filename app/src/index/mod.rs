@@ -11,6 +11,7 @@ pub mod catchup;
 pub mod charset;
 pub mod header;
 pub mod query;
+pub mod readers;
 mod record;
 pub mod retrieve;
 pub mod schema;
@@ -54,6 +55,8 @@ pub struct Index {
     /// kept open as long as the connection (its descriptor number is in
     /// the paths SQLite keeps for the `-wal` and `-shm` files).
     folder: Option<crate::dirfd::Folder>,
+    /// read-only connections for queries, kept between them
+    readers: std::sync::Arc<readers::ReaderPool>,
 }
 
 /// One stored file, as the index records it.
@@ -104,6 +107,7 @@ impl Index {
             path: path.to_path_buf(),
             retry: Mutex::default(),
             folder: None,
+            readers: readers::ReaderPool::new(path.to_path_buf()),
         })
     }
 
@@ -129,6 +133,17 @@ impl Index {
         self.lock()
             .pragma_update(None, "synchronous", if synced { "NORMAL" } else { "OFF" })?;
         Ok(())
+    }
+
+    /// A read-only connection for a query (kept for the next one when it
+    /// is dropped).
+    pub fn reader(&self) -> Result<readers::Reader, rusqlite::Error> {
+        self.readers.get()
+    }
+
+    /// The pool of read-only connections.
+    pub fn readers(&self) -> &readers::ReaderPool {
+        &self.readers
     }
 
     /// The database file.
