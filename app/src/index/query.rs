@@ -854,7 +854,8 @@ pub enum Stopped {
     Cancelled,
 }
 
-/// Runs `query` over `index` (blocking: call it on a blocking thread), handing each encoded match to `send` as it is read, at most
+/// Runs `query` over `index` (blocking: call it on a blocking thread),
+/// handing each encoded match to `send` as it is read, at most
 /// `limit` of them (0: no limit). Returns the number of matches sent, or
 /// the failure to end the answer with.
 pub fn run(

@@ -88,9 +88,11 @@ impl Drop for Reader {
         let Some(conn) = self.conn.take() else {
             return;
         };
-        // Only a connection that is between transactions is kept (a query
-        // that failed half-way may have left one open).
-        if !conn.is_autocommit() {
+        // Only a connection that is between transactions, with no
+        // statement still stepping, is kept (a query that failed half-way
+        // may have left one open); the next query then starts its own read
+        // transaction and sees every commit made before it.
+        if !conn.is_autocommit() || conn.is_busy() {
             return;
         }
         let mut idle = self
