@@ -29,6 +29,7 @@ use crate::config::PeerEntry;
 use crate::dirfd::Folder;
 use crate::index::query::{self, Model};
 use crate::index::retrieve::{Retrieve, Stored};
+use crate::index::writer::Recorder;
 use crate::index::Index;
 
 /// Opened files the index thread may be ahead of the network by.
@@ -104,8 +105,11 @@ impl Peers {
 
 /// What a retrieve reads from.
 pub struct Source {
-    /// the index (its path: each retrieve opens its own reader)
+    /// the index (each retrieve reads on a connection of its own)
     pub index: Arc<Index>,
+    /// the index's writer, waited for before the selection (objects
+    /// acknowledged before the request are in it)
+    pub recorder: Option<Arc<Recorder>>,
     /// the store's root folder, through which files are opened
     pub root: Arc<Folder>,
 }
@@ -121,6 +125,7 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
     })?;
     let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
     let index = Arc::clone(&source.index);
+    let recorder = source.recorder.clone();
     let root = Arc::clone(&source.root);
     let (tx, rx) = tokio::sync::mpsc::channel(OBJECT_CHANNEL);
     let (selected_tx, selected_rx) = tokio::sync::oneshot::channel();
@@ -128,6 +133,9 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
     // hands over one object at a time, and stops when the receiver is
     // dropped (cancel, association gone).
     tokio::task::spawn_blocking(move || {
+        if let Some(recorder) = recorder {
+            recorder.settle();
+        }
         let selected = Retrieve::new(&index, &query)
             .and_then(|r| r.selection().map(|s| (r, s)))
             .map_err(|f| {
