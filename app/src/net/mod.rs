@@ -326,7 +326,7 @@ impl Service {
         info!(
             tasks = shutdown.running(),
             shutdown_timeout = bound.as_secs(),
-            "stopping: no new connections, idle associations aborted, objects in flight finish"
+            "stopping: no new connections, idle associations aborted, objects in flight finish, retrieves end after their current sub-operation"
         );
         let outcome = shutdown.drain(bound, signals.recv()).await;
         info!(?outcome, "stopped");
