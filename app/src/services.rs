@@ -302,6 +302,8 @@ impl Observer<PathBuf> for Receiver {
         let counts = &outcome.counts;
         let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        // A B000 has no comment: its first failed sub-operation says why.
+        let why = outcome.comment.or(outcome.first_failure);
         if let Some(audit) = &self.audit {
             audit.retrieve(&RetrieveRecord {
                 time: std::time::SystemTime::now(),
@@ -317,11 +319,11 @@ impl Observer<PathBuf> for Receiver {
                 warning: count(counts.warning),
                 remaining: count(counts.remaining),
                 status: outcome.status,
-                reason: outcome.comment,
+                reason: why,
                 milliseconds: ms as u64,
             });
         }
-        let reason = outcome.comment.unwrap_or("");
+        let reason = why.unwrap_or("");
         macro_rules! retrieve_line {
             ($level:ident, $message:literal) => {
                 $level!(
