@@ -83,6 +83,7 @@ start).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import re
@@ -711,6 +712,7 @@ def fresh_folder(path: Path) -> Path:
 # clean_up. Past this many bytes set aside, the oldest are deleted after all.
 RETIRED_BYTES_CAP = 24 << 30
 RETIRED: list[tuple[Path, int]] = []  # (folder, bytes), oldest first
+RETIRED_NAMES = itertools.count()
 
 
 def clean_up(path: Path) -> None:
@@ -731,7 +733,7 @@ def clean_up(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        aside = path.parent / "set-aside" / f"{len(RETIRED):05d}-{path.name}"
+        aside = path.parent / "set-aside" / f"{next(RETIRED_NAMES):05d}-{path.name}"
         aside.parent.mkdir(parents=True, exist_ok=True)
         path.rename(aside)
         RETIRED.append((aside, size))
