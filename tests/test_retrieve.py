@@ -12,6 +12,7 @@ minipacs through its REST API and pulls a study into itself with C-MOVE.
 
 import json
 import pathlib
+import signal
 import subprocess
 import time
 import urllib.request
@@ -311,6 +312,73 @@ def test_cancel_ends_a_move_with_fe00(pacs):
     assert final.NumberOfCompletedSuboperations < len(records) - 2
     assert final.NumberOfRemainingSuboperations > 0
     assert len(received) == final.NumberOfCompletedSuboperations
+
+
+def test_a_stop_mid_move_answers_with_the_rest_failed_then_the_service_exits(minipacs, tmp_path):
+    """SIGTERM during a C-MOVE to a slow destination (0.2 s per object): the
+    move ends after the object in progress with B000, the objects not sent
+    counted as failed, and the service exits at once, not when the 40
+    objects (8 s) would have been sent."""
+    from conftest import make_ct
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    study = "1.2.826.0.1.3680043.10.72.40"
+    files = [make_ct(corpus / f"{i}.dcm", f"{study}.{i}", size=1024, study=study) for i in range(40)]
+    slow_port = free_port()
+    cfg = tmp_path / "minipacs.toml"
+    cfg.write_text(f'log_directory = "{tmp_path / "logs"}"\n'
+                   f'[[peer]]\naetitle = "SLOW"\nhost = "127.0.0.1"\nport = {slow_port}\n')
+    store = tmp_path / "store"
+    open_for_other_user(store)
+    srv = Server(minipacs, store, ["--config", str(cfg)]).start()
+    received = []
+
+    def on_store(event):
+        time.sleep(0.2)
+        received.append(event.request.AffectedSOPInstanceUID)
+        return 0x0000
+
+    slow = AE(ae_title="SLOW")
+    slow.supported_contexts = [c for c in StoragePresentationContexts]
+    scp = slow.start_server(("127.0.0.1", slow_port), block=False,
+                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        r = subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port),
+                            *map(str, files)], capture_output=True, text=True, env=dcmtk_env())
+        assert r.returncode == 0, r.stdout + r.stderr
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(STUDY_ROOT_MOVE)
+        assoc = ae.associate("127.0.0.1", srv.port, ae_title="MINIPACS")
+        assert assoc.is_established
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "STUDY"
+        ds.StudyInstanceUID = study
+        statuses = []
+        for status, _ in assoc.send_c_move(ds, "SLOW", STUDY_ROOT_MOVE):
+            if not status:
+                break
+            statuses.append(status)
+            if status.Status == 0xFF00 and len(statuses) == 2:
+                srv.proc.send_signal(signal.SIGTERM)
+                stopped_at = time.monotonic()
+        if assoc.is_established:
+            assoc.release()
+        code = srv.proc.wait(timeout=20)
+        exited_after = time.monotonic() - stopped_at
+    finally:
+        scp.shutdown()
+        if srv.proc.poll() is None:
+            srv.stop()
+    assert code == 0, srv.logs()[-3000:]
+    final = statuses[-1]
+    assert final.Status == 0xB000, [hex(s.Status) for s in statuses]
+    completed = final.NumberOfCompletedSuboperations
+    assert 2 <= completed < 40
+    assert final.NumberOfFailedSuboperations == 40 - completed
+    assert len(received) == completed
+    assert exited_after < 4, f"the service took {exited_after:.1f} s to exit"
+    assert "the service is stopping" in srv.logs()
 
 
 def test_each_retrieve_is_audited(pacs):

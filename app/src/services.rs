@@ -22,6 +22,7 @@ use dimse::uid::Uid;
 use tracing::{info, warn};
 
 use crate::index::query::{self, Model, Stopped};
+use crate::index::writer::Recorder;
 use crate::logs::{Audit, FindRecord, ObjectRecord, RetrieveRecord};
 use crate::service::ActivityLed;
 use crate::store::{Incoming, ObjectInfo, Store};
@@ -93,6 +94,9 @@ pub struct Receiver {
     pub led: Option<Arc<ActivityLed>>,
     /// the index of what is stored, when it could be opened
     pub index: Option<Arc<crate::index::Index>>,
+    /// the index's writer thread, which records each committed object
+    /// (with the index)
+    pub recorder: Option<Arc<Recorder>>,
     /// `max_find_results` (live): the most matches one C-FIND answers, 0
     /// for no limit
     pub max_find_results: AtomicUsize,
@@ -115,6 +119,7 @@ impl Receiver {
             })?;
         Ok(crate::retrieve::Source {
             index: Arc::clone(index),
+            recorder: self.recorder.clone(),
             root: Arc::new(root),
         })
     }
@@ -142,10 +147,10 @@ impl Service for Receiver {
             Ok(incoming) => Ok(StoreObject {
                 incoming,
                 sop_instance: request.sop_instance.clone(),
-                index: self
-                    .index
+                recorder: self
+                    .recorder
                     .as_ref()
-                    .map(|index| (Arc::clone(index), Arc::clone(&self.store))),
+                    .map(|recorder| (Arc::clone(recorder), Arc::clone(&self.store))),
             }),
             Err(e) => Err(Failure::new(status::OUT_OF_RESOURCES, e.to_string())),
         }
@@ -170,13 +175,18 @@ impl Service for Receiver {
         })?;
         let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
         let (tx, rx) = tokio::sync::mpsc::channel(FIND_CHANNEL);
-        let path = index.path().to_path_buf();
+        let index = Arc::clone(index);
         let retrieve_ae = association.called_ae.clone();
         let limit = self.max_find_results.load(Ordering::Relaxed);
+        let recorder = self.recorder.clone();
         // SQLite blocks: the query reads and sends from a blocking thread,
-        // one row at a time, and stops when the receiver is dropped.
+        // one row at a time, and stops when the receiver is dropped. It
+        // first waits for the objects already acknowledged to be indexed.
         tokio::task::spawn_blocking(move || {
-            let sent = query::run(&path, &query, &retrieve_ae, limit, |identifier| {
+            if let Some(recorder) = recorder {
+                recorder.settle();
+            }
+            let sent = query::run(&index, &query, &retrieve_ae, limit, |identifier| {
                 tx.blocking_send(Ok(identifier))
                     .map_err(|_| Stopped::Cancelled)
             });
@@ -215,8 +225,9 @@ impl Service for Receiver {
 pub struct StoreObject {
     incoming: Incoming,
     sop_instance: Uid,
-    /// the index to record it in, and the store whose folder it is read from
-    index: Option<(Arc<crate::index::Index>, Arc<Store>)>,
+    /// the index's writer to queue it to, and the store whose root its
+    /// path is relative to
+    recorder: Option<(Arc<Recorder>, Arc<Store>)>,
 }
 
 impl IncomingObject for StoreObject {
@@ -231,17 +242,18 @@ impl IncomingObject for StoreObject {
 
     async fn commit(self) -> Result<PathBuf, Failure> {
         // fdatasync, rename and folder fsync block: on a blocking thread,
-        // so that other associations keep their runtime thread. The index
-        // records the object there too, once it is durable and before its
-        // success goes out (so a C-FIND right after finds it); its failure
-        // is not the object's (see crate::index::record).
-        let (incoming, index) = (self.incoming, self.index);
+        // so that other associations keep their runtime thread. Once the
+        // object is durable, it is queued to the index's writer and its
+        // success goes out; a query waits for the writer (so a C-FIND
+        // after the success finds it), and indexing's failure is not the
+        // object's (see crate::index::writer).
+        let (incoming, recorder) = (self.incoming, self.recorder);
         let committed = move || {
             let path = incoming.commit()?;
-            if let Some((index, store)) = index {
+            if let Some((recorder, store)) = recorder {
                 let root = store.options().root;
                 match path.strip_prefix(&root).ok().and_then(|p| p.to_str()) {
-                    Some(relative) => index.record_stored(store.root(), relative),
+                    Some(relative) => recorder.record(relative.to_string()),
                     None => {
                         warn!(path = %path.display(), "stored outside the store's root? not indexed")
                     }
@@ -290,6 +302,8 @@ impl Observer<PathBuf> for Receiver {
         let counts = &outcome.counts;
         let count = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
         let ms = outcome.elapsed.as_secs_f64() * 1000.0;
+        // A B000 has no comment: its first failed sub-operation says why.
+        let why = outcome.comment.or(outcome.first_failure);
         if let Some(audit) = &self.audit {
             audit.retrieve(&RetrieveRecord {
                 time: std::time::SystemTime::now(),
@@ -305,11 +319,11 @@ impl Observer<PathBuf> for Receiver {
                 warning: count(counts.warning),
                 remaining: count(counts.remaining),
                 status: outcome.status,
-                reason: outcome.comment,
+                reason: why,
                 milliseconds: ms as u64,
             });
         }
-        let reason = outcome.comment.unwrap_or("");
+        let reason = why.unwrap_or("");
         macro_rules! retrieve_line {
             ($level:ident, $message:literal) => {
                 $level!(
@@ -462,13 +476,29 @@ impl Observer<PathBuf> for Receiver {
     async fn releasing(&self) {
         // The records of objects the sender was told are stored must
         // survive a power cut right after the release: when the store is
-        // durable, so is its audit trail (one sync per association).
-        let Some(audit) = self.audit.as_ref().filter(|_| self.store.options().fsync) else {
+        // durable, so is its audit trail (one sync per association). And
+        // once a sender has its release, the index holds what it sent,
+        // for whoever reads the index next, not only for queries (which
+        // wait for the writer themselves).
+        let audit = self
+            .audit
+            .as_ref()
+            .filter(|_| self.store.options().fsync)
+            .map(Arc::clone);
+        let recorder = self.recorder.clone();
+        if audit.is_none() && recorder.is_none() {
             return;
+        }
+        let finish = move || {
+            if let Some(recorder) = recorder {
+                recorder.settle();
+            }
+            if let Some(audit) = audit {
+                audit.sync();
+            }
         };
-        let audit = Arc::clone(audit);
-        if let Err(e) = tokio::task::spawn_blocking(move || audit.sync()).await {
-            warn!(error = %e, "audit trail sync did not finish");
+        if let Err(e) = tokio::task::spawn_blocking(finish).await {
+            warn!(error = %e, "audit trail sync or index settle did not finish");
         }
     }
 }

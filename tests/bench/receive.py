@@ -83,6 +83,7 @@ start).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import re
@@ -707,10 +708,38 @@ def fresh_folder(path: Path) -> Path:
     return path
 
 
+# Outputs of many files are set aside, not deleted, until the end: see
+# clean_up. Past this many bytes set aside, the oldest are deleted after all.
+RETIRED_BYTES_CAP = 24 << 30
+RETIRED: list[tuple[Path, int]] = []  # (folder, bytes), oldest first
+RETIRED_NAMES = itertools.count()
+
+
 def clean_up(path: Path) -> None:
-    """Removes a run's output and flushes what is left dirty, so the next run
-    does not pay for this one's writeback."""
-    shutil.rmtree(path, ignore_errors=True)
+    """Sets a run's output aside (or removes it) and flushes what is left
+    dirty, so the next run does not pay for this one's writeback.
+
+    A folder of many files is moved aside, not deleted, until the script
+    ends. This machine's ext4 has no journal, and without one ext4 does
+    not hand out an inode freed in the last 60 s (300 s while its table
+    block is dirty): every file created meanwhile scans past them
+    (find_inode_bit -> recently_deleted, 15-30 % of a receiver's CPU in a
+    profile). Deleting each run's 400 files before the next run made every
+    receiver pay for its predecessor's deletions, by an amount that
+    depended on the order and the timing, which is noise at 5-10 %.
+    Deleting a handful of large files (W2) costs nothing of the kind."""
+    files = count_files(path) if path.exists() else 0
+    if files <= 16:
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        aside = path.parent / "set-aside" / f"{next(RETIRED_NAMES):05d}-{path.name}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(aside)
+        RETIRED.append((aside, size))
+        while sum(b for _, b in RETIRED) > RETIRED_BYTES_CAP:
+            oldest, _ = RETIRED.pop(0)
+            shutil.rmtree(oldest, ignore_errors=True)
     os.sync()
 
 
@@ -1240,8 +1269,9 @@ def filesystem_type(path: Path) -> str:
 
 def check_disk(workdir: Path, w1_count: int, w2_bytes: int, only: str | None) -> None:
     """Free space must hold the workloads still to generate plus one run's
-    output (outputs are removed between runs), and leave minipacs's default
-    5 % reserve, below which it refuses objects."""
+    output, and leave minipacs's default 5 % reserve, below which it refuses
+    objects; what is left above that (up to RETIRED_BYTES_CAP) holds the
+    outputs set aside between runs (see clean_up)."""
     w1_bytes = w1_count * 530 * KIB if only != "w2" else 0
     w2_total = w2_bytes if only != "w1" else 0
     to_generate = 0
@@ -1258,6 +1288,10 @@ def check_disk(workdir: Path, w1_count: int, w2_bytes: int, only: str | None) ->
     if usage.free < need:
         raise BenchError(f"not enough free disk space: {usage.free / 2**30:.1f} GiB free, "
                          f"need about {need / 2**30:.1f} GiB")
+    global RETIRED_BYTES_CAP
+    RETIRED_BYTES_CAP = max(0, min(RETIRED_BYTES_CAP, usage.free - need - (2 << 30)))
+    print(f"outputs of many files are set aside until the end, up to "
+          f"{RETIRED_BYTES_CAP / 2**30:.1f} GiB (see clean_up)")
     if filesystem_type(workdir) == "tmpfs":
         print("WARNING: the work dir is on tmpfs: fsync is free there, durable figures mean nothing")
 

@@ -472,37 +472,7 @@ fn mtime(st: &nix::sys::stat::FileStat) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A minimal Part-10 file (explicit VR little endian) with the UIDs
-    /// the index needs.
-    fn part10(sop_instance: &str, study: &str) -> Vec<u8> {
-        fn element(out: &mut Vec<u8>, group: u16, elem: u16, vr: &[u8; 2], value: &str) {
-            let mut v = value.as_bytes().to_vec();
-            if v.len() % 2 == 1 {
-                v.push(if vr == b"UI" { 0 } else { b' ' });
-            }
-            out.extend_from_slice(&group.to_le_bytes());
-            out.extend_from_slice(&elem.to_le_bytes());
-            out.extend_from_slice(vr);
-            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
-            out.extend_from_slice(&v);
-        }
-        let mut meta = Vec::new();
-        element(&mut meta, 0x0002, 0x0010, b"UI", "1.2.840.10008.1.2.1");
-        let mut out = vec![0u8; 128];
-        out.extend_from_slice(b"DICM");
-        out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
-        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-        out.extend_from_slice(&meta);
-        element(&mut out, 0x0008, 0x0016, b"UI", "1.2.840.10008.5.1.4.1.1.2");
-        element(&mut out, 0x0008, 0x0018, b"UI", sop_instance);
-        element(&mut out, 0x0008, 0x0060, b"CS", "CT");
-        element(&mut out, 0x0010, 0x0010, b"PN", "Doe^Jane");
-        element(&mut out, 0x0010, 0x0020, b"LO", "P1");
-        element(&mut out, 0x0020, 0x000D, b"UI", study);
-        element(&mut out, 0x0020, 0x000E, b"UI", &format!("{study}.1"));
-        out
-    }
+    use crate::index::testing::part10;
 
     fn store_with(dir: &Path, names: &[&str]) {
         for (n, name) in names.iter().enumerate() {

@@ -11,9 +11,11 @@ pub mod catchup;
 pub mod charset;
 pub mod header;
 pub mod query;
+pub mod readers;
 mod record;
 pub mod retrieve;
 pub mod schema;
+pub mod writer;
 mod vfs;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +56,8 @@ pub struct Index {
     /// kept open as long as the connection (its descriptor number is in
     /// the paths SQLite keeps for the `-wal` and `-shm` files).
     folder: Option<crate::dirfd::Folder>,
+    /// read-only connections for queries, kept between them
+    readers: std::sync::Arc<readers::ReaderPool>,
 }
 
 /// One stored file, as the index records it.
@@ -104,6 +108,7 @@ impl Index {
             path: path.to_path_buf(),
             retry: Mutex::default(),
             folder: None,
+            readers: readers::ReaderPool::new(path.to_path_buf()),
         })
     }
 
@@ -129,6 +134,17 @@ impl Index {
         self.lock()
             .pragma_update(None, "synchronous", if synced { "NORMAL" } else { "OFF" })?;
         Ok(())
+    }
+
+    /// A read-only connection for a query (kept for the next one when it
+    /// is dropped).
+    pub fn reader(&self) -> Result<readers::Reader, rusqlite::Error> {
+        self.readers.get()
+    }
+
+    /// The pool of read-only connections.
+    pub fn readers(&self) -> &readers::ReaderPool {
+        &self.readers
     }
 
     /// The database file.
@@ -427,5 +443,40 @@ mod tests {
         let path = dir.path().join("index.sqlite");
         std::fs::write(&path, vec![0x55; 8192]).expect("write");
         assert!(Index::open(&path).is_err());
+    }
+}
+
+/// Helpers for the index's tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A minimal Part-10 file (explicit VR little endian) with the UIDs
+    /// the index needs.
+    pub fn part10(sop_instance: &str, study: &str) -> Vec<u8> {
+        fn element(out: &mut Vec<u8>, group: u16, elem: u16, vr: &[u8; 2], value: &str) {
+            let mut v = value.as_bytes().to_vec();
+            if v.len() % 2 == 1 {
+                v.push(if vr == b"UI" { 0 } else { b' ' });
+            }
+            out.extend_from_slice(&group.to_le_bytes());
+            out.extend_from_slice(&elem.to_le_bytes());
+            out.extend_from_slice(vr);
+            out.extend_from_slice(&(v.len() as u16).to_le_bytes());
+            out.extend_from_slice(&v);
+        }
+        let mut meta = Vec::new();
+        element(&mut meta, 0x0002, 0x0010, b"UI", "1.2.840.10008.1.2.1");
+        let mut out = vec![0u8; 128];
+        out.extend_from_slice(b"DICM");
+        out.extend_from_slice(&[0x02, 0x00, 0x00, 0x00, b'U', b'L', 4, 0]);
+        out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        out.extend_from_slice(&meta);
+        element(&mut out, 0x0008, 0x0016, b"UI", "1.2.840.10008.5.1.4.1.1.2");
+        element(&mut out, 0x0008, 0x0018, b"UI", sop_instance);
+        element(&mut out, 0x0008, 0x0060, b"CS", "CT");
+        element(&mut out, 0x0010, 0x0010, b"PN", "Doe^Jane");
+        element(&mut out, 0x0010, 0x0020, b"LO", "P1");
+        element(&mut out, 0x0020, 0x000D, b"UI", study);
+        element(&mut out, 0x0020, 0x000E, b"UI", &format!("{study}.1"));
+        out
     }
 }

@@ -31,7 +31,6 @@ use std::fmt::Write as _;
 use dimse::command::status;
 use dimse::scp::Failure;
 use dimse::uid;
-use rusqlite::{Connection, OpenFlags};
 
 use super::charset::CharacterSet;
 
@@ -739,7 +738,7 @@ pub(super) fn condition(key: &Key, value: &str, params: &mut Vec<String>) -> Opt
 /// A person name as it is compared: Unicode lower case (enough for the
 /// scripts a name index holds), without empty trailing components or
 /// groups (`Wang^XiaoDong=王^小東=` is `Wang^XiaoDong=王^小東`).
-fn fold(text: &str) -> String {
+pub(super) fn fold(text: &str) -> String {
     text.trim_end_matches(['=', '^', ' ']).to_lowercase()
 }
 
@@ -855,39 +854,12 @@ pub enum Stopped {
     Cancelled,
 }
 
-/// Opens a read-only connection to the index for one query, through the
-/// same VFS as the writer (its path may be `/proc/self/fd/N/...`: see
-/// [`super::vfs`]).
-pub(super) fn reader(path: &std::path::Path) -> Result<Connection, rusqlite::Error> {
-    let vfs = super::vfs::name().map_err(|e| {
-        rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
-            Some(e),
-        )
-    })?;
-    let conn = Connection::open_with_flags_and_vfs(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        vfs,
-    )?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.pragma_update(None, "cache_size", -1024i64)?;
-    conn.create_scalar_function(
-        "fold",
-        1,
-        rusqlite::functions::FunctionFlags::SQLITE_UTF8
-            | rusqlite::functions::FunctionFlags::SQLITE_DETERMINISTIC,
-        |ctx| Ok(fold(&ctx.get::<String>(0)?)),
-    )?;
-    Ok(conn)
-}
-
-/// Runs `query` over the index at `path` (blocking: call it on a blocking
-/// thread), handing each encoded match to `send` as it is read, at most
+/// Runs `query` over `index` (blocking: call it on a blocking thread),
+/// handing each encoded match to `send` as it is read, at most
 /// `limit` of them (0: no limit). Returns the number of matches sent, or
 /// the failure to end the answer with.
 pub fn run(
-    path: &std::path::Path,
+    index: &super::Index,
     query: &Query,
     retrieve_ae: &str,
     limit: usize,
@@ -895,7 +867,7 @@ pub fn run(
 ) -> Result<u64, Failure> {
     let db = |e: rusqlite::Error| fail(status::UNABLE_TO_PROCESS, format!("index: {e}"));
     let plan = plan(query);
-    let conn = reader(path).map_err(db)?;
+    let conn = index.reader().map_err(db)?;
     let mut stmt = conn.prepare(&plan.sql).map_err(db)?;
     let mut rows = stmt
         .query(rusqlite::params_from_iter(plan.params.iter()))
@@ -999,7 +971,7 @@ mod tests {
     ) -> Result<Vec<Vec<u8>>, Failure> {
         let query = parse(model, uid::IMPLICIT_VR_LE, &identifier(elements))?;
         let mut out = Vec::new();
-        run(index.path(), &query, "MINIPACS", 0, |b| {
+        run(index, &query, "MINIPACS", 0, |b| {
             out.push(b);
             Ok(())
         })?;
@@ -1127,7 +1099,7 @@ mod tests {
         )
         .expect("parses");
         let mut n = 0;
-        let end = run(index.path(), &query, "MINIPACS", 2, |_| {
+        let end = run(&index, &query, "MINIPACS", 2, |_| {
             n += 1;
             Ok(())
         });

@@ -1,8 +1,8 @@
 //! Indexing an object as it is stored: the commit hook.
 //!
-//! The store calls [`Index::record_stored`] on the object's blocking thread
-//! once the file is durable under its final name and before the success
-//! status goes out, so a query right after a C-STORE finds it. The file is
+//! The index's writer thread ([`super::writer`]) calls
+//! [`Index::record_batch`] with the objects committed since its last
+//! batch, each durable under its final name. The file is
 //! the truth and the index is derived: a header that cannot be read or an
 //! insert that fails costs a warning, never the object's success. Such a
 //! path is kept in a small capped list and tried again on the next commits;
@@ -34,18 +34,60 @@ impl Index {
     /// failure is logged and the path kept for a retry.
     pub fn record_stored(&self, root: &Folder, path: &str) {
         self.retry_some(root);
-        match self.record_file(root, path, now()) {
-            Ok(()) => {}
+        if let Err(e) = self.record_file(root, path, now()) {
+            self.not_recorded(path, &e);
+        }
+    }
+
+    /// Indexes the stored files `paths` (relative to the store `root`),
+    /// just committed, in one transaction (the writer thread's batches:
+    /// see [`super::writer`]), after retrying a few earlier failures. Never
+    /// fails: like [`Index::record_stored`], each failure is logged and its
+    /// path kept for a retry.
+    pub fn record_batch(&self, root: &Folder, paths: &[String]) {
+        if let [path] = paths {
+            return self.record_stored(root, path);
+        }
+        self.retry_some(root);
+        let received = now();
+        let mut read = Vec::with_capacity(paths.len());
+        for path in paths {
+            match read_in(root, path) {
+                Ok((attributes, size)) => read.push((path.as_str(), attributes, size)),
+                Err(e) => self.not_recorded(path, &IndexError::Header(e)),
+            }
+        }
+        let entries: Vec<Entry<'_>> = read
+            .iter()
+            .map(|(path, attributes, size)| Entry {
+                path,
+                size: *size,
+                received,
+                attributes,
+            })
+            .collect();
+        if self.insert_all(&entries).is_err() {
+            // One entry the database refuses fails the whole transaction:
+            // each again on its own, so only the failing ones are kept.
+            for entry in &entries {
+                if let Err(e) = self.insert(entry) {
+                    self.not_recorded(entry.path, &e);
+                }
+            }
+        }
+    }
+
+    /// Logs why `path` was not indexed and keeps it for a retry when one
+    /// may help.
+    fn not_recorded(&self, path: &str, e: &IndexError) {
+        if is_permanent(e) {
             // Not a header the index can hold (no Study Instance UID, cut
             // short, ...): the file is final, so reading it again will not
             // change that.
-            Err(e) if is_permanent(&e) => {
-                warn!(path, error = %e, "object stored but not indexed: its header cannot be");
-            }
-            Err(e) => {
-                warn!(path, error = %e, "object stored but not indexed (retried later)");
-                self.keep_for_retry(path.to_string());
-            }
+            warn!(path, error = %e, "object stored but not indexed: its header cannot be");
+        } else {
+            warn!(path, error = %e, "object stored but not indexed (retried later)");
+            self.keep_for_retry(path.to_string());
         }
     }
 

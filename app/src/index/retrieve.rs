@@ -22,7 +22,6 @@ use std::ops::ControlFlow;
 
 use dimse::command::status;
 use dimse::scp::Failure;
-use rusqlite::Connection;
 
 use super::query::{self, fail, known, Level, Query};
 
@@ -117,19 +116,19 @@ fn db(e: rusqlite::Error) -> Failure {
     fail(status::UNABLE_TO_PROCESS, format!("index: {e}"))
 }
 
-/// A retrieve over the index at `path` (blocking: run it on a blocking
+/// A retrieve over an index (blocking: run it on a blocking
 /// thread): [`Retrieve::selection`] first, then [`Retrieve::for_each`].
 pub struct Retrieve {
-    conn: Connection,
+    conn: super::readers::Reader,
     from_where: String,
     params: Vec<String>,
 }
 
 impl Retrieve {
     /// Checks the identifier's keys and opens the index for the retrieve.
-    pub fn new(path: &std::path::Path, query: &Query) -> Result<Retrieve, Failure> {
+    pub fn new(index: &super::Index, query: &Query) -> Result<Retrieve, Failure> {
         let (from_where, params) = instances_where(query)?;
-        let conn = query::reader(path).map_err(db)?;
+        let conn = index.reader().map_err(db)?;
         Ok(Retrieve {
             conn,
             from_where,
@@ -294,7 +293,7 @@ mod tests {
         keys: &[(u32, &str)],
     ) -> Result<(Selection, Vec<Stored>), Failure> {
         let query = parse(model, uid::IMPLICIT_VR_LE, &identifier(keys))?;
-        let r = Retrieve::new(index.path(), &query)?;
+        let r = Retrieve::new(index, &query)?;
         let selection = r.selection()?;
         let mut all = Vec::new();
         r.for_each(|s| {
@@ -410,7 +409,7 @@ mod tests {
             &identifier(&[(LEVEL, "PATIENT"), (0x0010_0020, "P2")]),
         )
         .expect("parses");
-        let r = Retrieve::new(index.path(), &query).expect("opens");
+        let r = Retrieve::new(&index, &query).expect("opens");
         let mut seen = 0;
         let handed = r
             .for_each(|_| {

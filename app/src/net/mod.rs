@@ -5,6 +5,7 @@ pub mod server;
 pub mod slots;
 pub mod throttle;
 
+use crate::index::writer::Recorder;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -172,6 +173,19 @@ impl Service {
             events.clone(),
         )
         .await;
+        let recorder = index.as_ref().and_then(|index| {
+            let started = store
+                .root()
+                .try_clone()
+                .and_then(|root| Recorder::start(Arc::clone(index), root));
+            match started {
+                Ok(recorder) => Some(Arc::new(recorder)),
+                Err(e) => {
+                    tracing::error!(error = %e, "index writer unavailable: objects are stored but not indexed until a restart");
+                    None
+                }
+            }
+        });
         let stats = Arc::new(Stats::default());
         let budget = crate::logs::Budget {
             max_bytes: config.log_max_bytes,
@@ -199,6 +213,7 @@ impl Service {
             audit: audit.clone(),
             led,
             index,
+            recorder,
             max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
             peers: crate::retrieve::Peers::new(config.peer.clone()),
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
@@ -311,7 +326,7 @@ impl Service {
         info!(
             tasks = shutdown.running(),
             shutdown_timeout = bound.as_secs(),
-            "stopping: no new connections, idle associations aborted, objects in flight finish"
+            "stopping: no new connections, idle associations aborted, objects in flight finish, retrieves end after their current sub-operation"
         );
         let outcome = shutdown.drain(bound, signals.recv()).await;
         info!(?outcome, "stopped");
