@@ -15,8 +15,8 @@ pub mod readers;
 mod record;
 pub mod retrieve;
 pub mod schema;
-pub mod writer;
 mod vfs;
+pub mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
