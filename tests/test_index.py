@@ -119,7 +119,7 @@ def test_stored_objects_have_rows_matching_their_files(server_factory, tmp_path)
     srv = server_factory()
     files = corpus(tmp_path / "src", 6)
     storescu(srv, files)
-    # Indexed before the success status: no wait needed.
+    # In the index once storescu has its A-RELEASE-RP: no wait needed.
     rows = index_rows(srv.store)
     assert rows == file_rows(srv)
     assert len(rows) == 6
