@@ -271,15 +271,13 @@ def test_pynetdicom_get_counts_and_a_refused_sub_operation(pacs):
     assert sorted(failed) == mrs
 
 
-def test_cancel_ends_a_move_with_fe00(pacs):
-    """A C-CANCEL-RQ sent after the first pending response ends the move
-    with FE00. The destination (pynetdicom) takes 0.3 s per object, so the
-    cancel arrives while most of them are still to go."""
-    srv, records, _stored, _dest = pacs
-    received = []
+def slow_destination(port, seconds, received):
+    """A pynetdicom storage SCP "SLOW" on `port` that takes `seconds` per
+    object and appends each SOP Instance UID to `received`; returns the
+    server (call .shutdown())."""
 
     def on_store(event):
-        time.sleep(0.3)
+        time.sleep(seconds)
         received.append(event.request.AffectedSOPInstanceUID)
         return 0x0000
 
@@ -287,8 +285,17 @@ def test_cancel_ends_a_move_with_fe00(pacs):
     slow.supported_contexts = [c for c in StoragePresentationContexts]
     for c in slow.supported_contexts:
         c.transfer_syntax = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian]
-    scp = slow.start_server(("127.0.0.1", srv.slow_port), block=False,
-                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return slow.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def test_cancel_ends_a_move_with_fe00(pacs):
+    """A C-CANCEL-RQ sent after the first pending response ends the move
+    with FE00. The destination (pynetdicom) takes 0.3 s per object, so the
+    cancel arrives while most of them are still to go."""
+    srv, records, _stored, _dest = pacs
+    received = []
+    scp = slow_destination(srv.slow_port, 0.3, received)
     ae = AE(ae_title="MOVER")
     ae.add_requested_context(STUDY_ROOT_MOVE)
     assoc = ae.associate("127.0.0.1", srv.port, ae_title="MINIPACS")
@@ -333,16 +340,7 @@ def test_a_stop_mid_move_answers_with_the_rest_failed_then_the_service_exits(min
     open_for_other_user(store)
     srv = Server(minipacs, store, ["--config", str(cfg)]).start()
     received = []
-
-    def on_store(event):
-        time.sleep(0.2)
-        received.append(event.request.AffectedSOPInstanceUID)
-        return 0x0000
-
-    slow = AE(ae_title="SLOW")
-    slow.supported_contexts = [c for c in StoragePresentationContexts]
-    scp = slow.start_server(("127.0.0.1", slow_port), block=False,
-                            evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    scp = slow_destination(slow_port, 0.2, received)
     try:
         r = subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port),
                             *map(str, files)], capture_output=True, text=True, env=dcmtk_env())

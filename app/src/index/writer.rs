@@ -213,22 +213,24 @@ fn write_until_stopped(shared: &Shared, index: &Index, root: &Folder) {
 mod tests {
     use super::*;
 
-    fn stored_file(dir: &std::path::Path, name: &str, instance: &str) {
-        let file = crate::index::testing::part10(instance, "1.2.3");
-        std::fs::write(dir.join(name), file).expect("writes");
+    /// An index in `dir`, its recorder, and `n` stored files queued to it.
+    fn queued(dir: &std::path::Path, n: usize) -> (Arc<Index>, Recorder) {
+        let index = Arc::new(Index::open(&dir.join("index.sqlite")).expect("opens"));
+        let root = Folder::open(dir).expect("folder");
+        let recorder = Recorder::start(Arc::clone(&index), root).expect("starts");
+        for n in 0..n {
+            let name = format!("SC.{n}");
+            let file = crate::index::testing::part10(&format!("1.2.3.4.{n}"), "1.2.3");
+            std::fs::write(dir.join(&name), file).expect("writes");
+            recorder.record(name);
+        }
+        (index, recorder)
     }
 
     #[test]
     fn queued_objects_are_recorded_and_a_settled_query_sees_them() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let index = Arc::new(Index::open(&dir.path().join("index.sqlite")).expect("opens"));
-        let root = Folder::open(dir.path()).expect("folder");
-        let recorder = Recorder::start(Arc::clone(&index), root).expect("starts");
-        for n in 0..300 {
-            let name = format!("SC.{n}");
-            stored_file(dir.path(), &name, &format!("1.2.3.4.{n}"));
-            recorder.record(name);
-        }
+        let (index, recorder) = queued(dir.path(), 300);
         recorder.settle();
         assert_eq!(recorder.pending(), 0);
         assert_eq!(index.instance_count().expect("counts"), 300);
@@ -237,14 +239,7 @@ mod tests {
     #[test]
     fn dropping_the_recorder_records_what_is_queued() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let index = Arc::new(Index::open(&dir.path().join("index.sqlite")).expect("opens"));
-        let root = Folder::open(dir.path()).expect("folder");
-        let recorder = Recorder::start(Arc::clone(&index), root).expect("starts");
-        for n in 0..50 {
-            let name = format!("SC.{n}");
-            stored_file(dir.path(), &name, &format!("1.2.3.4.{n}"));
-            recorder.record(name);
-        }
+        let (index, recorder) = queued(dir.path(), 50);
         // a file that is not DICOM is given up on, not retried forever
         std::fs::write(dir.path().join("junk"), b"not dicom").expect("writes");
         recorder.record("junk".into());

@@ -280,7 +280,12 @@ mod tests {
         assert_eq!(log.stats().records_written, 1);
         let total = 200u64;
         {
-            let _stalled = log.log.make_writer();
+            // LogDir's own writer, which holds the lock until dropped (not
+            // the blanket one of `Arc<LogDir>`, which `log.log.make_writer()`
+            // resolves to and which locks per record: the stall was then
+            // not one, and the test passed only when the callers outran
+            // the writer thread).
+            let _stalled = <LogDir as MakeWriter<'_>>::make_writer(&log.log);
             let started = std::time::Instant::now();
             let subscriber = tracing_subscriber::fmt()
                 .with_writer(log.writer())
