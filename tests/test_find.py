@@ -341,9 +341,56 @@ def test_dcmtk_findscu_at_every_level(pacs, tmp_path):
         records, "SOPInstanceUID", lambda r: r["SeriesInstanceUID"] == series)
 
 
-def test_cancel_after_the_first_pending_ends_with_fe00(minipacs, tmp_path):
-    """A series of 1,500 instances: long enough an answer that a cancel
-    sent on the first pending response arrives while it is being sent."""
+def raw_find(conn, message_id, identifier, cancel=False):
+    """One C-FIND on a raw association (tests/dul.py), on context 1; with
+    `cancel`, its C-CANCEL-RQ goes out in the same write as the request,
+    so it is waiting when the answer begins. Returns (final status, number
+    of pending responses)."""
+    import struct
+
+    import dul
+
+    rq = dul.command([(0x0002, dul._uid(STUDY_ROOT)), (0x0100, struct.pack("<H", 0x0020)),
+                      (0x0110, struct.pack("<H", message_id)), (0x0700, struct.pack("<H", 0)),
+                      (0x0800, struct.pack("<H", 0x0000))])
+    message = dul.pdata(1, True, True, rq) + dul.pdata(1, False, True, identifier)
+    if cancel:
+        cancel_rq = dul.command([(0x0100, struct.pack("<H", 0x0FFF)),
+                                 (0x0120, struct.pack("<H", message_id)),
+                                 (0x0800, struct.pack("<H", 0x0101))])
+        message += dul.pdata(1, True, True, cancel_rq)
+    conn.send(message)
+    pending, command = 0, b""
+    while True:
+        pdu_type, body = conn.read_pdu()
+        assert pdu_type == 0x04, f"got PDU {pdu_type!r}, not P-DATA-TF"
+        at = 0
+        while at < len(body):
+            length, _pc, control = struct.unpack_from(">IBB", body, at)
+            if control & 1:
+                command += body[at + 6:at + 4 + length]
+                if control & 2:
+                    status = dul.status_of(dul.parse_command(command))
+                    command = b""
+                    if status not in (0xFF00, 0xFF01):
+                        return status, pending
+            elif control & 2:
+                pending += 1
+            at += 4 + length
+
+
+def test_a_cancel_sent_with_the_request_ends_the_answer_with_fe00(minipacs, tmp_path):
+    """A series of 1,500 instances, and a C-CANCEL-RQ sent in the same write
+    as the request, so that it is waiting when the answer begins: FE00
+    before the answer is done, and the association goes on to answer the
+    same query whole. (This test sent the cancel on pynetdicom's first
+    pending response; with the index's connections kept between queries
+    the whole answer now leaves within a few milliseconds, before such a
+    cancel arrives. A cancel arriving between two matches is dimse's
+    a_cancel_while_matches_are_sent_ends_with_fe00_within_one_response.)"""
+    import dul
+    from pynetdicom.dsutils import encode
+
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     study, series = generate_uid(), generate_uid()
@@ -368,31 +415,26 @@ def test_cancel_after_the_first_pending_ends_with_fe00(minipacs, tmp_path):
         r = subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), *map(str, files)],
                            capture_output=True, text=True, env=dcmtk_env())
         assert r.returncode == 0, r.stdout + r.stderr
-        assoc = association(srv, STUDY_ROOT)
+        q = Dataset()
+        q.QueryRetrieveLevel = "IMAGE"
+        q.StudyInstanceUID = study
+        q.SeriesInstanceUID = series
+        q.SOPInstanceUID = ""
+        q.InstanceNumber = ""
+        identifier = encode(q, True, True)
+        conn = dul.Connection(srv.port, timeout=60)
+        pdu_type, _ = conn.associate(called="MINIPACS", calling="FINDSCU",
+                                     contexts=[(1, STUDY_ROOT, [dul.IMPLICIT_LE])])
+        assert pdu_type == 0x02
         try:
-            q = Dataset()
-            q.QueryRetrieveLevel = "IMAGE"
-            q.StudyInstanceUID = study
-            q.SeriesInstanceUID = series
-            q.SOPInstanceUID = ""
-            q.InstanceNumber = ""
-            pending = 0
-            final = None
-            for status, _identifier in assoc.send_c_find(q, STUDY_ROOT, msg_id=42):
-                if status.Status == 0xFF00:
-                    pending += 1
-                    if pending == 1:
-                        assoc.send_c_cancel(42, query_model=STUDY_ROOT)
-                else:
-                    final = status.Status
-            assert final == 0xFE00, (final, pending)
+            final, pending = raw_find(conn, 42, identifier, cancel=True)
+            assert final == 0xFE00, (hex(final), pending)
             assert pending < 1500
             # Still usable afterwards, and the whole answer is there.
-            found, fin = query(assoc, STUDY_ROOT, QueryRetrieveLevel="IMAGE", StudyInstanceUID=study,
-                               SeriesInstanceUID=series, SOPInstanceUID="")
-            assert fin.Status == 0 and len(found) == 1500
+            final, pending = raw_find(conn, 43, identifier)
+            assert (final, pending) == (0x0000, 1500)
         finally:
-            assoc.release()
+            conn.release()
         logs = srv.wait_log("status=FE00")
         assert "C-FIND" in logs
     finally:
