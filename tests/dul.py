@@ -87,6 +87,28 @@ def c_echo_rq(message_id=1):
     )
 
 
+def c_find_rq(message_id, sop_class):
+    return command(
+        [
+            (0x0002, _uid(sop_class)),
+            (0x0100, struct.pack("<H", 0x0020)),
+            (0x0110, struct.pack("<H", message_id)),
+            (0x0700, struct.pack("<H", 0)),
+            (0x0800, struct.pack("<H", 0x0000)),
+        ]
+    )
+
+
+def c_cancel_rq(message_id):
+    return command(
+        [
+            (0x0100, struct.pack("<H", 0x0FFF)),
+            (0x0120, struct.pack("<H", message_id)),
+            (0x0800, struct.pack("<H", 0x0101)),
+        ]
+    )
+
+
 RELEASE_RQ = struct.pack(">BBIxxxx", 0x05, 0, 4)
 ABORT = struct.pack(">BBIBBBB", 0x07, 0, 4, 0, 0, 0, 0)
 
@@ -161,6 +183,29 @@ class Connection:
             part = dataset[i : i + chunk]
             self.send(pdata(pc_id, False, i + chunk >= len(dataset), part))
         return status_of(self.read_command())
+
+    def read_find_answer(self):
+        """Reads a C-FIND's responses up to the final one; returns (its
+        status, the number of pending responses with an identifier). The
+        identifiers are counted, never decoded."""
+        matches, command_set = 0, b""
+        while True:
+            pdu_type, body = self.read_pdu()
+            if pdu_type != 0x04:
+                raise AssertionError(f"expected P-DATA-TF, got {pdu_type!r}")
+            pos = 0
+            while pos < len(body):
+                length, _pc, control = struct.unpack_from(">IBB", body, pos)
+                if control & 1:
+                    command_set += body[pos + 6 : pos + 4 + length]
+                    if control & 2:
+                        status = status_of(parse_command(command_set))
+                        command_set = b""
+                        if status not in (0xFF00, 0xFF01):
+                            return status, matches
+                elif control & 2:
+                    matches += 1  # the last fragment of an identifier
+                pos += 4 + length
 
     def echo(self, pc_id=1):
         self.send(pdata(pc_id, True, True, c_echo_rq()))

@@ -346,37 +346,14 @@ def raw_find(conn, message_id, identifier, cancel=False):
     `cancel`, its C-CANCEL-RQ goes out in the same write as the request,
     so it is waiting when the answer begins. Returns (final status, number
     of pending responses)."""
-    import struct
-
     import dul
 
-    rq = dul.command([(0x0002, dul._uid(STUDY_ROOT)), (0x0100, struct.pack("<H", 0x0020)),
-                      (0x0110, struct.pack("<H", message_id)), (0x0700, struct.pack("<H", 0)),
-                      (0x0800, struct.pack("<H", 0x0000))])
-    message = dul.pdata(1, True, True, rq) + dul.pdata(1, False, True, identifier)
+    message = (dul.pdata(1, True, True, dul.c_find_rq(message_id, STUDY_ROOT)) +
+               dul.pdata(1, False, True, identifier))
     if cancel:
-        cancel_rq = dul.command([(0x0100, struct.pack("<H", 0x0FFF)),
-                                 (0x0120, struct.pack("<H", message_id)),
-                                 (0x0800, struct.pack("<H", 0x0101))])
-        message += dul.pdata(1, True, True, cancel_rq)
+        message += dul.pdata(1, True, True, dul.c_cancel_rq(message_id))
     conn.send(message)
-    pending, command = 0, b""
-    while True:
-        pdu_type, body = conn.read_pdu()
-        assert pdu_type == 0x04, f"got PDU {pdu_type!r}, not P-DATA-TF"
-        at = 0
-        while at < len(body):
-            length, _pc, control = struct.unpack_from(">IBB", body, at)
-            if control & 1:
-                command += body[at + 6:at + 4 + length]
-                if control & 2:
-                    status = dul.status_of(dul.parse_command(command))
-                    command = b""
-                    if status not in (0xFF00, 0xFF01):
-                        return status, pending
-            elif control & 2:
-                pending += 1
-            at += 4 + length
+    return conn.read_find_answer()
 
 
 def test_a_cancel_sent_with_the_request_ends_the_answer_with_fe00(minipacs, tmp_path):

@@ -859,44 +859,21 @@ class RawFind:
         return self._message_id
 
     def find(self, query: Query) -> tuple[float, int]:
-        import struct
         from pynetdicom.dsutils import encode
 
         dul = self._dul
         if query.key not in self._identifiers:
             self._identifiers[query.key] = encode(query.identifier(), True, True)
         pc_id = 3 if query.model == PATIENT_ROOT_FIND else 5
-        rq = dul.command([(0x0002, dul._uid(query.model)),
-                          (0x0100, struct.pack("<H", 0x0020)),
-                          (0x0110, struct.pack("<H", self._next_id())),
-                          (0x0700, struct.pack("<H", 0)),
-                          (0x0800, struct.pack("<H", 0x0000))])
-        message = (dul.pdata(pc_id, True, True, rq) +
+        message = (dul.pdata(pc_id, True, True, dul.c_find_rq(self._next_id(), query.model)) +
                    dul.pdata(pc_id, False, True, self._identifiers[query.key]))
         started = time.perf_counter()
         self._conn.send(message)
-        matches, command = 0, b""
-        while True:
-            pdu_type, body = self._conn.read_pdu()
-            if pdu_type != 0x04:
-                raise BenchError(f"C-FIND {query.key}: got PDU {pdu_type!r}, not P-DATA-TF")
-            at = 0
-            while at < len(body):
-                length, _pc, control = struct.unpack_from(">IBB", body, at)
-                if control & 1:
-                    command += body[at + 6:at + 4 + length]
-                    if control & 2:
-                        status = dul.status_of(dul.parse_command(command))
-                        command = b""
-                        if status not in (0xFF00, 0xFF01):
-                            elapsed = time.perf_counter() - started
-                            if status != 0:
-                                raise BenchError(f"C-FIND {query.key}: final status "
-                                                 f"{status:#06x}")
-                            return elapsed, matches
-                elif control & 2:
-                    matches += 1  # the last fragment of a match's identifier
-                at += 4 + length
+        status, matches = self._conn.read_find_answer()
+        elapsed = time.perf_counter() - started
+        if status != 0:
+            raise BenchError(f"C-FIND {query.key}: final status {status:#06x}")
+        return elapsed, matches
 
     def echo(self) -> float:
         started = time.perf_counter()
