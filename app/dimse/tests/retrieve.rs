@@ -10,6 +10,8 @@
 //! application (index and files), not for a peer; the peers' bytes are
 //! real PDUs.
 
+mod common;
+use common::Trickle;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +34,7 @@ use dimse::ul::{
     AssociationRQ, PresentationContextProposed, PresentationContextResultReason, RequestorRoles,
     UserVariableItem,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWriteExt, DuplexStream, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
@@ -50,70 +52,6 @@ fn u(s: &str) -> Uid {
 
 fn ae(s: &str) -> AeTitle {
     AeTitle::new(s).expect("valid AE title")
-}
-
-/// A stream whose reads return at most `max` bytes (1, or a pseudo-random
-/// size from a fixed seed), so that every carry-over path of the SCP's PDU
-/// reader runs while it also writes.
-struct Trickle {
-    inner: DuplexStream,
-    max: usize,
-    seed: u64,
-}
-
-impl Trickle {
-    fn new(inner: DuplexStream, max: usize) -> Self {
-        Trickle {
-            inner,
-            max,
-            seed: 0x9E37_79B9_7F4A_7C15,
-        }
-    }
-
-    fn next_len(&mut self) -> usize {
-        if self.max == 1 {
-            return 1;
-        }
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        1 + (self.seed as usize % self.max)
-    }
-}
-
-impl AsyncRead for Trickle {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.next_len().min(buf.remaining());
-        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(n));
-        match Pin::new(&mut self.inner).poll_read(cx, &mut limited) {
-            Poll::Ready(Ok(())) => {
-                let got = limited.filled().len();
-                buf.advance(got);
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl AsyncWrite for Trickle {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// A data set that yields `good` bytes, then fails.

@@ -5,10 +5,10 @@
 //! The service here keeps data sets in memory: it stands in for the
 //! application (the store), not for a peer; the peer's bytes are real PDUs.
 
+mod common;
+use common::Trickle;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use dimse::command::{self, field, status, Command};
@@ -20,70 +20,13 @@ use dimse::scp::{
     StoreRequest,
 };
 use dimse::uid::{self, Uid};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
+use tokio::io::AsyncWriteExt;
 
 const CT: &str = "1.2.840.10008.5.1.4.1.1.2";
 const MAX_PDU: u32 = 4096;
 
 fn u(s: &str) -> Uid {
     Uid::new(s).expect("valid UID")
-}
-
-/// A stream whose reads return at most a few bytes at a time: 1, or a
-/// pseudo-random size from a fixed seed, so that every carry-over path of
-/// the PDU reader runs.
-struct Trickle {
-    inner: DuplexStream,
-    max: usize,
-    seed: u64,
-}
-
-impl Trickle {
-    fn next_len(&mut self) -> usize {
-        if self.max == 1 {
-            return 1;
-        }
-        // xorshift64: reproducible sizes without a dependency.
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        1 + (self.seed as usize % self.max)
-    }
-}
-
-impl AsyncRead for Trickle {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.next_len().min(buf.remaining());
-        let mut limited = ReadBuf::new(buf.initialize_unfilled_to(n));
-        match Pin::new(&mut self.inner).poll_read(cx, &mut limited) {
-            Poll::Ready(Ok(())) => {
-                let got = limited.filled().len();
-                buf.advance(got);
-                Poll::Ready(Ok(()))
-            }
-            other => other,
-        }
-    }
-}
-
-impl AsyncWrite for Trickle {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 /// What the in-memory service saw.
@@ -230,11 +173,7 @@ async fn run_with(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Run {
     let (peer, ours) = tokio::io::duplex(1 << 16);
-    let stream = Trickle {
-        inner: ours,
-        max: max_read,
-        seed: 0x9E37_79B9_7F4A_7C15,
-    };
+    let stream = Trickle::new(ours, max_read);
     let (mut peer_read, mut peer_write) = tokio::io::split(peer);
     let writer = tokio::spawn(async move {
         // The peer may be cut off by an abort before it has written all.
@@ -641,11 +580,7 @@ async fn shutdown_lets_the_object_in_flight_finish() {
     });
     let table = contexts();
     let association = info();
-    let stream = Trickle {
-        inner: ours,
-        max: 100,
-        seed: 7,
-    };
+    let stream = Trickle::with_seed(ours, 100, 7);
     let ended = scp::run_association(stream, &association, &table, &service, &service, async {
         let _ = stop_rx.await;
     })
