@@ -323,9 +323,10 @@ def test_cancel_ends_a_move_with_fe00(pacs):
 
 def test_a_stop_mid_move_answers_with_the_rest_failed_then_the_service_exits(minipacs, tmp_path):
     """SIGTERM during a C-MOVE to a slow destination (0.2 s per object): the
-    move ends after the object in progress with B000, the objects not sent
-    counted as failed, and the service exits at once, not when the 40
-    objects (8 s) would have been sent."""
+    service offers no more objects, so the move ends after those already
+    handed over (the one in progress and at most two opened ahead) with
+    B000, the objects not sent counted as failed, and the service exits at
+    once, not when the 40 objects (8 s) would have been sent."""
     from conftest import make_ct
 
     corpus = tmp_path / "corpus"
@@ -360,10 +361,13 @@ def test_a_stop_mid_move_answers_with_the_rest_failed_then_the_service_exits(min
             if status.Status == 0xFF00 and len(statuses) == 2:
                 srv.proc.send_signal(signal.SIGTERM)
                 stopped_at = time.monotonic()
-        if assoc.is_established:
-            assoc.release()
+        # The service ends the association after the final response: wait
+        # for its exit first (a release racing that abort would wait for
+        # pynetdicom's ACSE timeout).
         code = srv.proc.wait(timeout=20)
         exited_after = time.monotonic() - stopped_at
+        if assoc.is_established:
+            assoc.abort()
     finally:
         scp.shutdown()
         if srv.proc.poll() is None:

@@ -6,7 +6,8 @@
 //! The `dimse` crate sends; this module only chooses what and where. The
 //! index is read on a blocking thread that opens one file at a time and
 //! hands it to a channel a few entries deep, so an answer of any size
-//! holds a few open files and no object in memory. A destination that is
+//! holds a few open files and no object in memory; when the service stops,
+//! it offers no more. A destination that is
 //! not in `[[peer]]` gets A801 before anything is opened: no data leaves
 //! the device for an AE title nobody configured.
 
@@ -110,6 +111,9 @@ pub struct Source {
     /// the index's writer, waited for before the selection (objects
     /// acknowledged before the request are in it)
     pub recorder: Option<Arc<Recorder>>,
+    /// the service's stop: once it fires no more objects are offered, and
+    /// those not offered count as failed in the final response
+    pub stop: tokio_util::sync::CancellationToken,
     /// the store's root folder, through which files are opened
     pub root: Arc<Folder>,
 }
@@ -126,6 +130,7 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
     let query = query::parse(model, request.transfer_syntax.as_str(), request.identifier)?;
     let index = Arc::clone(&source.index);
     let recorder = source.recorder.clone();
+    let stop = source.stop.clone();
     let root = Arc::clone(&source.root);
     let (tx, rx) = tokio::sync::mpsc::channel(OBJECT_CHANNEL);
     let (selected_tx, selected_rx) = tokio::sync::oneshot::channel();
@@ -160,13 +165,26 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
                 return;
             }
         };
+        let mut stopped = false;
         let sent = retrieve.for_each(|stored| {
+            // A service that is stopping offers no more objects: the
+            // retrieve ends after those already handed over, and the rest
+            // count as failed.
+            if stop.is_cancelled() {
+                stopped = true;
+                return ControlFlow::Break(());
+            }
             let item = open(&root, &stored);
             match tx.blocking_send(item) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
         });
+        if stopped {
+            tracing::info!(
+                "retrieve: the service is stopping; the objects not offered yet count as failed"
+            );
+        }
         if let Err(failure) = sent {
             // The index failed mid-way: the objects not handed over are
             // counted as failed by the protocol side.

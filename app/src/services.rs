@@ -97,6 +97,10 @@ pub struct Receiver {
     /// the index's writer thread, which records each committed object
     /// (with the index)
     pub recorder: Option<Arc<Recorder>>,
+    /// the service's stop: a C-GET or C-MOVE in progress stops offering
+    /// objects when it fires (an eviction, which stops one association,
+    /// does not)
+    pub stop: tokio_util::sync::CancellationToken,
     /// `max_find_results` (live): the most matches one C-FIND answers, 0
     /// for no limit
     pub max_find_results: AtomicUsize,
@@ -120,6 +124,7 @@ impl Receiver {
         Ok(crate::retrieve::Source {
             index: Arc::clone(index),
             recorder: self.recorder.clone(),
+            stop: self.stop.clone(),
             root: Arc::new(root),
         })
     }

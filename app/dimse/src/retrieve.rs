@@ -146,19 +146,6 @@ impl Tally {
         }
     }
 
-    /// Stops offering objects, for `reason`: the ones not offered count
-    /// as failed when the retrieve then [finishes](Tally::finish), and
-    /// `reason` is the first failure unless there was one already.
-    pub fn give_up(&mut self, reason: &str) {
-        let missing = self.remaining();
-        if missing > 0 && self.first_failure.is_none() {
-            self.first_failure = Some(format!(
-                "{missing} of the {} objects not offered: {reason}",
-                self.announced
-            ));
-        }
-    }
-
     /// Ends the retrieve: after a C-CANCEL-RQ (`cancelled`), FE00 with
     /// what remains; otherwise announced sub-operations that never came
     /// count as failed, and the status follows the counts.

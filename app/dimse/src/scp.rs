@@ -661,9 +661,7 @@ pub async fn abort_and_drain<S: AsyncRead + AsyncWrite + Unpin>(
 /// flight (the caller's stop: the service shutting down, or this
 /// association given up to make room). A message in flight is finished
 /// first, so an object being received when the service stops is still
-/// stored and answered. A C-GET or C-MOVE is stopped between its
-/// sub-operations: the one in progress ends, the rest count as failed,
-/// and the final response goes out before the association ends.
+/// stored and answered.
 pub async fn run_association<St, Sv, Ob>(
     stream: St,
     association: &AssociationInfo,
@@ -803,18 +801,6 @@ impl SubOperationDone {
     }
 }
 
-/// How a retrieve's sub-operations ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SubOperationsEnd {
-    /// every object the service handed over was offered
-    Finished,
-    /// a C-CANCEL-RQ: FE00 with what remains
-    Cancelled,
-    /// the caller's stop: what remains counts as failed, the final
-    /// response goes out, then the association ends
-    Stopped,
-}
-
 /// The destination of a C-MOVE: its association, or why there is none
 /// (never established, or lost on the way).
 struct MoveTarget {
@@ -946,8 +932,7 @@ where
                 match query.operation {
                     QueryOperation::Find => self.serve_find(reader, query).await?,
                     QueryOperation::Retrieve(operation) => {
-                        self.serve_retrieve(reader, operation, query, shutdown.as_mut())
-                            .await?
+                        self.serve_retrieve(reader, operation, query).await?
                     }
                 }
             }
@@ -1159,12 +1144,11 @@ where
     /// response. The next PDU of this association is read while the next
     /// object is awaited and while each is stored, so that a C-CANCEL-RQ
     /// stops the retrieve after the sub-operation in progress.
-    async fn serve_retrieve<R: AsyncRead + Unpin, S: Future<Output = ()>>(
+    async fn serve_retrieve<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut PduReader<R>,
         operation: RetrieveOperation,
         query: QueryInFlight,
-        shutdown: Pin<&mut S>,
     ) -> Result<(), AssociationError> {
         let started = Instant::now();
         let cancelled_early = self.cancel_seen.take() == Some(query.message_id);
@@ -1255,7 +1239,6 @@ where
                 &mut objects,
                 &mut target,
                 &mut tally,
-                shutdown,
             )
             .await;
         // Dropping the receiver stops the producer.
@@ -1273,11 +1256,8 @@ where
                 scu.abort().await;
             }
         }
-        let ended = run?;
-        if ended == SubOperationsEnd::Stopped {
-            tally.give_up("the service is stopping");
-        }
-        let end = tally.finish(ended == SubOperationsEnd::Cancelled);
+        let cancelled = run?;
+        let end = tally.finish(cancelled);
         let identifier = end
             .with_identifier
             .then(|| tally.identifier(&query.transfer_syntax));
@@ -1306,10 +1286,6 @@ where
                 elapsed: started.elapsed(),
             },
         );
-        if ended == SubOperationsEnd::Stopped {
-            // Answered: now the association ends like an idle one would.
-            return Err(AssociationError::Stopped);
-        }
         Ok(())
     }
 
@@ -1348,11 +1324,9 @@ where
         }
     }
 
-    /// The sub-operations of a retrieve, until the objects end, a
-    /// C-CANCEL-RQ arrives, or `shutdown` resolves (checked between
-    /// sub-operations: the one in progress is finished first).
-    #[allow(clippy::too_many_arguments)]
-    async fn sub_operations<R: AsyncRead + Unpin, S: Future<Output = ()>>(
+    /// The sub-operations of a retrieve, until the objects end (`false`)
+    /// or a C-CANCEL-RQ arrives (`true`).
+    async fn sub_operations<R: AsyncRead + Unpin>(
         &mut self,
         reader: &mut PduReader<R>,
         operation: RetrieveOperation,
@@ -1360,8 +1334,7 @@ where
         objects: &mut Outgoings,
         target: &mut Option<MoveTarget>,
         tally: &mut Tally,
-        mut shutdown: Pin<&mut S>,
-    ) -> Result<SubOperationsEnd, AssociationError> {
+    ) -> Result<bool, AssociationError> {
         let destination = target.as_ref().map(|t| t.called_ae.clone());
         loop {
             let next = tokio::select! {
@@ -1369,15 +1342,14 @@ where
                 header = reader.read_header() => {
                     let events = self.during_retrieve(reader, header?, query.message_id, None).await?;
                     if events.cancelled {
-                        return Ok(SubOperationsEnd::Cancelled);
+                        return Ok(true);
                     }
                     continue;
                 }
-                _ = shutdown.as_mut() => return Ok(SubOperationsEnd::Stopped),
                 next = objects.recv() => next,
             };
             let Some(next) = next else {
-                return Ok(SubOperationsEnd::Finished);
+                return Ok(false);
             };
             let began = Instant::now();
             let mut cancelled = false;
@@ -1435,7 +1407,7 @@ where
                 },
             );
             if cancelled {
-                return Ok(SubOperationsEnd::Cancelled);
+                return Ok(true);
             }
             if tally.remaining() > 0 {
                 self.send_retrieve_rsp(

@@ -623,23 +623,6 @@ where
     F: FnOnce(Peer) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    with_peer_until(service, contexts, max_read, std::future::pending(), peer).await
-}
-
-/// [`with_peer`], with the SCP's caller stopping it when `shutdown`
-/// resolves.
-async fn with_peer_until<Sv, F, Fut>(
-    service: Sv,
-    contexts: Box<ContextTable>,
-    max_read: usize,
-    shutdown: impl std::future::Future<Output = ()>,
-    peer: F,
-) -> Ended
-where
-    Sv: Service + Observer<<Sv::Object as IncomingObject>::Receipt> + 'static,
-    F: FnOnce(Peer) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
     let (theirs, ours) = tokio::io::duplex(8192);
     let (r, w) = tokio::io::split(theirs);
     let peer_task = tokio::spawn(peer(Peer {
@@ -653,7 +636,7 @@ where
         &contexts,
         &service,
         &service,
-        shutdown,
+        std::future::pending(),
     )
     .await;
     peer_task.await.expect("the peer's checks pass");
@@ -1019,49 +1002,6 @@ async fn a_cancel_while_the_next_object_is_awaited_is_answered_at_once() {
     })
     .await;
     assert!(ended.result.is_ok(), "{:?}", ended.result);
-}
-
-#[tokio::test]
-async fn a_stop_mid_get_answers_with_the_rest_failed_then_ends_the_association() {
-    let mut archive = Archive::new(
-        (1..=5)
-            .map(|n| Item::Object(object(CT, n, uid::EXPLICIT_VR_LE, 10)))
-            .collect(),
-    );
-    // The second object is held back until the test is over: the stop
-    // comes while the SCP waits for it.
-    let gate = Arc::new(Notify::new());
-    archive.gate = Some(Arc::clone(&gate));
-    let stop = Arc::new(Notify::new());
-    let stopping = Arc::clone(&stop);
-    let ended = with_peer_until(
-        archive,
-        get_contexts(),
-        7,
-        async move { stopping.notified().await },
-        move |mut peer| async move {
-            peer.send(&get_rq(1, 9)).await;
-            let first = peer.message().await.expect("the first object");
-            peer.store_rsp(&first, 0).await;
-            let pending = peer.message().await.expect("a pending response");
-            assert_eq!(pending.command.status, Some(status::PENDING));
-            stop.notify_one();
-            let last = peer.message().await.expect("the final response");
-            assert_eq!(last.command.command_field, field::C_GET_RSP);
-            assert_eq!(last.command.status, Some(status::SUB_OPERATIONS_WARNING));
-            assert_eq!(last.command.sub_operations.completed, Some(1));
-            assert_eq!(last.command.sub_operations.failed, Some(4));
-            assert_eq!(last.command.sub_operations.remaining, None);
-            assert_eq!(peer.message().await.err(), Some(Some(PduType::Abort)));
-            gate.notify_one();
-        },
-    )
-    .await;
-    assert!(
-        matches!(ended.result, Err(AssociationError::Stopped)),
-        "{:?}",
-        ended.result
-    );
 }
 
 #[tokio::test]

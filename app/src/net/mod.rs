@@ -214,6 +214,7 @@ impl Service {
             led,
             index,
             recorder,
+            stop: shutdown.token(),
             max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
             peers: crate::retrieve::Peers::new(config.peer.clone()),
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
@@ -326,7 +327,7 @@ impl Service {
         info!(
             tasks = shutdown.running(),
             shutdown_timeout = bound.as_secs(),
-            "stopping: no new connections, idle associations aborted, objects in flight finish, retrieves end after their current sub-operation"
+            "stopping: no new connections, idle associations aborted, objects in flight finish, retrieves stop offering objects"
         );
         let outcome = shutdown.drain(bound, signals.recv()).await;
         info!(?outcome, "stopped");
