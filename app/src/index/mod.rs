@@ -47,6 +47,11 @@ pub enum IndexError {
 /// An open index. One connection, behind a mutex: inserts are short and
 /// SQLite takes one writer at a time anyway.
 pub struct Index {
+    /// read-only connections for queries, kept between them. Declared
+    /// first so that they close first: the writer's connection, closing
+    /// last, can then checkpoint the WAL and remove `-wal` and `-shm`
+    /// (SQLite does that only on the last connection's close).
+    readers: std::sync::Arc<readers::ReaderPool>,
     conn: Mutex<Connection>,
     path: PathBuf,
     /// Stored files whose indexing failed, retried on later commits
@@ -56,8 +61,6 @@ pub struct Index {
     /// kept open as long as the connection (its descriptor number is in
     /// the paths SQLite keeps for the `-wal` and `-shm` files).
     folder: Option<crate::dirfd::Folder>,
-    /// read-only connections for queries, kept between them
-    readers: std::sync::Arc<readers::ReaderPool>,
 }
 
 /// One stored file, as the index records it.

@@ -201,18 +201,11 @@ fn write_until_stopped(shared: &Shared, index: &Index, root: &Folder) {
             let n = state.queue.len().min(BATCH_MAX);
             batch.extend(state.queue.drain(..n));
         }
-        // A panic here would leave every later commit waiting on a full
-        // queue: the batch is given up instead (the next start's catch-up
-        // indexes its files) and the thread goes on.
-        let recorded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            index.record_batch(root, &batch);
-        }));
-        if recorded.is_err() {
-            tracing::error!(
-                objects = batch.len(),
-                "index writer: recording a batch panicked; left to the next start's catch-up"
-            );
-        }
+        // Room in the queue already: a commit waiting for it goes on.
+        shared.recorded.notify_all();
+        // (A panic here aborts the process, as every panic does in the
+        // release build; the next start's catch-up indexes the batch.)
+        index.record_batch(root, &batch);
         let n = batch.len() as u64;
         batch.clear();
         shared.state().done += n;
