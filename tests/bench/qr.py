@@ -130,6 +130,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import (BenchError, Children, cpu_seconds, dcmtk_env, proc_kib, process_tree, tail,
+                   wait_listening)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -176,141 +178,15 @@ LOAD_TIMEOUT_S = 6 * 3600
 SAMPLE_S = 0.02
 
 
-class BenchError(Exception):
-    """Something broke: the benchmark cannot go on."""
-
-
 # --------------------------------------------------------------------------
 # Child processes, ports, /proc
 # --------------------------------------------------------------------------
-
-
-class Children:
-    """Every process this script starts, so that all of them can be ended."""
-
-    def __init__(self) -> None:
-        self._live: list[subprocess.Popen] = []
-
-    def start(self, argv: list, log: Path, env: dict[str, str] | None = None,
-              cwd: Path | None = None) -> subprocess.Popen:
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=subprocess.STDOUT,
-                                    env=env or os.environ.copy(), cwd=cwd)
-        self._live.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> int | None:
-        """SIGTERM, then SIGKILL if it is still there after a while."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self._live:
-            self._live.remove(proc)
-        return proc.returncode
-
-    def stop_all(self) -> None:
-        for proc in list(self._live):
-            self.stop(proc)
-
-
-def dcmtk_env() -> dict[str, str]:
-    env = os.environ.copy()
-    env["TCP_NODELAY"] = "1"
-    return env
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def listening_ports() -> set[int]:
-    """Local ports in LISTEN state, from /proc/net/tcp and tcp6 (checked
-    there rather than by connecting, so no server sees a stray connection)."""
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
-
-
-def wait_listening(proc: subprocess.Popen, ports: list[int], name: str, log: Path,
-                   timeout: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not set(ports) <= listening_ports():
-        if proc.poll() is not None:
-            raise BenchError(f"{name} exited ({proc.returncode}) before listening\n{tail(log)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{name} not listening on {ports} after {timeout}s\n{tail(log)}")
-        time.sleep(0.01)
-
-
-def tail(log: Path, lines: int = 15) -> str:
-    try:
-        text = log.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "    (no log)"
-    return "\n".join("    | " + line for line in text[-lines:])
-
-
-def stat_fields(pid: int) -> list[str]:
-    """Fields 3 onwards of /proc/PID/stat (the name in field 2 may hold spaces)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2:].split()
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its live descendants (minipacs started as root is a keeper
-    and an unprivileged worker; dcmqrscp forks a child per association),
-    from /proc/PID/task/TID/children: cheap enough to read every 20 ms,
-    unlike a scan of all of /proc, which took a quarter of a CPU here."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        try:
-            tasks = list(Path(f"/proc/{current}/task").iterdir())
-        except OSError:
-            continue  # ended meanwhile
-        for task in tasks:
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime (all threads) plus the reaped children's, in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            ticks += sum(int(f) for f in stat_fields(pid)[11:15])
-        except OSError:
-            pass
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def proc_kib(pid: int, key: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def private_kib(pid: int) -> int:
@@ -333,7 +209,7 @@ def shared_once_mib(pids: list[int]) -> float:
     the worker maps, and its private memory is under 1 MiB."""
     if not pids:
         return 0.0
-    hwm = {pid: proc_kib(pid, "VmHWM") for pid in pids}
+    hwm = {pid: proc_kib(f"/proc/{pid}/status", "VmHWM") for pid in pids}
     largest = max(hwm, key=lambda pid: hwm[pid])
     return (hwm[largest] + sum(private_kib(pid) for pid in pids if pid != largest)) / KIB
 
@@ -358,7 +234,7 @@ class Rss:
 
     @staticmethod
     def read(pids: list[int]) -> "Rss":
-        values = [proc_kib(pid, "VmHWM") / KIB for pid in pids]
+        values = [proc_kib(f"/proc/{pid}/status", "VmHWM") / KIB for pid in pids]
         return Rss(sum(values), max(values, default=0.0), len(values))
 
     def __str__(self) -> str:
@@ -640,7 +516,7 @@ class Sampler:
                     Path(f"/proc/{pid}/clear_refs").write_text("5")
                 except OSError:
                     pass
-            value = proc_kib(pid, "VmHWM") / KIB
+            value = proc_kib(f"/proc/{pid}/status", "VmHWM") / KIB
             self._best_by_pid[pid] = max(self._best_by_pid[pid], value)
         live = [self._best_by_pid[pid] for pid in pids]
         total = sum(live)
@@ -671,7 +547,7 @@ def start_minipacs(children: Children, root: Path, name: str, patients: int,
     proc = children.start([MINIPACS, "serve", "--config", config, "--port", port,
                            "--aetitle", "MINIPACS", "--output-directory", store],
                           log, cwd=root)
-    wait_listening(proc, [port], name, log)
+    wait_listening(proc, [port], name, log, START_TIMEOUT_S)
     return Peer(name, "minipacs", patients, "MINIPACS", port, root, proc, log)
 
 
@@ -707,7 +583,7 @@ def start_orthanc(children: Children, root: Path, patients: int, dest_port: int)
     path.write_text(json.dumps(config, indent=1))
     log = root / "server.log"
     proc = children.start([ORTHANC, path], log, env=dcmtk_env(), cwd=root)
-    wait_listening(proc, [port, http], "Orthanc", log)
+    wait_listening(proc, [port, http], "Orthanc", log, START_TIMEOUT_S)
     return Peer("Orthanc", "orthanc", patients, "ORTHANC", port, root, proc, log, http)
 
 
@@ -735,7 +611,7 @@ def start_dcmqrscp(children: Children, root: Path, patients: int, dest_port: int
     # Its default mode, a child process per association: -s (single
     # process) crashes (SIGSEGV) after the first association in 3.6.7.
     proc = children.start([DCMQRSCP, "-c", cfg], log, env=dcmtk_env(), cwd=root)
-    wait_listening(proc, [port], "dcmqrscp", log)
+    wait_listening(proc, [port], "dcmqrscp", log, START_TIMEOUT_S)
     return Peer("dcmqrscp", "dcmqrscp", patients, "DCMQRSCP", port, root, proc, log)
 
 
@@ -1354,7 +1230,7 @@ def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
     dest_port = free_port()
     dest = children.start([STORESCP, "--ignore", "+xa", "-aet", DEST_AE, dest_port], dest_log,
                           env=dcmtk_env())
-    wait_listening(dest, [dest_port], "storescp --ignore (DEST)", dest_log)
+    wait_listening(dest, [dest_port], "storescp --ignore (DEST)", dest_log, START_TIMEOUT_S)
 
     sizes = [args.patients]
     if "orthanc" not in args.skip:
@@ -1423,7 +1299,7 @@ def main() -> int:
     if own_workdir:
         workdir.chmod(0o755)  # a root start hands the store to a worker that must get in
     print(f"work dir: {workdir}")
-    children = Children()
+    children = Children(STOP_TIMEOUT_S, append=True)
     try:
         return run(args, workdir, children)
     except BenchError as e:

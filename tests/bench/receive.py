@@ -101,6 +101,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from procs import (BenchError, Children, cpu_seconds, dcmtk_env, proc_kib, process_tree, tail,
+                   wait_listening)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -128,54 +130,9 @@ STOP_TIMEOUT_S = 20
 MINIPACS_FREE_SPACE_RESERVE = 0.05  # its default reserve: 5 % of the filesystem
 
 
-class BenchError(Exception):
-    """Something broke: the benchmark cannot go on."""
-
-
 # --------------------------------------------------------------------------
 # Child processes
 # --------------------------------------------------------------------------
-
-
-class Children:
-    """Every process this script starts, so that all of them can be ended."""
-
-    def __init__(self) -> None:
-        self._live: list[subprocess.Popen] = []
-
-    def start(self, argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [str(a) for a in argv],
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-        self._live.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen) -> None:
-        """SIGTERM, then SIGKILL if it is still there after a while."""
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self._live:
-            self._live.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in list(self._live):
-            self.stop(proc)
-
-
-def dcmtk_env() -> dict[str, str]:
-    env = os.environ.copy()
-    env["TCP_NODELAY"] = "1"
-    return env
 
 
 def plain_env() -> dict[str, str]:
@@ -207,96 +164,9 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def listening_ports() -> set[int]:
-    """Local ports in LISTEN state, from /proc/net/tcp and tcp6."""
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local, state = fields[1], fields[3]
-            if state == "0A":  # TCP_LISTEN
-                ports.add(int(local.rsplit(":", 1)[1], 16))
-    return ports
-
-
-def wait_until_listening(proc: subprocess.Popen, port: int, name: str, log: Path) -> None:
-    """Waits until the kernel accepts connections on the port. Checked in
-    /proc/net/tcp rather than by connecting, so the receiver never sees a
-    stray empty connection."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while port not in listening_ports():
-        if proc.poll() is not None:
-            raise BenchError(f"{name} exited ({proc.returncode}) before listening\n{tail(log)}")
-        if time.monotonic() > deadline:
-            raise BenchError(f"{name} not listening on {port} after {START_TIMEOUT_S}s\n{tail(log)}")
-        time.sleep(0.005)
-
-
-def tail(log: Path, lines: int = 15) -> str:
-    try:
-        text = log.read_text(errors="replace").splitlines()
-    except FileNotFoundError:
-        return "    (no log)"
-    return "\n".join("    | " + line for line in text[-lines:])
-
-
 # --------------------------------------------------------------------------
 # /proc readings
 # --------------------------------------------------------------------------
-
-
-def stat_fields(pid: int) -> list[str]:
-    """Fields 3 onwards of /proc/PID/stat: the command name (field 2) may
-    hold spaces, so the split starts after its closing parenthesis."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return stat[stat.rindex(")") + 2 :].split()
-
-
-def process_tree(pid: int) -> list[int]:
-    """pid and its live descendants. A receiver may be several processes:
-    minipacs serve forks an unprivileged worker that does the receiving
-    while the parent (the keeper) only waits."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int(stat_fields(int(entry.name))[1])  # field 4
-        except (OSError, ValueError, IndexError):
-            continue  # ended meanwhile
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
-    return tree
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime + stime of the processes (all threads) plus cutime + cstime,
-    the time of children they have already reaped, in seconds."""
-    ticks = 0
-    for pid in pids:
-        try:
-            ticks += sum(int(f) for f in stat_fields(pid)[11:15])  # fields 14-17
-        except OSError:
-            pass  # ended meanwhile
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def proc_kib(path: str, key: str) -> int:
-    """The kB value of a "Key:   123 kB" line, 0 if the file or line is not there."""
-    try:
-        for line in Path(path).read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def peak_rss_mib(pids: list[int]) -> float:
@@ -776,7 +646,7 @@ class Bench:
         env = dcmtk_env() if receiver.dcmtk else plain_env()
         proc = self.children.start(receiver.command(port, out, self.tls), recv_log, env)
         try:
-            wait_until_listening(proc, port, receiver.name, recv_log)
+            wait_listening(proc, [port], receiver.name, recv_log, START_TIMEOUT_S)
             wall, code = self.timed_send(sender.command(port, sender.paths(workload), self.tls),
                                          send_log, sender.env())
             if proc.poll() is not None:
@@ -846,7 +716,7 @@ class Bench:
         argv.insert(1, "-d")
         proc = self.children.start(argv, recv_log, dcmtk_env())
         try:
-            wait_until_listening(proc, port, TLS_DCMTK.name, recv_log)
+            wait_listening(proc, [port], TLS_DCMTK.name, recv_log, START_TIMEOUT_S)
             for sender in TLS_SENDERS:
                 send_log = self.workdir / "logs" / f"tls-probe.{slug(sender.name)}.log"
                 _wall, code = self.timed_send(sender.command(port, [sample], self.tls),
@@ -1451,7 +1321,7 @@ def main() -> int:
         # output folder to an unprivileged worker, which must get through.
         workdir.chmod(0o755)
     print(f"work dir: {workdir}")
-    children = Children()
+    children = Children(STOP_TIMEOUT_S)
     try:
         return run(args, workdir, children)
     except BenchError as e:
