@@ -24,10 +24,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, 
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
-    MRImageStorage,
     PatientRootQueryRetrieveInformationModelGet as PATIENT_ROOT_GET,
     StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT_FIND,
-    StudyRootQueryRetrieveInformationModelGet as STUDY_ROOT_GET,
     StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE,
 )
 
@@ -321,25 +319,34 @@ def test_cancel_ends_a_move_with_fe00(pacs):
     assert len(received) == final.NumberOfCompletedSuboperations
 
 
+def one_study(folder, study, n, size):
+    """n CT objects of one study (one series) in `folder`; returns their paths."""
+    from conftest import make_ct
+
+    folder.mkdir()
+    return [make_ct(folder / f"{i}.dcm", f"{study}.{i}", size=size, study=study) for i in range(n)]
+
+
+def serve_with_peer(minipacs, root, aetitle, port):
+    """minipacs with its store and logs under `root` and one [[peer]]."""
+    cfg = root / "minipacs.toml"
+    cfg.write_text(f'log_directory = "{root / "logs"}"\n'
+                   f'[[peer]]\naetitle = "{aetitle}"\nhost = "127.0.0.1"\nport = {port}\n')
+    store = root / "store"
+    open_for_other_user(store)
+    return Server(minipacs, store, ["--config", str(cfg)]).start()
+
+
 def test_a_stop_mid_move_answers_with_the_rest_failed_then_the_service_exits(minipacs, tmp_path):
     """SIGTERM during a C-MOVE to a slow destination (0.2 s per object): the
     service offers no more objects, so the move ends after those already
     handed over (the one in progress and at most two opened ahead) with
     B000, the objects not sent counted as failed, and the service exits at
     once, not when the 40 objects (8 s) would have been sent."""
-    from conftest import make_ct
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     study = "1.2.826.0.1.3680043.10.72.40"
-    files = [make_ct(corpus / f"{i}.dcm", f"{study}.{i}", size=1024, study=study) for i in range(40)]
+    files = one_study(tmp_path / "corpus", study, 40, size=1024)
     slow_port = free_port()
-    cfg = tmp_path / "minipacs.toml"
-    cfg.write_text(f'log_directory = "{tmp_path / "logs"}"\n'
-                   f'[[peer]]\naetitle = "SLOW"\nhost = "127.0.0.1"\nport = {slow_port}\n')
-    store = tmp_path / "store"
-    open_for_other_user(store)
-    srv = Server(minipacs, store, ["--config", str(cfg)]).start()
+    srv = serve_with_peer(minipacs, tmp_path, "SLOW", slow_port)
     received = []
     scp = slow_destination(slow_port, 0.2, received)
     try:
@@ -537,19 +544,11 @@ def test_a_study_of_1000_objects_is_retrieved_in_bounded_memory(minipacs, tmp_pa
     """C-GET and C-MOVE of a 1,000-object study: every object arrives, and
     the worker's peak RSS stays within 24 MiB (nothing is proportional to
     the number of objects: files are opened a few at a time and streamed)."""
-    from conftest import make_ct
-
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
     study = "1.2.826.0.1.3680043.10.71.1000"
-    files = [make_ct(corpus / f"{i}.dcm", f"{study}.{i}", size=4096, study=study) for i in range(1000)]
+    corpus = tmp_path / "corpus"
+    one_study(corpus, study, 1000, size=4096)
     dest = Storescp(tmp_path / "dest", aetitle="BIGDEST")
-    cfg = tmp_path / "minipacs.toml"
-    cfg.write_text(f'log_directory = "{tmp_path / "logs"}"\n'
-                   f'[[peer]]\naetitle = "BIGDEST"\nhost = "127.0.0.1"\nport = {dest.port}\n')
-    store = tmp_path / "store"
-    open_for_other_user(store)
-    srv = Server(minipacs, store, ["--config", str(cfg)]).start()
+    srv = serve_with_peer(minipacs, tmp_path, "BIGDEST", dest.port)
     try:
         r = subprocess.run([dcmtk("storescu"), "+sd", "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(corpus)],
                            capture_output=True, text=True, env=dcmtk_env(), timeout=300)
