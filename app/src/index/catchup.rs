@@ -593,18 +593,18 @@ mod tests {
         store_with(dir.path(), &["CT.1"]);
         let root = Folder::open(dir.path()).expect("folder");
         let (index, _) = open_for_store(&root, Path::new("index.sqlite")).expect("opens");
-        index.record_stored(&root, "CT.1");
+        index.record_batch(&root, &["CT.1".into()]);
         assert_eq!(paths(&index), ["CT.1"]);
         // A file that cannot be read yet (vanished) is kept and retried.
-        index.record_stored(&root, "CT.2");
+        index.record_batch(&root, &["CT.2".into()]);
         assert_eq!(index.retry_len(), 1);
         store_with(dir.path(), &["CT.0", "CT.2"]);
-        index.record_stored(&root, "CT.0");
+        index.record_batch(&root, &["CT.0".into()]);
         assert_eq!(index.retry_len(), 0);
         assert_eq!(paths(&index), ["CT.0", "CT.1", "CT.2"]);
         // A file that is not DICOM is not kept: reading it again will not help.
         std::fs::write(dir.path().join("junk"), b"junk").expect("junk");
-        index.record_stored(&root, "junk");
+        index.record_batch(&root, &["junk".into()]);
         assert_eq!(index.retry_len(), 0);
     }
 }

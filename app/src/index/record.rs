@@ -29,25 +29,12 @@ const RETRIES_PER_COMMIT: usize = 4;
 const READ_BUFFER: usize = 8192;
 
 impl Index {
-    /// Indexes the stored file `path` (relative to the store `root`), just
-    /// committed, after retrying a few earlier failures. Never fails: a
-    /// failure is logged and the path kept for a retry.
-    pub fn record_stored(&self, root: &Folder, path: &str) {
-        self.retry_some(root);
-        if let Err(e) = self.record_file(root, path, now()) {
-            self.not_recorded(path, &e);
-        }
-    }
-
     /// Indexes the stored files `paths` (relative to the store `root`),
     /// just committed, in one transaction (the writer thread's batches:
     /// see [`super::writer`]), after retrying a few earlier failures. Never
-    /// fails: like [`Index::record_stored`], each failure is logged and its
-    /// path kept for a retry.
+    /// fails: each failure is logged and its path kept for a retry when
+    /// one may help.
     pub fn record_batch(&self, root: &Folder, paths: &[String]) {
-        if let [path] = paths {
-            return self.record_stored(root, path);
-        }
         self.retry_some(root);
         let received = now();
         let mut read = Vec::with_capacity(paths.len());
