@@ -490,7 +490,8 @@ impl Observer<PathBuf> for Receiver {
             .as_ref()
             .filter(|_| self.store.options().fsync)
             .map(Arc::clone);
-        let recorder = self.recorder.clone();
+        // (Nothing pending now means everything this sender stored is in.)
+        let recorder = self.recorder.clone().filter(|r| r.pending() > 0);
         if audit.is_none() && recorder.is_none() {
             return;
         }
