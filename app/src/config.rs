@@ -138,6 +138,45 @@ pub struct Config {
     /// by AE title. Applied without a restart.
     #[serde(default)]
     pub peer: Vec<PeerEntry>,
+    /// Forwarding rules (`[[forward]]`): which stored objects are queued
+    /// for which `[[peer]]`. Applied without a restart.
+    #[serde(default)]
+    pub forward: Vec<ForwardRule>,
+    /// Retention (`[retention]`): deleting delivered studies to keep the
+    /// card from filling. Off when absent. Applied without a restart.
+    #[serde(default)]
+    pub retention: Option<RetentionConfig>,
+}
+
+/// One `[[forward]]` rule: stored objects it matches are queued for a
+/// known peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardRule {
+    /// the destination, an AE title from `[[peer]]`
+    pub to: String,
+    /// only objects sent by these calling AE titles (default: all)
+    #[serde(default)]
+    pub calling: Vec<String>,
+    /// only objects of these modalities (default: all)
+    #[serde(default)]
+    pub modality: Vec<String>,
+    /// ask the destination for storage commitment before an object counts
+    /// as delivered
+    #[serde(default)]
+    pub commit: bool,
+}
+
+/// `[retention]`: what may be deleted, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// below this much free space (percent of the store's filesystem),
+    /// delete whole studies, least recently received first
+    pub keep_free_percent: u8,
+    /// also delete studies last received longer ago than this (days)
+    #[serde(default)]
+    pub max_age_days: Option<u32>,
 }
 
 /// One `[[peer]]` entry: a DICOM node we may open associations to.
@@ -307,6 +346,10 @@ pub struct LiveConfig {
     pub allow: Vec<AllowEntry>,
     /// `peer`
     pub peer: Vec<PeerEntry>,
+    /// `forward`
+    pub forward: Vec<ForwardRule>,
+    /// `retention`
+    pub retention: Option<RetentionConfig>,
     /// `dimse_timeout`
     pub dimse_timeout: u64,
     /// `acse_timeout`
@@ -524,6 +567,8 @@ impl Config {
                 },
             allow,
             peer,
+            forward,
+            retention,
         } = self.clone();
         let live = LiveConfig {
             aetitle,
@@ -533,6 +578,8 @@ impl Config {
             max_find_results,
             allow,
             peer,
+            forward,
+            retention,
             dimse_timeout,
             acse_timeout,
             max_associations,
@@ -692,6 +739,55 @@ impl Config {
                 bad(
                     &format!("peer.{i}.tls"),
                     "needs [tls] key and cert (our client certificate)".into(),
+                );
+            }
+        }
+        for (i, rule) in self.forward.iter().enumerate() {
+            if !self.peer.iter().any(|p| p.aetitle == rule.to) {
+                bad(
+                    &format!("forward.{i}.to"),
+                    format!("{} is not a [[peer]] (add it there first)", rule.to),
+                );
+            }
+            for (j, calling) in rule.calling.iter().enumerate() {
+                if let Err(m) = check_ae_title(calling) {
+                    bad(&format!("forward.{i}.calling.{j}"), m);
+                }
+            }
+            for (j, modality) in rule.modality.iter().enumerate() {
+                let ok = !modality.is_empty()
+                    && modality.len() <= 16
+                    && modality
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+                if !ok {
+                    bad(
+                        &format!("forward.{i}.modality.{j}"),
+                        format!("{modality:?} is not a modality code (e.g. \"CT\", \"US\")"),
+                    );
+                }
+            }
+        }
+        if let Some(retention) = &self.retention {
+            if retention.keep_free_percent == 0 || retention.keep_free_percent > 90 {
+                bad(
+                    "retention.keep_free_percent",
+                    format!("{} is outside 1 to 90", retention.keep_free_percent),
+                );
+            } else if retention.keep_free_percent <= self.free_space_reserve_percent {
+                bad(
+                    "retention.keep_free_percent",
+                    format!(
+                        "{} is not above free_space_reserve_percent ({}): the reserve would \
+                         refuse objects before retention made room",
+                        retention.keep_free_percent, self.free_space_reserve_percent
+                    ),
+                );
+            }
+            if retention.max_age_days == Some(0) {
+                bad(
+                    "retention.max_age_days",
+                    "must be at least 1 (or left out: no age limit)".into(),
                 );
             }
         }
@@ -1019,7 +1115,7 @@ const MAX_TYPE_PROBLEMS: usize = 64;
 /// The keys of `file` that no configuration has, each with its problem
 /// text: "unknown key", and the known key it most likely meant.
 fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
-    let tables: [(&str, &[&str]); 4] = [
+    let tables: [(&str, &[&str]); 6] = [
         (
             "",
             serde_aux::serde_introspection::serde_introspect::<Config>(),
@@ -1035,6 +1131,14 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
         (
             "peer",
             serde_aux::serde_introspection::serde_introspect::<PeerEntry>(),
+        ),
+        (
+            "forward",
+            serde_aux::serde_introspection::serde_introspect::<ForwardRule>(),
+        ),
+        (
+            "retention",
+            serde_aux::serde_introspection::serde_introspect::<RetentionConfig>(),
         ),
     ];
     let mut found = Vec::new();
@@ -1052,10 +1156,12 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
         }
     };
     check(file, Vec::new(), "");
-    if let Some(toml::Value::Table(tls)) = file.get("tls") {
-        check(tls, steps("tls"), "tls");
+    for table in ["tls", "retention"] {
+        if let Some(toml::Value::Table(t)) = file.get(table) {
+            check(t, steps(table), table);
+        }
     }
-    for array in ["allow", "peer"] {
+    for array in ["allow", "peer", "forward"] {
         if let Some(toml::Value::Array(entries)) = file.get(array) {
             for (i, entry) in entries.iter().enumerate() {
                 if let toml::Value::Table(entry) = entry {

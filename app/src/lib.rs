@@ -12,6 +12,7 @@ pub mod config;
 pub mod dirfd;
 pub mod drop;
 pub mod durable;
+pub mod forward;
 pub mod handover;
 pub mod index;
 pub mod logs;

@@ -49,6 +49,14 @@ enum Command {
         #[command(subcommand)]
         command: IndexCommand,
     },
+    /// The forwarding queue: what waits to go to which destination, what
+    /// failed for good; retry or forget entries (while serving, too).
+    Queue {
+        #[command(flatten)]
+        store: IndexArgs,
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -126,6 +134,43 @@ enum IndexCommand {
     /// Make the index anew from the store's files (with the server stopped:
     /// refused while one holds the store).
     Rebuild(IndexArgs),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Each destination's counts: queued, sent (commitment pending),
+    /// done, failed, and the oldest undelivered entry's age.
+    Status,
+    /// Entries, oldest first.
+    List {
+        /// only this destination's
+        #[arg(long)]
+        destination: Option<String>,
+        /// only entries in this state (queued, sent, done, failed)
+        #[arg(long)]
+        state: Option<String>,
+        /// at most this many
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// one JSON object per line
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a failed entry (or every failed entry of a destination) back in
+    /// the queue.
+    Retry {
+        /// the entry's id (from `list`)
+        id: Option<i64>,
+        /// every failed entry of this destination
+        #[arg(long, conflicts_with = "id")]
+        destination: Option<String>,
+    },
+    /// Remove an entry from the queue: it will not be sent, and retention
+    /// no longer waits for it.
+    Forget {
+        /// the entry's id (from `list`)
+        id: i64,
+    },
 }
 
 #[derive(Args)]
@@ -528,6 +573,12 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             index_rebuild(&config)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Queue { store, command } => {
+            let mut top = Overrides::default();
+            top.set("output_directory", store.output_directory.as_ref())?;
+            let config = Config::load_with(store.config.as_deref(), top.0)?;
+            queue_command(&config, command)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -598,6 +649,141 @@ fn serve_one_process(
 /// `minipacs index rebuild`: takes the store's lock (so no server is
 /// writing to the store or its index meanwhile), removes the index and
 /// makes it anew from the files, with the progress line.
+/// `minipacs queue ...`: reads and changes the forwarding queue in the
+/// store's index, beside a running server (SQLite takes one writer at a
+/// time; the server's workers look at the queue again within seconds).
+fn queue_command(config: &Config, command: QueueCommand) -> anyhow::Result<ExitCode> {
+    use minipacs::dirfd::Folder;
+    use minipacs::index::queue::{Selection, State};
+    use minipacs::index::{catchup, Index};
+    use std::io::Write;
+    let store_path = &config.output_directory;
+    let root = Folder::open(store_path)
+        .with_context(|| format!("opening the store {}", store_path.display()))?;
+    let path = catchup::location(&root, &config.index_file);
+    let shown = catchup::display_location(&root, &config.index_file);
+    if !path.exists() {
+        anyhow::bail!(
+            "no index at {}: the server makes it at its first start",
+            shown.display()
+        );
+    }
+    let index = Index::open(&path).with_context(|| format!("opening {}", shown.display()))?;
+    // Written, not printed: a reader that goes away (`| head`) is an error
+    // to report, not a panic.
+    let mut out = std::io::stdout().lock();
+    let code = match command {
+        QueueCommand::Status => {
+            let now = minipacs::index::queue::unix_now();
+            writeln!(
+                out,
+                "{:<16} {:>8} {:>8} {:>8} {:>8}  oldest undelivered",
+                "destination", "queued", "sent", "done", "failed"
+            )?;
+            for c in index.queue_counts()? {
+                let oldest = c
+                    .oldest_undelivered
+                    .map(|t| format!("{} s ago", (now - t).max(0)))
+                    .unwrap_or_else(|| "-".into());
+                writeln!(
+                    out,
+                    "{:<16} {:>8} {:>8} {:>8} {:>8}  {oldest}",
+                    c.destination, c.queued, c.sent, c.done, c.failed
+                )?;
+            }
+            ExitCode::SUCCESS
+        }
+        QueueCommand::List {
+            destination,
+            state,
+            limit,
+            json,
+        } => {
+            let state = match state.as_deref() {
+                None => None,
+                Some(word) => Some(State::parse(word).ok_or_else(|| {
+                    anyhow::anyhow!("--state {word}: one of queued, sent, done, failed")
+                })?),
+            };
+            for e in index.queue_entries(destination.as_deref(), state, limit)? {
+                if json {
+                    writeln!(out, "{}", serde_json::to_string(&e)?)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:>8} {:<16} {:<7} {:>3} {:<5} {} {} {}",
+                        e.id,
+                        e.destination,
+                        e.state,
+                        e.attempts,
+                        e.status.as_deref().unwrap_or("-"),
+                        e.sop_instance_uid,
+                        e.queued,
+                        e.reason
+                    )?;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        QueueCommand::Retry { id, destination } => {
+            let selection = match (id, destination) {
+                (Some(id), None) => Selection::Entry(id),
+                (None, Some(ae)) => Selection::Destination(ae),
+                _ => anyhow::bail!("name an entry id, or --destination AE"),
+            };
+            let n = index.queue_retry(&selection)?;
+            writeln!(
+                out,
+                "{n} entr{} queued again",
+                if n == 1 { "y" } else { "ies" }
+            )?;
+            if n == 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        QueueCommand::Forget { id } => {
+            let destination = index.queue_destination_of(id)?;
+            if index.queue_forget(id)? {
+                writeln!(
+                    out,
+                    "entry {id} for {} forgotten",
+                    destination.unwrap_or_default()
+                )?;
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("no entry {id}");
+                ExitCode::FAILURE
+            }
+        }
+    };
+    drop(index);
+    keep_store_owner(&root, &catchup::files(&path))?;
+    Ok(code)
+}
+
+/// Run as root on a store served by the worker's user: the files this
+/// made or changed stay the store owner's, or the worker could not write
+/// them.
+fn keep_store_owner(root: &minipacs::dirfd::Folder, files: &[PathBuf]) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(());
+    }
+    let owner = root.stat()?;
+    for file in files {
+        match std::os::unix::fs::lchown(file, Some(owner.st_uid), Some(owner.st_gid)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("giving {} to the store's owner", file.display()))
+            }
+        }
+    }
+    Ok(())
+}
+
 fn index_rebuild(config: &Config) -> anyhow::Result<()> {
     use minipacs::dirfd::Folder;
     use minipacs::index::catchup;
@@ -623,6 +809,10 @@ fn index_rebuild(config: &Config) -> anyhow::Result<()> {
     catchup::remove(&path)?;
     let started = std::time::Instant::now();
     let (index, _) = catchup::open_for_store(&root, &config.index_file)?;
+    // Every object found is queued again for the rules that match it: the
+    // old index's record of what was delivered is gone with it, and
+    // delivery is at least once.
+    index.set_forward_rules(minipacs::forward::rules_of(&config.forward));
     let report = catchup::catch_up(
         &index,
         &root,
@@ -630,22 +820,9 @@ fn index_rebuild(config: &Config) -> anyhow::Result<()> {
         &mut catchup::Progress::log_only(),
     )?;
     drop(index);
-    // Run as root on a store served by the worker's user: what this made
-    // must stay the store owner's, or the worker could not write it.
-    if nix::unistd::geteuid().is_root() {
-        let owner = root.stat()?;
-        let lock_path = (!had_lock).then(|| root.proc_path().join(LOCK_FILE));
-        for file in catchup::files(&path).into_iter().chain(lock_path) {
-            match std::os::unix::fs::lchown(&file, Some(owner.st_uid), Some(owner.st_gid)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("giving {} to the store's owner", file.display()))
-                }
-            }
-        }
-    }
+    let lock_path = (!had_lock).then(|| root.proc_path().join(LOCK_FILE));
+    let made: Vec<PathBuf> = catchup::files(&path).into_iter().chain(lock_path).collect();
+    keep_store_owner(&root, &made)?;
     println!(
         "index {} rebuilt: {} object(s) from {} file(s), {} not indexable, in {:.1} s",
         shown.display(),

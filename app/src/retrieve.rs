@@ -87,7 +87,8 @@ impl Peers {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = config;
     }
 
-    fn find(&self, aetitle: &str) -> Option<PeerEntry> {
+    /// The `[[peer]]` entry of `aetitle`.
+    pub(crate) fn find(&self, aetitle: &str) -> Option<PeerEntry> {
         self.entries
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -209,8 +210,9 @@ pub async fn select(source: &Source, request: &RetrieveRequest<'_>) -> Result<Re
     })
 }
 
-/// Opens one stored object at its data set.
-fn open(root: &Folder, stored: &Stored) -> Result<Outgoing, SubOperationFailure> {
+/// Opens one stored object at its data set (blocking: the first
+/// [`READ_AHEAD`] bytes are read here). The forwarder sends from it too.
+pub(crate) fn open(root: &Folder, stored: &Stored) -> Result<Outgoing, SubOperationFailure> {
     let instance = Uid::new(&stored.sop_instance);
     let failed = |why: String| {
         SubOperationFailure::new(
@@ -294,7 +296,7 @@ pub async fn prepare_move(
 }
 
 /// Connects to a peer, with TLS when it says so.
-async fn connect(
+pub(crate) async fn connect(
     peer: &PeerEntry,
     peers: &Peers,
     timeout: Duration,

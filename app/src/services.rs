@@ -105,7 +105,7 @@ pub struct Receiver {
     /// for no limit
     pub max_find_results: AtomicUsize,
     /// the known DICOM nodes, C-MOVE's destinations (live)
-    pub peers: crate::retrieve::Peers,
+    pub peers: Arc<crate::retrieve::Peers>,
     /// how long a C-MOVE's destination gets to answer each step
     pub dimse_timeout: std::time::Duration,
 }

@@ -335,19 +335,13 @@ fn drop_stale_rows(
 fn delete_rows(index: &Index, ids: &[i64]) -> Result<u64, IndexError> {
     let mut conn = index.lock();
     let tx = conn.transaction()?;
-    let mut n = 0;
-    {
-        let mut statement = tx.prepare_cached("DELETE FROM instance WHERE id = ?1")?;
-        for id in ids {
-            n += statement.execute([id])? as u64;
-        }
-    }
+    let n = super::delete_instances(&tx, ids)?;
     tx.commit()?;
     Ok(n)
 }
 
 /// Drops series, studies and patients left without instances.
-fn drop_childless(index: &Index) -> Result<(), IndexError> {
+pub(super) fn drop_childless(index: &Index) -> Result<(), IndexError> {
     let mut conn = index.lock();
     let tx = conn.transaction()?;
     tx.execute_batch(

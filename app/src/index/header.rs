@@ -108,6 +108,9 @@ enum Field {
 #[allow(missing_docs)] // each field is the DICOM attribute of its name
 pub struct Attributes {
     pub transfer_syntax: String,
+    /// (0002,0016) Source Application Entity Title: the AE title that sent
+    /// the object to us (empty when the meta group has none)
+    pub source_ae: String,
     pub sop_class_uid: String,
     pub sop_instance_uid: String,
     pub study_instance_uid: String,
@@ -143,7 +146,10 @@ pub fn read(mut r: impl Read) -> Result<Attributes, HeaderError> {
     if &preamble[128..] != b"DICM" {
         return Err(HeaderError::NotPart10("no DICM prefix"));
     }
-    let transfer_syntax = meta_transfer_syntax(&mut r)?;
+    let Meta {
+        transfer_syntax,
+        source_ae,
+    } = meta_group(&mut r)?;
     let syntax = match transfer_syntax.as_str() {
         uid::IMPLICIT_VR_LE => Syntax::IMPLICIT_LE,
         uid::EXPLICIT_VR_BE => Syntax {
@@ -160,12 +166,22 @@ pub fn read(mut r: impl Read) -> Result<Attributes, HeaderError> {
     } else {
         Walker { r: limited }.top_level(syntax, &mut raw)?;
     }
-    raw.decode(transfer_syntax)
+    let mut attributes = raw.decode(transfer_syntax)?;
+    attributes.source_ae = source_ae;
+    Ok(attributes)
+}
+
+/// What the index keeps of the file meta group.
+struct Meta {
+    /// (0002,0010) Transfer Syntax UID
+    transfer_syntax: String,
+    /// (0002,0016) Source Application Entity Title (empty when absent)
+    source_ae: String,
 }
 
 /// Reads the meta group (explicit VR little endian, led by its group
-/// length) and returns its Transfer Syntax UID, leaving `r` at the data set.
-fn meta_transfer_syntax(r: &mut impl Read) -> Result<String, HeaderError> {
+/// length), leaving `r` at the data set.
+fn meta_group(r: &mut impl Read) -> Result<Meta, HeaderError> {
     let mut w = Walker { r };
     let s = Syntax::EXPLICIT_LE;
     if w.tag(s)? != 0x0002_0000 {
@@ -182,6 +198,7 @@ fn meta_transfer_syntax(r: &mut impl Read) -> Result<String, HeaderError> {
     let mut meta = (&mut w.r).take(u64::from(group_len));
     let mut m = Walker { r: &mut meta };
     let mut ts = None;
+    let mut source_ae = String::new();
     loop {
         let tag = match m.tag(s) {
             Ok(t) => t,
@@ -194,12 +211,24 @@ fn meta_transfer_syntax(r: &mut impl Read) -> Result<String, HeaderError> {
             let value = &mut value[..len as usize];
             m.r.read_exact(value)?;
             ts = Some(trim(&String::from_utf8_lossy(value)).to_string());
+        } else if tag == 0x0002_0016 && (len as usize) <= 16 {
+            // Source AE Title: the store writes the sender's calling AE
+            // title here, which forwarding rules match on.
+            let mut value = [0u8; 16];
+            let value = &mut value[..len as usize];
+            m.r.read_exact(value)?;
+            source_ae = trim(&String::from_utf8_lossy(value)).to_string();
         } else {
             m.skip(u64::from(len))?;
         }
     }
-    ts.filter(|t| !t.is_empty())
-        .ok_or(HeaderError::NotPart10("no transfer syntax"))
+    let transfer_syntax = ts
+        .filter(|t| !t.is_empty())
+        .ok_or(HeaderError::NotPart10("no transfer syntax"))?;
+    Ok(Meta {
+        transfer_syntax,
+        source_ae,
+    })
 }
 
 /// The raw values of the wanted attributes, before decoding.
@@ -220,6 +249,7 @@ impl Raw {
         let number = |f| code(f).parse::<i64>().ok();
         let a = Attributes {
             transfer_syntax,
+            source_ae: String::new(),
             sop_class_uid: code(Field::SopClassUid),
             sop_instance_uid: code(Field::SopInstanceUid),
             study_instance_uid: code(Field::StudyInstanceUid),

@@ -11,6 +11,7 @@ pub mod catchup;
 pub mod charset;
 pub mod header;
 pub mod query;
+pub mod queue;
 pub mod readers;
 mod record;
 pub mod retrieve;
@@ -61,6 +62,10 @@ pub struct Index {
     /// kept open as long as the connection (its descriptor number is in
     /// the paths SQLite keeps for the `-wal` and `-shm` files).
     folder: Option<crate::dirfd::Folder>,
+    /// the `[[forward]]` rules each recorded object is queued by
+    rules: std::sync::RwLock<std::sync::Arc<Vec<queue::Rule>>>,
+    /// signalled when entries are queued (see [`Index::queue_changed`])
+    queue_changed: tokio::sync::Notify,
 }
 
 /// One stored file, as the index records it.
@@ -100,6 +105,14 @@ impl Index {
             0 => {
                 let tx = conn.unchecked_transaction()?;
                 tx.execute_batch(schema::CREATE)?;
+                tx.execute_batch(schema::CREATE_QUEUE)?;
+                tx.pragma_update(None, "user_version", schema::VERSION)?;
+                tx.commit()?;
+            }
+            1 => {
+                let tx = conn.unchecked_transaction()?;
+                tx.execute_batch(schema::MIGRATE_1_TO_2)?;
+                tx.execute_batch(schema::CREATE_QUEUE)?;
                 tx.pragma_update(None, "user_version", schema::VERSION)?;
                 tx.commit()?;
             }
@@ -112,6 +125,8 @@ impl Index {
             retry: Mutex::default(),
             folder: None,
             readers: readers::ReaderPool::new(path.to_path_buf()),
+            rules: std::sync::RwLock::default(),
+            queue_changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -158,22 +173,28 @@ impl Index {
     /// Records one stored file, in one transaction (patient, study and
     /// series rows are made or brought up to date with it).
     pub fn insert(&self, entry: &Entry<'_>) -> Result<(), IndexError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        insert_in(&tx, entry)?;
-        tx.commit()?;
-        Ok(())
+        self.insert_all(std::slice::from_ref(entry))
     }
 
     /// Records several stored files in one transaction (the catch-up's
     /// batches: one WAL commit per batch instead of per file).
+    /// Each is queued for the `[[forward]]` rules that match it, in the
+    /// same transaction.
     pub fn insert_all(&self, entries: &[Entry<'_>]) -> Result<(), IndexError> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        for entry in entries {
-            insert_in(&tx, entry)?;
+        let rules = self.forward_rules();
+        let mut queued = 0;
+        {
+            let mut conn = self.lock();
+            let tx = conn.transaction()?;
+            for entry in entries {
+                let instance = insert_in(&tx, entry)?;
+                queued += queue::enqueue(&tx, instance, entry.attributes, &rules, entry.received)?;
+            }
+            tx.commit()?;
         }
-        tx.commit()?;
+        if queued > 0 {
+            self.queue_changed.notify_waiters();
+        }
         Ok(())
     }
 
@@ -202,8 +223,9 @@ impl Index {
     }
 }
 
-/// The rows of one entry, inside the caller's transaction.
-fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexError> {
+/// The rows of one entry, inside the caller's transaction; returns the
+/// instance row's id.
+fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<i64, IndexError> {
     let a = e.attributes;
     // Most objects belong to a series the index has, with the same patient
     // and study attributes: then the parent rows are only read (an upsert
@@ -250,6 +272,19 @@ fn insert_in(tx: &rusqlite::Transaction<'_>, e: &Entry<'_>) -> Result<(), IndexE
         None => upsert_parents(tx, a)?,
     };
     insert_instance(tx, e, series)
+}
+
+/// Deletes the instance rows `ids` and their forwarding queue entries,
+/// inside the caller's transaction; returns how many instance rows went.
+fn delete_instances(tx: &rusqlite::Transaction<'_>, ids: &[i64]) -> Result<u64, IndexError> {
+    let mut n = 0;
+    let mut queue = tx.prepare_cached("DELETE FROM forward WHERE instance = ?1")?;
+    let mut instance = tx.prepare_cached("DELETE FROM instance WHERE id = ?1")?;
+    for id in ids {
+        queue.execute([id])?;
+        n += instance.execute([id])? as u64;
+    }
+    Ok(n)
 }
 
 /// Makes or brings up to date the patient, study and series rows of `a`;
@@ -322,34 +357,40 @@ fn upsert_parents(tx: &rusqlite::Transaction<'_>, a: &Attributes) -> Result<i64,
     Ok(series)
 }
 
-/// The instance row of `e`, in the series row `series`.
+/// The instance row of `e`, in the series row `series`; returns its id.
 fn insert_instance(
     tx: &rusqlite::Transaction<'_>,
     e: &Entry<'_>,
     series: i64,
-) -> Result<(), IndexError> {
+) -> Result<i64, IndexError> {
     let a = e.attributes;
-    tx.prepare_cached(
-        "INSERT INTO instance (series, sop_instance_uid, sop_class_uid, instance_number, path,
-             transfer_syntax, size, received)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    let id = tx
+        .prepare_cached(
+            "INSERT INTO instance (series, sop_instance_uid, sop_class_uid, instance_number, path,
+             transfer_syntax, size, received, source_ae)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (path) DO UPDATE SET series = excluded.series,
              sop_instance_uid = excluded.sop_instance_uid, sop_class_uid = excluded.sop_class_uid,
              instance_number = excluded.instance_number,
              transfer_syntax = excluded.transfer_syntax, size = excluded.size,
-             received = excluded.received",
-    )?
-    .execute(params![
-        series,
-        a.sop_instance_uid,
-        a.sop_class_uid,
-        a.instance_number,
-        e.path,
-        a.transfer_syntax,
-        e.size as i64,
-        e.received
-    ])?;
-    Ok(())
+             received = excluded.received, source_ae = excluded.source_ae
+         RETURNING id",
+        )?
+        .query_row(
+            params![
+                series,
+                a.sop_instance_uid,
+                a.sop_class_uid,
+                a.instance_number,
+                e.path,
+                a.transfer_syntax,
+                e.size as i64,
+                e.received,
+                a.source_ae
+            ],
+            |r| r.get(0),
+        )?;
+    Ok(id)
 }
 
 #[cfg(test)]

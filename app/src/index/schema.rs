@@ -6,11 +6,15 @@
 //! Derived keys (ModalitiesInStudy, SOPClassesInStudy and the Number of
 //! Related ... counts) are not stored: they are computed from the child
 //! rows through these indexes, so they can never disagree with them.
-//! Versioned with `user_version`: an index of another version is rebuilt
-//! from the files (it is derived data).
+//! Versioned with `user_version`. Version 2 added what is not derived
+//! from the files: the forwarding queue (`forward`), which says what has
+//! left the device, so an index of version 1 is brought up to date in
+//! place ([`MIGRATE_1_TO_2`]) rather than rebuilt; an index of an unknown
+//! version is rebuilt from the files (every object then queued again for
+//! the forwarding rules: delivery is at least once).
 
 /// The schema version this build writes and reads.
-pub const VERSION: i64 = 1;
+pub const VERSION: i64 = 2;
 
 /// Creates every table and index (in one transaction, by the caller).
 pub const CREATE: &str = "
@@ -55,8 +59,41 @@ CREATE TABLE instance (
     path TEXT NOT NULL UNIQUE,
     transfer_syntax TEXT NOT NULL,
     size INTEGER NOT NULL,
-    received INTEGER NOT NULL
+    received INTEGER NOT NULL,
+    source_ae TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX instance_by_series ON instance (series, sop_class_uid);
 CREATE INDEX instance_by_uid ON instance (sop_instance_uid);
+";
+
+/// The forwarding queue (version 2): one row per stored object and
+/// destination that a `[[forward]]` rule matched, written in the same
+/// transaction as the object's instance row, kept after delivery (as
+/// `done`) until retention deletes the object, so that what has left the
+/// device can be told. `state` is one of `queued`, `sent` (delivered,
+/// storage commitment asked and not yet answered), `done` and `failed`
+/// (see `index::queue::State`); rows are taken oldest first (`id`).
+pub const CREATE_QUEUE: &str = "
+CREATE TABLE forward (
+    id INTEGER PRIMARY KEY,
+    instance INTEGER NOT NULL REFERENCES instance (id),
+    destination TEXT NOT NULL,
+    commit_wanted INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    queued INTEGER NOT NULL,
+    updated INTEGER NOT NULL,
+    status INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    transaction_uid TEXT,
+    UNIQUE (instance, destination)
+);
+CREATE INDEX forward_by_state ON forward (destination, state, id);
+CREATE INDEX forward_by_transaction ON forward (transaction_uid) WHERE transaction_uid IS NOT NULL;
+";
+
+/// Brings a version 1 index to version 2 (with [`CREATE_QUEUE`]): objects
+/// indexed before keep an empty `source_ae`.
+pub const MIGRATE_1_TO_2: &str = "
+ALTER TABLE instance ADD COLUMN source_ae TEXT NOT NULL DEFAULT '';
 ";

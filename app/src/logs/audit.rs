@@ -173,6 +173,35 @@ pub struct RetrieveRecord<'a> {
     pub milliseconds: u64,
 }
 
+/// One object forwarded to a destination (`[[forward]]`), written when
+/// the destination's answer is recorded: delivered, failed for good, or
+/// committed (storage commitment confirmed). Attempts that will be retried
+/// get no line (the service log has them).
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename = "forward")]
+pub struct ForwardRecord<'a> {
+    /// When the outcome was recorded.
+    #[serde(serialize_with = "ser_time")]
+    pub time: SystemTime,
+    /// The destination's AE title.
+    pub destination: &'a str,
+    /// "delivered", "failed" or "committed".
+    pub outcome: &'a str,
+    /// SOP Class UID of the object.
+    pub sop_class_uid: &'a str,
+    /// SOP Instance UID of the object.
+    pub sop_instance_uid: &'a str,
+    /// The stored file, relative to the store's root.
+    pub path: &'a str,
+    /// The destination's status, 4 hex digits; null when it gave none.
+    #[serde(serialize_with = "ser_opt_status")]
+    pub status: Option<u16>,
+    /// Why it failed; null otherwise.
+    pub reason: Option<&'a str>,
+    /// Attempts made, this one included.
+    pub attempts: u32,
+}
+
 /// An association request turned away: answered with A-ASSOCIATE-RJ
 /// (called AE title wrong, calling AE title not allowed, association cap
 /// reached, ...) or refused before negotiation (a malformed request).
@@ -279,6 +308,12 @@ impl Audit {
         self.append(record)
     }
 
+    /// Records an object forwarded (or refused for good, or committed).
+    /// Returns whether the line reached the file.
+    pub fn forward(&self, record: &ForwardRecord<'_>) -> bool {
+        self.append(record)
+    }
+
     /// Records a refused association request. Returns whether the line
     /// reached the file.
     pub fn rejected(&self, record: &RejectedRecord<'_>) -> bool {
@@ -364,6 +399,13 @@ fn ser_seconds<S: Serializer>(seconds: &f64, s: S) -> Result<S::Ok, S::Error> {
 
 fn ser_status<S: Serializer>(status: &u16, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{status:04X}"))
+}
+
+fn ser_opt_status<S: Serializer>(status: &Option<u16>, s: S) -> Result<S::Ok, S::Error> {
+    match status {
+        Some(status) => ser_status(status, s),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_opt_path<S: Serializer>(path: &Option<&Path>, s: S) -> Result<S::Ok, S::Error> {

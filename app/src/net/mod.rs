@@ -170,6 +170,7 @@ impl Service {
         let index = open_index(
             Arc::clone(&store),
             config.index_file.clone(),
+            forward_rules(config),
             events.clone(),
         )
         .await;
@@ -216,9 +217,38 @@ impl Service {
             recorder,
             stop: shutdown.token(),
             max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
-            peers: crate::retrieve::Peers::new(config.peer.clone()),
+            peers: Arc::new(crate::retrieve::Peers::new(config.peer.clone())),
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
         });
+        // Store and forward: a worker per destination, from the index's
+        // queue (which the catch-up above has already filled for files it
+        // found).
+        let forwarder = match (&receiver.index, store.root().try_clone()) {
+            (Some(index), Ok(root)) => {
+                let forwarder = Arc::new(crate::forward::Forwarder::new(
+                    Arc::clone(index),
+                    Arc::new(root),
+                    Arc::clone(&receiver.peers),
+                    audit.clone(),
+                    config.aetitle.clone(),
+                    Duration::from_secs(config.dimse_timeout),
+                    shutdown.clone(),
+                ));
+                Some(forwarder)
+            }
+            (Some(_), Err(e)) => {
+                tracing::error!(error = %e, "store folder: forwarding unavailable until a restart");
+                None
+            }
+            (None, _) => {
+                if !config.forward.is_empty() {
+                    tracing::error!(
+                        "the index is unavailable: nothing is forwarded until a restart"
+                    );
+                }
+                None
+            }
+        };
         let listener_for = |tls: Option<Arc<TlsReloader>>| -> anyhow::Result<Arc<Listener>> {
             let is_tls = tls.is_some();
             Ok(Arc::new(Listener {
@@ -296,11 +326,20 @@ impl Service {
             live.push((Arc::clone(&listener), true));
             shutdown.spawn(server::serve(socket, listener, shutdown.clone()));
         }
+        if let Some(forwarder) = &forwarder {
+            // After the TLS peers' client configuration is set above.
+            forwarder.apply(
+                forward_rules(config),
+                config.aetitle.clone(),
+                Duration::from_secs(config.dimse_timeout),
+            );
+        }
         let _ = events.send(ServiceEvent::Ready).await;
         shutdown.spawn(crate::service::heartbeat(events.clone(), shutdown.token()));
         shutdown.spawn(report_status(
             Arc::clone(&stats),
             Arc::clone(&store),
+            forwarder.clone(),
             audit.clone(),
             logs.map(Arc::new),
             events.clone(),
@@ -312,7 +351,7 @@ impl Service {
                 _ = shutdown.stopped() => break,
                 Some(new) = config_updates.recv() => {
                     let _ = events.send(ServiceEvent::Reloading).await;
-                    apply_live(&new, &live, &bounds, &store);
+                    apply_live(&new, &live, &bounds, &store, forwarder.as_deref());
                     let _ = events.send(ServiceEvent::Reloaded).await;
                 }
             }
@@ -343,6 +382,7 @@ impl Service {
 async fn open_index(
     store: Arc<Store>,
     index_file: std::path::PathBuf,
+    rules: Vec<crate::index::queue::Rule>,
     events: mpsc::Sender<ServiceEvent>,
 ) -> Option<Arc<crate::index::Index>> {
     use crate::index::catchup;
@@ -352,6 +392,8 @@ async fn open_index(
         let started = std::time::Instant::now();
         let (index, anew) = catchup::open_for_store(root, &index_file)?;
         index.set_synced(store.options().fsync)?;
+        // The files the catch-up finds are queued like any other.
+        index.set_forward_rules(rules);
         if let Some(why) = &anew {
             info!(index = %shown.display(), why = %why, "indexing the store's files anew");
         }
@@ -445,6 +487,13 @@ struct Applied {
     store: StoreOptions,
     max_find_results: usize,
     peers: Vec<crate::config::PeerEntry>,
+    forward: Vec<crate::index::queue::Rule>,
+    retention: Option<crate::config::RetentionConfig>,
+}
+
+/// The `[[forward]]` rules as the index applies them.
+fn forward_rules(config: &Config) -> Vec<crate::index::queue::Rule> {
+    crate::forward::rules_of(&config.forward)
 }
 
 fn applied(config: &Config) -> anyhow::Result<Applied> {
@@ -461,6 +510,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         max_find_results,
         allow,
         peer,
+        forward,
+        retention,
         dimse_timeout,
         acse_timeout,
         max_associations,
@@ -519,6 +570,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         },
         max_find_results,
         peers: peer,
+        forward: crate::forward::rules_of(&forward),
+        retention,
     })
 }
 
@@ -540,7 +593,13 @@ fn port_settings(config: &Config, is_tls: bool) -> anyhow::Result<PortSettings> 
 /// [`Config::restart_reason`]): every key of [`LiveConfig`] takes effect
 /// for what starts from now on; associations in flight keep what they
 /// began with.
-fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBounds, store: &Store) {
+fn apply_live(
+    new: &Config,
+    live: &[(Arc<Listener>, bool)],
+    bounds: &SharedBounds,
+    store: &Store,
+    forwarder: Option<&crate::forward::Forwarder>,
+) {
     let Applied {
         plain,
         tls,
@@ -548,6 +607,8 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         store: options,
         max_find_results,
         peers,
+        forward,
+        retention: _,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -566,6 +627,13 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
         listener.shared.peers.set(peers.clone());
     }
     bounds.set_limits(limits);
+    if let Some(forwarder) = forwarder {
+        forwarder.apply(
+            forward,
+            new.aetitle.clone(),
+            Duration::from_secs(new.dimse_timeout),
+        );
+    }
     if let Err(e) = store.set_options(options) {
         tracing::warn!(error = e, "storage options not applied");
     }
@@ -578,6 +646,7 @@ fn apply_live(new: &Config, live: &[(Arc<Listener>, bool)], bounds: &SharedBound
 async fn report_status(
     stats: Arc<Stats>,
     store: Arc<Store>,
+    forwarder: Option<Arc<crate::forward::Forwarder>>,
     audit: Option<Arc<crate::logs::Audit>>,
     log_folder: Option<Arc<crate::dirfd::Folder>>,
     events: mpsc::Sender<ServiceEvent>,
@@ -596,7 +665,16 @@ async fn report_status(
             .map(|(bytes, pct)| format!("{:.1} GB free ({pct:.0} %)", bytes as f64 / 1e9))
             .unwrap_or_else(|_| "free space unknown".into());
         let logs = crate::logs::LogHealth::now(audit.as_deref());
-        let line = format!("{}; {free}{}", stats.summary(), logs.status_suffix());
+        let queue = match &forwarder {
+            Some(forwarder) => {
+                let forwarder = Arc::clone(forwarder);
+                tokio::task::spawn_blocking(move || forwarder.summary())
+                    .await
+                    .unwrap_or_default()
+            }
+            None => String::new(),
+        };
+        let line = format!("{}; {free}{queue}{}", stats.summary(), logs.status_suffix());
         let report = logs.report();
         if (&line, &report) != (&last, &last_report) {
             if events

@@ -1,0 +1,234 @@
+//! Store and forward: the objects the `[[forward]]` rules queued (see
+//! [`crate::index::queue`]) go on to their destinations.
+//!
+//! One worker per destination ([`worker`]), so that a destination that is
+//! down, slow or refusing delays nobody else's objects. Each worker takes
+//! its queue oldest first, many objects per association, each data set
+//! streamed from its file with its bytes as stored, and records every
+//! outcome in the index: delivered, failed for good (kept and shown), or
+//! to be tried again after a pause that grows ([`backoff`]). Delivery is
+//! at least once: an object the destination stored and the process died
+//! before recording is sent again, never lost.
+
+pub mod backoff;
+mod worker;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use crate::dirfd::Folder;
+use crate::index::queue::Rule;
+use crate::index::Index;
+use crate::logs::Audit;
+use crate::retrieve::Peers;
+use crate::shutdown::Shutdown;
+
+/// How a destination is doing, as its worker last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DestinationState {
+    /// since when every attempt has failed (None: the last one succeeded,
+    /// or none was made)
+    pub retrying_since: Option<SystemTime>,
+    /// why the last attempt failed
+    pub last_error: String,
+    /// objects delivered since start
+    pub delivered: u64,
+    /// objects refused for good since start
+    pub failed: u64,
+}
+
+/// What every worker shares.
+struct Shared {
+    index: Arc<Index>,
+    root: Arc<Folder>,
+    peers: Arc<Peers>,
+    audit: Option<Arc<Audit>>,
+    /// our AE title (live)
+    calling_ae: Mutex<String>,
+    /// how long a destination gets for each step
+    timeout: Mutex<Duration>,
+    states: Mutex<HashMap<String, DestinationState>>,
+}
+
+impl Shared {
+    fn calling_ae(&self) -> String {
+        self.calling_ae
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn timeout(&self) -> Duration {
+        *self.timeout.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn update(&self, destination: &str, change: impl FnOnce(&mut DestinationState)) {
+        let mut states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
+        change(states.entry(destination.to_string()).or_default());
+    }
+}
+
+/// The forwarder: the workers, started as destinations appear.
+pub struct Forwarder {
+    shared: Arc<Shared>,
+    shutdown: Shutdown,
+    /// destinations that have a worker
+    running: Mutex<Vec<String>>,
+}
+
+impl Forwarder {
+    /// A forwarder over `index`, reading files in `root`, sending to
+    /// `peers` as `calling_ae`; its workers are tasks of `shutdown`.
+    pub fn new(
+        index: Arc<Index>,
+        root: Arc<Folder>,
+        peers: Arc<Peers>,
+        audit: Option<Arc<Audit>>,
+        calling_ae: String,
+        timeout: Duration,
+        shutdown: Shutdown,
+    ) -> Forwarder {
+        Forwarder {
+            shared: Arc::new(Shared {
+                index,
+                root,
+                peers,
+                audit,
+                calling_ae: Mutex::new(calling_ae),
+                timeout: Mutex::new(timeout),
+                states: Mutex::default(),
+            }),
+            shutdown,
+            running: Mutex::default(),
+        }
+    }
+
+    /// Takes the rules (at start and on every live change): the index
+    /// queues by them from now on, and every destination that a rule names
+    /// or that has entries waiting gets its worker.
+    pub fn apply(&self, rules: Vec<Rule>, calling_ae: String, timeout: Duration) {
+        let mut destinations: Vec<String> = rules.iter().map(|r| r.destination.clone()).collect();
+        self.shared.index.set_forward_rules(rules);
+        *self
+            .shared
+            .calling_ae
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = calling_ae;
+        *self
+            .shared
+            .timeout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = timeout;
+        match self.shared.index.destinations_waiting() {
+            Ok(waiting) => destinations.extend(waiting),
+            Err(e) => tracing::warn!(error = %e, "forwarding queue unreadable"),
+        }
+        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+        for destination in destinations {
+            if running.contains(&destination) {
+                continue;
+            }
+            running.push(destination.clone());
+            let shared = Arc::clone(&self.shared);
+            let stop = self.shutdown.token();
+            self.shutdown.spawn(worker::run(shared, destination, stop));
+        }
+    }
+
+    /// Each destination with a worker and how it is doing, by name.
+    pub fn states(&self) -> Vec<(String, DestinationState)> {
+        let states = self
+            .shared
+            .states
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<_> = states.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// One clause for the status line: queue depth, the oldest undelivered
+    /// object's age, and each destination's state; empty when nothing was
+    /// ever queued.
+    pub fn summary(&self) -> String {
+        let counts = match self.shared.index.queue_counts() {
+            Ok(counts) => counts,
+            Err(e) => return format!("; forwarding queue unreadable: {e}"),
+        };
+        let states = self.states();
+        if counts.is_empty() && states.is_empty() {
+            return String::new();
+        }
+        let now = crate::index::queue::unix_now();
+        let waiting: u64 = counts.iter().map(|c| c.queued + c.sent).sum();
+        let oldest = counts.iter().filter_map(|c| c.oldest_undelivered).min();
+        let mut line = format!("; forward queue {waiting}");
+        if let Some(oldest) = oldest {
+            line.push_str(&format!(
+                " (oldest {})",
+                age(Duration::from_secs((now - oldest).max(0) as u64))
+            ));
+        }
+        let mut names: Vec<&str> = counts.iter().map(|c| c.destination.as_str()).collect();
+        names.extend(states.iter().map(|(n, _)| n.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        for name in names {
+            let state = states.iter().find(|(n, _)| n == name).map(|(_, s)| s);
+            let failed = counts
+                .iter()
+                .find(|c| c.destination == name)
+                .map_or(0, |c| c.failed);
+            line.push_str(&format!("; {name} "));
+            match state.and_then(|s| s.retrying_since.map(|t| (t, &s.last_error))) {
+                Some((since, why)) => line.push_str(&format!(
+                    "retrying since {} ({why})",
+                    crate::timestamp::rfc3339(since)
+                )),
+                None => line.push_str("ok"),
+            }
+            if failed > 0 {
+                line.push_str(&format!(", {failed} failed"));
+            }
+        }
+        line
+    }
+}
+
+/// The `[[forward]]` rules as the index applies them.
+pub fn rules_of(forward: &[crate::config::ForwardRule]) -> Vec<Rule> {
+    forward
+        .iter()
+        .map(|rule| Rule {
+            destination: rule.to.clone(),
+            calling: rule.calling.clone(),
+            modality: rule.modality.clone(),
+            commit: rule.commit,
+        })
+        .collect()
+}
+
+/// A duration as an operator reads it: "42 s", "7 min", "3 h", "2 d".
+fn age(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s} s"),
+        120..=7199 => format!("{} min", s / 60),
+        7200..=172_799 => format!("{} h", s / 3600),
+        _ => format!("{} d", s / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ages_read_naturally() {
+        assert_eq!(age(Duration::from_secs(42)), "42 s");
+        assert_eq!(age(Duration::from_secs(7 * 60 + 5)), "7 min");
+        assert_eq!(age(Duration::from_secs(3 * 3600)), "3 h");
+        assert_eq!(age(Duration::from_secs(2 * 86_400)), "2 d");
+    }
+}
