@@ -504,6 +504,23 @@ impl Config {
         port_aetitle(&self.aetitle, self.tls.aetitle.as_deref(), tls)
     }
 
+    /// What a valid configuration does that its author may not expect,
+    /// for `config check` to say.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        if let Some(retention) = &self.retention {
+            if self.forward.is_empty() {
+                notes.push(format!(
+                    "[retention] without any [[forward]] rule: when free space falls below {} %, \
+                     the oldest studies are deleted outright, whether or not they were sent \
+                     anywhere",
+                    retention.keep_free_percent
+                ));
+            }
+        }
+        notes
+    }
+
     /// The keys that apply while serving.
     pub fn live(&self) -> LiveConfig {
         self.split().0

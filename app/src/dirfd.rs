@@ -203,6 +203,16 @@ impl Folder {
         )?)
     }
 
+    /// Removes the folder `name` (relative to this one), which must be
+    /// empty.
+    pub fn remove_dir(&self, name: impl AsRef<Path>) -> io::Result<()> {
+        Ok(nix::unistd::unlinkat(
+            &self.fd,
+            name.as_ref(),
+            UnlinkatFlags::RemoveDir,
+        )?)
+    }
+
     /// The folder's entries (not `.` and `..`).
     ///
     /// Read with `getdents64` (rustix), not glibc's `readdir`: on a 32-bit

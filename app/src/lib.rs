@@ -19,6 +19,7 @@ pub mod logs;
 pub mod net;
 pub mod part10;
 pub mod privsep;
+pub mod retention;
 pub mod retrieve;
 pub mod send;
 pub mod service;

@@ -582,8 +582,11 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
-            Ok(_) => {
+            Ok(config) => {
                 println!("{}: valid", file.display());
+                for note in config.notes() {
+                    println!("note: {note}");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -341,14 +341,10 @@ fn delete_rows(index: &Index, ids: &[i64]) -> Result<u64, IndexError> {
 }
 
 /// Drops series, studies and patients left without instances.
-pub(super) fn drop_childless(index: &Index) -> Result<(), IndexError> {
+fn drop_childless(index: &Index) -> Result<(), IndexError> {
     let mut conn = index.lock();
     let tx = conn.transaction()?;
-    tx.execute_batch(
-        "DELETE FROM series WHERE NOT EXISTS (SELECT 1 FROM instance WHERE instance.series = series.id);
-         DELETE FROM study WHERE NOT EXISTS (SELECT 1 FROM series WHERE series.study = study.id);
-         DELETE FROM patient WHERE NOT EXISTS (SELECT 1 FROM study WHERE study.patient = patient.id);",
-    )?;
+    super::drop_childless_in(&tx)?;
     tx.commit()?;
     Ok(())
 }

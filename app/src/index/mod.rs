@@ -14,6 +14,7 @@ pub mod query;
 pub mod queue;
 pub mod readers;
 mod record;
+pub mod retention;
 pub mod retrieve;
 pub mod schema;
 mod vfs;
@@ -285,6 +286,17 @@ fn delete_instances(tx: &rusqlite::Transaction<'_>, ids: &[i64]) -> Result<u64, 
         n += instance.execute([id])? as u64;
     }
     Ok(n)
+}
+
+/// Drops series, studies and patients left without instances, inside the
+/// caller's transaction.
+fn drop_childless_in(tx: &rusqlite::Transaction<'_>) -> Result<(), IndexError> {
+    tx.execute_batch(
+        "DELETE FROM series WHERE NOT EXISTS (SELECT 1 FROM instance WHERE instance.series = series.id);
+         DELETE FROM study WHERE NOT EXISTS (SELECT 1 FROM series WHERE series.study = study.id);
+         DELETE FROM patient WHERE NOT EXISTS (SELECT 1 FROM study WHERE study.patient = patient.id);",
+    )?;
+    Ok(())
 }
 
 /// Makes or brings up to date the patient, study and series rows of `a`;

@@ -37,7 +37,7 @@ pub struct Rule {
 impl Rule {
     /// Whether this rule takes the object with attributes `a`.
     pub fn matches(&self, a: &Attributes) -> bool {
-        (self.calling.is_empty() || self.calling.iter().any(|c| *c == a.source_ae))
+        (self.calling.is_empty() || self.calling.contains(&a.source_ae))
             && (self.modality.is_empty()
                 || self
                     .modality
@@ -424,4 +424,190 @@ pub fn unix_now() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Entry;
+
+    fn attributes(n: u32, study: u32, modality: &str, source_ae: &str) -> Attributes {
+        Attributes {
+            transfer_syntax: "1.2.840.10008.1.2.1".into(),
+            sop_class_uid: "1.2.840.10008.5.1.4.1.1.2".into(),
+            sop_instance_uid: format!("1.2.3.{study}.{n}"),
+            study_instance_uid: format!("1.2.3.{study}"),
+            series_instance_uid: format!("1.2.3.{study}.0"),
+            patient_id: "P1".into(),
+            modality: modality.into(),
+            source_ae: source_ae.into(),
+            ..Attributes::default()
+        }
+    }
+
+    fn store(index: &Index, n: u32, study: u32, modality: &str, source_ae: &str) {
+        let a = attributes(n, study, modality, source_ae);
+        let path = format!("CT.{study}.{n}");
+        index
+            .insert(&Entry {
+                path: &path,
+                size: 100,
+                received: i64::from(n),
+                attributes: &a,
+            })
+            .expect("inserts");
+    }
+
+    fn rule(destination: &str, calling: &[&str], modality: &[&str]) -> Rule {
+        Rule {
+            destination: destination.into(),
+            calling: calling.iter().map(|s| s.to_string()).collect(),
+            modality: modality.iter().map(|s| s.to_string()).collect(),
+            commit: false,
+        }
+    }
+
+    #[test]
+    fn matching_objects_are_queued_with_their_row_and_taken_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index.sqlite")).expect("opens");
+        index.set_forward_rules(vec![
+            rule("PACS", &[], &[]),
+            rule("US_ARCHIVE", &["US1"], &["US"]),
+        ]);
+        store(&index, 1, 1, "CT", "CT1");
+        store(&index, 2, 1, "US", "US1");
+        store(&index, 3, 1, "US", "US2");
+        let pacs = index.next_to_forward("PACS", 10).expect("reads");
+        assert_eq!(
+            pacs.iter()
+                .map(|p| p.sop_instance.as_str())
+                .collect::<Vec<_>>(),
+            ["1.2.3.1.1", "1.2.3.1.2", "1.2.3.1.3"]
+        );
+        let us = index.next_to_forward("US_ARCHIVE", 10).expect("reads");
+        assert_eq!(us.len(), 1, "only US from US1: {us:?}");
+        assert_eq!(us[0].sop_instance, "1.2.3.1.2");
+        assert_eq!(index.next_to_forward("PACS", 2).expect("reads").len(), 2);
+    }
+
+    #[test]
+    fn outcomes_move_entries_and_operators_retry_and_forget() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index.sqlite")).expect("opens");
+        let mut committed = rule("PACS", &[], &[]);
+        committed.commit = true;
+        index.set_forward_rules(vec![rule("A", &[], &[]), committed]);
+        for n in 1..=3 {
+            store(&index, n, 1, "CT", "CT1");
+        }
+        let a = index.next_to_forward("A", 10).expect("reads");
+        let why = "no".to_string();
+        index
+            .record_forwarded(&[
+                (a[0].id, Outcome::Delivered { status: 0 }),
+                (
+                    a[1].id,
+                    Outcome::Failed {
+                        status: Some(0x0122),
+                        reason: why.clone(),
+                    },
+                ),
+                (
+                    a[2].id,
+                    Outcome::Retry {
+                        status: None,
+                        reason: why,
+                    },
+                ),
+            ])
+            .expect("records");
+        let left = index.next_to_forward("A", 10).expect("reads");
+        assert_eq!(left.len(), 1);
+        assert_eq!((left[0].id, left[0].attempts), (a[2].id, 1));
+        let pacs = index.next_to_forward("PACS", 10).expect("reads");
+        index
+            .record_forwarded(&[(pacs[0].id, Outcome::Delivered { status: 0 })])
+            .expect("records");
+        let counts = index.queue_counts().expect("counts");
+        let of = |d: &str| counts.iter().find(|c| c.destination == d).cloned();
+        let a_counts = of("A").expect("A");
+        assert_eq!(
+            (
+                a_counts.queued,
+                a_counts.sent,
+                a_counts.done,
+                a_counts.failed
+            ),
+            (1, 0, 1, 1)
+        );
+        // A delivered entry of a rule that asks for commitment waits as `sent`.
+        let pacs_counts = of("PACS").expect("PACS");
+        assert_eq!((pacs_counts.queued, pacs_counts.sent), (2, 1));
+        assert!(pacs_counts.oldest_undelivered.is_some());
+
+        assert_eq!(
+            index
+                .queue_retry(&Selection::Destination("A".into()))
+                .expect("retries"),
+            1
+        );
+        assert_eq!(index.next_to_forward("A", 10).expect("reads").len(), 2);
+        assert_eq!(
+            index
+                .queue_retry(&Selection::Entry(a[1].id))
+                .expect("retries"),
+            0,
+            "only failed entries are retried"
+        );
+        assert!(index.queue_forget(a[1].id).expect("forgets"));
+        assert!(!index.queue_forget(a[1].id).expect("forgets"));
+        let failed = index
+            .queue_entries(Some("A"), Some(State::Failed), 10)
+            .expect("lists");
+        assert!(failed.is_empty());
+        let all = index.queue_entries(None, None, 10).expect("lists");
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0].study_instance_uid, "1.2.3.1");
+    }
+
+    #[test]
+    fn an_object_stored_again_under_its_name_is_queued_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let index = Index::open(&dir.path().join("index.sqlite")).expect("opens");
+        index.set_forward_rules(vec![rule("A", &[], &[])]);
+        store(&index, 1, 1, "CT", "CT1");
+        let a = index.next_to_forward("A", 10).expect("reads");
+        index
+            .record_forwarded(&[(a[0].id, Outcome::Delivered { status: 0 })])
+            .expect("records");
+        assert!(index.next_to_forward("A", 10).expect("reads").is_empty());
+        store(&index, 1, 1, "CT", "CT1");
+        assert_eq!(index.next_to_forward("A", 10).expect("reads").len(), 1);
+    }
+
+    #[test]
+    fn a_version_1_index_is_migrated_in_place() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("index.sqlite");
+        {
+            let conn = rusqlite::Connection::open(&path).expect("opens");
+            let v1 = crate::index::schema::CREATE
+                .replace(",\n    source_ae TEXT NOT NULL DEFAULT ''", "");
+            conn.execute_batch(&v1).expect("v1 schema");
+            conn.execute_batch(
+                "INSERT INTO patient VALUES (1, 'P1', '', '', '');
+                 INSERT INTO study VALUES (1, 1, '1.2.3', '', '', '', '', '', '');
+                 INSERT INTO series VALUES (1, 1, '1.2.3.0', 'CT', NULL, '', '', '');
+                 INSERT INTO instance VALUES (1, 1, '1.2.3.0.1', '1.2', NULL, 'CT.1', '1.2.840.10008.1.2.1', 5, 0);
+                 PRAGMA user_version = 1;",
+            )
+            .expect("v1 rows");
+        }
+        let index = Index::open(&path).expect("migrates");
+        assert_eq!(index.instance_count().expect("counts"), 1);
+        index.set_forward_rules(vec![rule("A", &[], &[])]);
+        store(&index, 2, 3, "CT", "CT1");
+        assert_eq!(index.next_to_forward("A", 10).expect("reads").len(), 1);
+    }
 }

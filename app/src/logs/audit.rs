@@ -202,6 +202,28 @@ pub struct ForwardRecord<'a> {
     pub attempts: u32,
 }
 
+/// A study deleted by retention (`[retention]`): which, how much, and why.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename = "deleted")]
+pub struct DeletionRecord<'a> {
+    /// When it was deleted.
+    #[serde(serialize_with = "ser_time")]
+    pub time: SystemTime,
+    /// (0020,000D) Study Instance UID.
+    pub study_instance_uid: &'a str,
+    /// (0010,0020) Patient ID.
+    pub patient_id: &'a str,
+    /// Objects deleted.
+    pub objects: u64,
+    /// Bytes of files deleted.
+    pub bytes: u64,
+    /// When its newest object was received.
+    #[serde(serialize_with = "ser_time")]
+    pub last_received: SystemTime,
+    /// Why ("free space below 15 %", "received over 30 days ago").
+    pub reason: &'a str,
+}
+
 /// An association request turned away: answered with A-ASSOCIATE-RJ
 /// (called AE title wrong, calling AE title not allowed, association cap
 /// reached, ...) or refused before negotiation (a malformed request).
@@ -311,6 +333,12 @@ impl Audit {
     /// Records an object forwarded (or refused for good, or committed).
     /// Returns whether the line reached the file.
     pub fn forward(&self, record: &ForwardRecord<'_>) -> bool {
+        self.append(record)
+    }
+
+    /// Records a study deleted by retention. Returns whether the line
+    /// reached the file.
+    pub fn deletion(&self, record: &DeletionRecord<'_>) -> bool {
         self.append(record)
     }
 

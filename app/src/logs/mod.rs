@@ -39,8 +39,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 pub use audit::{
-    AssociationOutcome, AssociationRecord, Audit, FindRecord, ForwardRecord, ObjectRecord,
-    RejectedRecord, RetrieveRecord, TlsFailedRecord,
+    AssociationOutcome, AssociationRecord, Audit, DeletionRecord, FindRecord, ForwardRecord,
+    ObjectRecord, RejectedRecord, RetrieveRecord, TlsFailedRecord,
 };
 pub use bundle::{collect_bundle, BundleInputs, BundleSummary};
 pub use init::{

@@ -334,12 +334,31 @@ impl Service {
                 Duration::from_secs(config.dimse_timeout),
             );
         }
+        // Retention: off unless [retention] is set (its task idles then, so
+        // that a live change can turn it on).
+        let retention = receiver.index.as_ref().map(|index| {
+            Arc::new(crate::retention::Retention::new(
+                Arc::clone(index),
+                Arc::clone(&store),
+                audit.clone(),
+                config.retention.clone(),
+            ))
+        });
+        if let Some(retention) = &retention {
+            shutdown.spawn(crate::retention::run(
+                Arc::clone(retention),
+                shutdown.token(),
+            ));
+        }
         let _ = events.send(ServiceEvent::Ready).await;
         shutdown.spawn(crate::service::heartbeat(events.clone(), shutdown.token()));
         shutdown.spawn(report_status(
             Arc::clone(&stats),
             Arc::clone(&store),
-            forwarder.clone(),
+            Outbound {
+                forwarder: forwarder.clone(),
+                retention: retention.clone(),
+            },
             audit.clone(),
             logs.map(Arc::new),
             events.clone(),
@@ -352,6 +371,9 @@ impl Service {
                 Some(new) = config_updates.recv() => {
                     let _ = events.send(ServiceEvent::Reloading).await;
                     apply_live(&new, &live, &bounds, &store, forwarder.as_deref());
+                    if let Some(retention) = &retention {
+                        retention.set_policy(new.retention.clone());
+                    }
                     let _ = events.send(ServiceEvent::Reloaded).await;
                 }
             }
@@ -488,7 +510,6 @@ struct Applied {
     max_find_results: usize,
     peers: Vec<crate::config::PeerEntry>,
     forward: Vec<crate::index::queue::Rule>,
-    retention: Option<crate::config::RetentionConfig>,
 }
 
 /// The `[[forward]]` rules as the index applies them.
@@ -511,7 +532,7 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         allow,
         peer,
         forward,
-        retention,
+        retention: _, // applied by the service (see `Service::run`)
         dimse_timeout,
         acse_timeout,
         max_associations,
@@ -571,7 +592,6 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         max_find_results,
         peers: peer,
         forward: crate::forward::rules_of(&forward),
-        retention,
     })
 }
 
@@ -608,7 +628,6 @@ fn apply_live(
         max_find_results,
         peers,
         forward,
-        retention: _,
     } = match applied(new) {
         Ok(applied) => applied,
         Err(e) => {
@@ -640,13 +659,38 @@ fn apply_live(
     info!(aetitle = %new.aetitle, "configuration applied without a restart");
 }
 
+/// What leaves the store: the forwarder and retention, for the status line.
+#[derive(Clone)]
+struct Outbound {
+    forwarder: Option<Arc<crate::forward::Forwarder>>,
+    retention: Option<Arc<crate::retention::Retention>>,
+}
+
+impl Outbound {
+    /// The queue's and retention's clauses of the status line (blocking:
+    /// the queue is counted in the index).
+    fn status_suffix(&self) -> String {
+        let queue = self
+            .forwarder
+            .as_ref()
+            .map(|f| f.summary())
+            .unwrap_or_default();
+        let retention = self
+            .retention
+            .as_ref()
+            .map(|r| r.status_suffix())
+            .unwrap_or_default();
+        queue + &retention
+    }
+}
+
 /// Sends a status line every few seconds when it changes, and keeps it in
 /// the status file of the log folder (when there is one) for the field log
 /// bundle, with the log writers' health.
 async fn report_status(
     stats: Arc<Stats>,
     store: Arc<Store>,
-    forwarder: Option<Arc<crate::forward::Forwarder>>,
+    outbound: Outbound,
     audit: Option<Arc<crate::logs::Audit>>,
     log_folder: Option<Arc<crate::dirfd::Folder>>,
     events: mpsc::Sender<ServiceEvent>,
@@ -665,15 +709,10 @@ async fn report_status(
             .map(|(bytes, pct)| format!("{:.1} GB free ({pct:.0} %)", bytes as f64 / 1e9))
             .unwrap_or_else(|_| "free space unknown".into());
         let logs = crate::logs::LogHealth::now(audit.as_deref());
-        let queue = match &forwarder {
-            Some(forwarder) => {
-                let forwarder = Arc::clone(forwarder);
-                tokio::task::spawn_blocking(move || forwarder.summary())
-                    .await
-                    .unwrap_or_default()
-            }
-            None => String::new(),
-        };
+        let sources = outbound.clone();
+        let queue = tokio::task::spawn_blocking(move || sources.status_suffix())
+            .await
+            .unwrap_or_default();
         let line = format!("{}; {free}{queue}{}", stats.summary(), logs.status_suffix());
         let report = logs.report();
         if (&line, &report) != (&last, &last_report) {
