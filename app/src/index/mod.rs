@@ -9,6 +9,7 @@
 
 pub mod catchup;
 pub mod charset;
+pub mod commitment;
 pub mod header;
 pub mod query;
 pub mod queue;

@@ -72,7 +72,14 @@ CREATE INDEX instance_by_uid ON instance (sop_instance_uid);
 /// `done`) until retention deletes the object, so that what has left the
 /// device can be told. `state` is one of `queued`, `sent` (delivered,
 /// storage commitment asked and not yet answered), `done` and `failed`
-/// (see `index::queue::State`); rows are taken oldest first (`id`).
+/// (see `index::queue::State`); rows are taken oldest first (`id`); an
+/// entry asked about with storage commitment carries the request's
+/// `transaction_uid`, and `updated` is when it was asked.
+///
+/// `commitment` holds the storage commitment requests we answer as SCP
+/// (N-ACTION from a modality) until their N-EVENT-REPORT is delivered, so
+/// that a restart does not lose them: `refs` is the request's references,
+/// one `SOP class UID<TAB>SOP instance UID` per line.
 pub const CREATE_QUEUE: &str = "
 CREATE TABLE forward (
     id INTEGER PRIMARY KEY,
@@ -90,6 +97,15 @@ CREATE TABLE forward (
 );
 CREATE INDEX forward_by_state ON forward (destination, state, id);
 CREATE INDEX forward_by_transaction ON forward (transaction_uid) WHERE transaction_uid IS NOT NULL;
+CREATE TABLE commitment (
+    id INTEGER PRIMARY KEY,
+    requester TEXT NOT NULL,
+    transaction_uid TEXT NOT NULL,
+    refs TEXT NOT NULL,
+    received INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    reason TEXT NOT NULL DEFAULT ''
+);
 ";
 
 /// Brings a version 1 index to version 2 (with [`CREATE_QUEUE`]): objects
