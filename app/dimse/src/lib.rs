@@ -16,6 +16,8 @@
 //!   well-known UIDs and SOP class families.
 //! - [`ae`]: AE titles.
 //! - [`command`]: DIMSE command sets, decoded and encoded in fixed buffers.
+//! - [`commitment`]: the Storage Commitment data sets (which instances to
+//!   commit, which were), as typed values.
 //! - [`negotiation`]: which A-ASSOCIATE-RQ and presentation contexts to
 //!   accept.
 //! - [`error`]: how an association can go wrong, and the one mapping from a
@@ -28,6 +30,7 @@
 
 pub mod ae;
 pub mod command;
+pub mod commitment;
 pub mod error;
 pub mod negotiation;
 pub mod pdu;
