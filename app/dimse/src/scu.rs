@@ -7,9 +7,8 @@
 //! A file's data set is read straight into the PDU buffer behind the PDU
 //! and PDV headers and sent from there: one buffer per association, never
 //! a whole file in memory. What the peer sends is reassembled within
-//! bounds: command sets up to [`MAX_COMMAND`](crate::scp::MAX_COMMAND),
-//! data sets (an Event Information) up to
-//! [`MAX_INFORMATION`](crate::scp::MAX_INFORMATION).
+//! bounds: command sets up to [`MAX_COMMAND`], data sets (an Event
+//! Information) up to [`MAX_INFORMATION`].
 
 use std::collections::VecDeque;
 use std::io::Read;
@@ -132,8 +131,7 @@ pub struct IncomingEventReport {
     pub sop_instance: Uid,
     /// (0000,1002) Event Type ID
     pub event_type_id: u16,
-    /// the Event Information (at most
-    /// [`MAX_INFORMATION`](crate::scp::MAX_INFORMATION) bytes)
+    /// the Event Information (at most [`MAX_INFORMATION`] bytes)
     pub data_set: Vec<u8>,
     /// the presentation context it came on
     pub context_id: u8,
