@@ -1,11 +1,13 @@
-//! Storage Commitment Push Model over in-memory streams, the SCP reading
-//! its peer 1 byte (or a few) at a time: an N-ACTION answered at once and
-//! its result reported on the same association to this crate's own SCU,
-//! which answers it; a report not delivered because the peer released,
-//! did not answer in time, or answered later amid other requests; a
+//! Storage Commitment Push Model over in-memory streams, read 1 byte (or
+//! a few) at a time: an N-ACTION answered at once and its result reported
+//! on the same association to this crate's own SCU, which answers it; a
+//! report delivered when answered after another request, not delivered
+//! when the peer releases first or stays silent past the DIMSE timeout; a
 //! commitment SCP's N-EVENT-REPORT on an association that took the SCP
-//! role; refusals (wrong context, class, instance, action type, a data set
-//! over the cap); and the role answered in the A-ASSOCIATE-AC.
+//! role (answered in the A-ASSOCIATE-AC); refusals (wrong context,
+//! instance, action or event type, a data set over the cap); and the SCU
+//! keeping a report that comes before the N-ACTION-RSP, refusing one over
+//! the cap, and seeing the peer release.
 //!
 //! The service here decodes and answers in memory: it stands in for the
 //! application (its index), not for a peer; the peers' bytes are real
@@ -807,4 +809,102 @@ async fn an_oversized_action_information_is_read_dropped_and_refused() {
         // What the observer saw of the data set: nothing kept.
         assert_eq!(seen.actioned, vec![(status::RESOURCE_LIMITATION, false, 0)]);
     }
+}
+
+#[tokio::test]
+async fn an_scu_keeps_an_early_report_and_refuses_an_oversized_one() {
+    let (ours, theirs) = tokio::io::duplex(8192);
+    let (answered_tx, answered) = oneshot::channel();
+    let (done, done_rx) = oneshot::channel::<()>();
+    // A commitment SCP by hand: it reports before its N-ACTION-RSP, then
+    // sends a report over the cap, then reads what the SCU answered, and
+    // stays connected until the test is done.
+    let peer = tokio::spawn(async move {
+        let mut stream = ours;
+        let rq = scp::read_associate_rq(&mut stream).await.expect("RQ");
+        let Negotiated::Accept { ac, .. } = negotiation::negotiate(&rq, &policy(), &FACTS) else {
+            panic!("accepted");
+        };
+        scp::send_pdu(&mut stream, &dimse::ul::Pdu::AssociationAC(ac))
+            .await
+            .expect("AC");
+        let result = expected_result().encode(Syntax::ImplicitLittle);
+        let report = command::n_event_report_rq(1, &u(COMMIT), &u(INSTANCE), 2);
+        let mut out = pdatas(1, true, &report, 4000);
+        out.extend_from_slice(&pdatas(1, false, &result, 7));
+        let rsp = command::n_action_rsp(1, &u(COMMIT), Some(&u(INSTANCE)), Some(1), 0, None);
+        out.extend_from_slice(&pdatas(1, true, &rsp, 4000));
+        let report = command::n_event_report_rq(2, &u(COMMIT), &u(INSTANCE), 1);
+        out.extend_from_slice(&pdatas(1, true, &report, 4000));
+        out.extend_from_slice(&pdatas(1, false, &vec![0; MAX_INFORMATION + 1], 4000));
+        let (read_half, mut write_half) = tokio::io::split(stream);
+        let writer = tokio::spawn(async move {
+            write_half.write_all(&out).await.expect("written");
+            write_half
+        });
+        let mut reader = PduReader::new(read_half, 1 << 16);
+        let mut answers = Vec::new();
+        while answers.len() < 3 {
+            let header = reader.read_header().await.expect("read").expect("a PDU");
+            let body = reader.read_body(header).await.expect("body");
+            for pdv in pdu::pdvs(body) {
+                let pdv = pdv.expect("PDV");
+                if pdv.is_command {
+                    let c = Command::decode(pdv.data).expect("command");
+                    answers.push((c.command_field, c.message_id, c.status));
+                }
+            }
+        }
+        let _ = answered_tx.send(answers);
+        let _ = done_rx.await;
+        drop(writer.await);
+    });
+    let proposals = [(COMMIT.to_string(), uid::IMPLICIT_VR_LE.to_string())];
+    let mut scu = ScuAssociation::request(Trickle::new(theirs, 7), &options(), &proposals)
+        .await
+        .expect("associated");
+    let answer = scu
+        .n_action(
+            1,
+            &u(COMMIT),
+            &u(INSTANCE),
+            1,
+            &request().encode(Syntax::ImplicitLittle),
+        )
+        .await
+        .expect("N-ACTION-RSP after the report");
+    assert_eq!(answer, (0, None));
+    let report = scu
+        .next_event_report(Duration::from_secs(1))
+        .await
+        .expect("no error")
+        .expect("the early report, kept");
+    assert_eq!((report.message_id, report.event_type_id), (1, 2));
+    assert_eq!(
+        CommitmentResult::decode(&report.data_set, Syntax::ImplicitLittle),
+        Ok(expected_result())
+    );
+    scu.answer_event_report(&report, 0).await.expect("answered");
+    // The oversized one is answered here and not returned.
+    assert_eq!(
+        scu.next_event_report(Duration::from_secs(1))
+            .await
+            .expect("no error"),
+        None
+    );
+    let answers = answered.await.expect("the peer's answers");
+    let _ = done.send(());
+    peer.await.expect("peer task");
+    assert_eq!(
+        answers,
+        vec![
+            (field::N_ACTION_RQ, 1, None),
+            (field::N_EVENT_REPORT_RSP, 1, Some(0)),
+            (
+                field::N_EVENT_REPORT_RSP,
+                2,
+                Some(status::RESOURCE_LIMITATION)
+            ),
+        ]
+    );
 }
