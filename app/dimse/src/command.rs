@@ -1,6 +1,7 @@
-//! DIMSE command sets (PS3.7 §9.3 and §E): the small implicit-VR
+//! DIMSE command sets (PS3.7 §9.3, §10.3 and §E): the small implicit-VR
 //! little-endian data sets that announce each C-ECHO, C-STORE, C-FIND,
-//! C-GET, C-MOVE and C-CANCEL.
+//! C-GET, C-MOVE and C-CANCEL, and the N-ACTION and N-EVENT-REPORT of
+//! Storage Commitment.
 //!
 //! Command sets are decoded from and encoded into fixed-size buffers; the
 //! UIDs they carry live in `heapless` strings, so a command costs no heap
@@ -36,6 +37,14 @@ pub mod field {
     pub const C_MOVE_RSP: u16 = 0x8021;
     /// C-CANCEL-RQ
     pub const C_CANCEL_RQ: u16 = 0x0FFF;
+    /// N-EVENT-REPORT-RQ
+    pub const N_EVENT_REPORT_RQ: u16 = 0x0100;
+    /// N-EVENT-REPORT-RSP
+    pub const N_EVENT_REPORT_RSP: u16 = 0x8100;
+    /// N-ACTION-RQ
+    pub const N_ACTION_RQ: u16 = 0x0130;
+    /// N-ACTION-RSP
+    pub const N_ACTION_RSP: u16 = 0x8130;
 }
 
 /// DIMSE status codes (PS3.7 Annex C, PS3.4 Annex B) used here.
@@ -81,6 +90,24 @@ pub mod status {
     /// C-GET, C-MOVE: Warning: sub-operations complete, one or more
     /// failures or warnings
     pub const SUB_OPERATIONS_WARNING: u16 = 0xB000;
+    /// DIMSE-N: Failure: Processing failure (PS3.7 C.4.3)
+    pub const PROCESSING_FAILURE: u16 = 0x0110;
+    /// DIMSE-N: Failure: No such SOP Instance (not the well-known instance
+    /// of Storage Commitment)
+    pub const NO_SUCH_SOP_INSTANCE: u16 = 0x0112;
+    /// N-EVENT-REPORT: Failure: No such event type
+    pub const NO_SUCH_EVENT_TYPE: u16 = 0x0113;
+    /// DIMSE-N: Failure: Invalid object instance (a SOP Instance UID that
+    /// is missing or not a UID)
+    pub const INVALID_OBJECT_INSTANCE: u16 = 0x0117;
+    /// DIMSE-N: Failure: No such SOP Class (the requested class is not the
+    /// presentation context's)
+    pub const NO_SUCH_SOP_CLASS: u16 = 0x0118;
+    /// N-ACTION: Failure: No such action
+    pub const NO_SUCH_ACTION: u16 = 0x0123;
+    /// DIMSE-N: Failure: Resource limitation (an Action or Event
+    /// Information larger than we take)
+    pub const RESOURCE_LIMITATION: u16 = 0x0213;
 
     /// True for success and for the warning statuses, which mean "stored".
     pub fn is_stored(code: u16) -> bool {
@@ -92,6 +119,7 @@ pub mod status {
 pub const NO_DATA_SET: u16 = 0x0101;
 
 const TAG_AFFECTED_SOP_CLASS: u32 = 0x0000_0002;
+const TAG_REQUESTED_SOP_CLASS: u32 = 0x0000_0003;
 const TAG_COMMAND_FIELD: u32 = 0x0000_0100;
 const TAG_MESSAGE_ID: u32 = 0x0000_0110;
 const TAG_MESSAGE_ID_RESPONDED: u32 = 0x0000_0120;
@@ -100,6 +128,9 @@ const TAG_DATA_SET_TYPE: u32 = 0x0000_0800;
 const TAG_STATUS: u32 = 0x0000_0900;
 const TAG_ERROR_COMMENT: u32 = 0x0000_0902;
 const TAG_AFFECTED_SOP_INSTANCE: u32 = 0x0000_1000;
+const TAG_REQUESTED_SOP_INSTANCE: u32 = 0x0000_1001;
+const TAG_EVENT_TYPE_ID: u32 = 0x0000_1002;
+const TAG_ACTION_TYPE_ID: u32 = 0x0000_1008;
 const TAG_MOVE_DESTINATION: u32 = 0x0000_0600;
 const TAG_REMAINING: u32 = 0x0000_1020;
 const TAG_COMPLETED: u32 = 0x0000_1021;
@@ -185,6 +216,16 @@ pub struct Command {
     pub move_originator_ae: Option<AeTitle>,
     /// (0000,1031) Move Originator Message ID of a C-STORE-RQ
     pub move_originator_message_id: Option<u16>,
+    /// (0000,0003) Requested SOP Class UID of an N-ACTION-RQ; `None` when
+    /// absent or not a valid UID
+    pub requested_sop_class: Option<Uid>,
+    /// (0000,1001) Requested SOP Instance UID of an N-ACTION-RQ; `None`
+    /// when absent or not a valid UID
+    pub requested_sop_instance: Option<Uid>,
+    /// (0000,1002) Event Type ID of an N-EVENT-REPORT
+    pub event_type_id: Option<u16>,
+    /// (0000,1008) Action Type ID of an N-ACTION
+    pub action_type_id: Option<u16>,
 }
 
 impl Command {
@@ -238,6 +279,10 @@ impl Command {
                 TAG_MOVE_ORIGINATOR_AE => cmd.move_originator_ae = ae_of(value),
                 TAG_MOVE_ORIGINATOR_MESSAGE_ID => cmd.move_originator_message_id = Some(us()?),
                 TAG_AFFECTED_SOP_CLASS => cmd.sop_class = Uid::from_padded(value),
+                TAG_REQUESTED_SOP_CLASS => cmd.requested_sop_class = Uid::from_padded(value),
+                TAG_REQUESTED_SOP_INSTANCE => cmd.requested_sop_instance = Uid::from_padded(value),
+                TAG_EVENT_TYPE_ID => cmd.event_type_id = Some(us()?),
+                TAG_ACTION_TYPE_ID => cmd.action_type_id = Some(us()?),
                 TAG_AFFECTED_SOP_INSTANCE => {
                     cmd.sop_instance = Uid::from_padded(value);
                     cmd.sop_instance_unusable = cmd.sop_instance.is_none();
@@ -284,13 +329,15 @@ fn comment_of(value: &[u8]) -> heapless::String<MAX_COMMENT> {
     out
 }
 
-/// The capacity of an encoded command set. The largest we build is a
-/// C-STORE-RSP: the group length (12 bytes), two UIDs of at most 64 bytes
-/// and a comment of at most 64 (8 + 64 each), and three US elements (10
-/// each): 258 bytes. (A C-MOVE-RSP with a comment and all four counts is
-/// 236, a C-STORE-RQ with the Move Originator fields 230.) The inputs are typed ([`Uid`] holds at most 64 bytes,
-/// comments are cut to 64), so no command can outgrow the buffer; the test
-/// `the_largest_command_fits` builds the largest one.
+/// The capacity of an encoded command set. The largest we build is an
+/// N-ACTION-RSP or N-EVENT-REPORT-RSP: the group length (12 bytes), two
+/// UIDs of at most 64 bytes and a comment of at most 64 (8 + 64 each), and
+/// four US elements (10 each): 268 bytes. (A C-STORE-RSP is 258, a
+/// C-MOVE-RSP with a comment and all four counts 236, a C-STORE-RQ with
+/// the Move Originator fields 230.) The inputs are typed ([`Uid`] holds
+/// at most 64 bytes, comments are cut to 64), so no command can outgrow
+/// the buffer; the tests `the_largest_command_fits` and
+/// `n_commands_round_trip` build the largest ones.
 pub const COMMAND_CAPACITY: usize = 512;
 
 /// An encoded command set, in a fixed buffer.
@@ -557,6 +604,104 @@ pub fn cancel_rq(message_id: u16) -> EncodedCommand {
     e.finish()
 }
 
+/// Encodes an N-ACTION-RQ (PS3.7 10.3.4): the action `action_type_id` on
+/// the instance `sop_instance` of `sop_class` (Requested SOP Class and
+/// Instance UIDs); the Action Information data set follows.
+pub fn n_action_rq(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: &Uid,
+    action_type_id: u16,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_REQUESTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::N_ACTION_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.uid(TAG_REQUESTED_SOP_INSTANCE, sop_instance);
+    e.us(TAG_ACTION_TYPE_ID, action_type_id);
+    e.finish()
+}
+
+/// Encodes an N-ACTION-RSP (PS3.7 10.3.4) without an Action Reply. The
+/// Affected SOP Instance UID is left out when the request named no usable
+/// one (it is optional in the response); `comment` becomes the Error
+/// Comment of a failure, made to fit by [`fit_comment`].
+pub fn n_action_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: Option<&Uid>,
+    action_type_id: Option<u16>,
+    status_code: u16,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::N_ACTION_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    if let Some(instance) = sop_instance {
+        e.uid(TAG_AFFECTED_SOP_INSTANCE, instance);
+    }
+    if let Some(action_type_id) = action_type_id {
+        e.us(TAG_ACTION_TYPE_ID, action_type_id);
+    }
+    e.finish()
+}
+
+/// Encodes an N-EVENT-REPORT-RQ (PS3.7 10.3.1): the event
+/// `event_type_id` of the instance `sop_instance` of `sop_class`; the
+/// Event Information data set follows.
+pub fn n_event_report_rq(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: &Uid,
+    event_type_id: u16,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::N_EVENT_REPORT_RQ);
+    e.us(TAG_MESSAGE_ID, message_id);
+    e.us(TAG_DATA_SET_TYPE, 0x0000);
+    e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
+    e.us(TAG_EVENT_TYPE_ID, event_type_id);
+    e.finish()
+}
+
+/// Encodes an N-EVENT-REPORT-RSP (PS3.7 10.3.1) without an Event Reply.
+/// The Affected SOP Instance UID and Event Type ID are left out when the
+/// request had no usable one; `comment` becomes the Error Comment of a
+/// failure, made to fit by [`fit_comment`].
+pub fn n_event_report_rsp(
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: Option<&Uid>,
+    event_type_id: Option<u16>,
+    status_code: u16,
+    comment: Option<&str>,
+) -> EncodedCommand {
+    let mut e = Encoder::new();
+    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
+    e.us(TAG_COMMAND_FIELD, field::N_EVENT_REPORT_RSP);
+    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
+    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
+    e.us(TAG_STATUS, status_code);
+    if let Some(comment) = comment {
+        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
+    }
+    if let Some(instance) = sop_instance {
+        e.uid(TAG_AFFECTED_SOP_INSTANCE, instance);
+    }
+    if let Some(event_type_id) = event_type_id {
+        e.us(TAG_EVENT_TYPE_ID, event_type_id);
+    }
+    e.finish()
+}
+
 /// The longest Error Comment (0000,0902): its VR, LO, allows 64 characters.
 pub const MAX_COMMENT: usize = 64;
 
@@ -722,6 +867,19 @@ mod tests {
                 move_rsp(1, &class, 0xB000, &counts, true, Some("some")),
             ),
             ("cancel_rq", cancel_rq(1)),
+            ("n_action_rq", n_action_rq(1, &class, &instance, 1)),
+            (
+                "n_action_rsp",
+                n_action_rsp(1, &class, Some(&instance), Some(1), 0x0110, Some("no")),
+            ),
+            (
+                "n_event_report_rq",
+                n_event_report_rq(1, &class, &instance, 2),
+            ),
+            (
+                "n_event_report_rsp",
+                n_event_report_rsp(1, &class, Some(&instance), Some(2), 0x0110, Some("no")),
+            ),
         ];
         for (name, command) in &encoded {
             let tags = tags(command);
@@ -974,6 +1132,62 @@ mod tests {
         assert_eq!(cmd.move_originator_ae, None);
         assert_eq!(cmd.move_originator_message_id, Some(7));
         assert_eq!(cmd.move_originator(), None);
+    }
+
+    #[test]
+    fn n_commands_round_trip() {
+        let class = u(uid::STORAGE_COMMITMENT_PUSH_MODEL);
+        let instance = u(uid::STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE);
+        let rq = Command::decode(&n_action_rq(5, &class, &instance, 1)).expect("decodes");
+        assert_eq!(
+            (rq.command_field, rq.message_id, rq.has_data_set),
+            (field::N_ACTION_RQ, 5, true)
+        );
+        assert_eq!(rq.requested_sop_class.as_ref(), Some(&class));
+        assert_eq!(rq.requested_sop_instance.as_ref(), Some(&instance));
+        assert_eq!((rq.sop_class.as_ref(), rq.action_type_id), (None, Some(1)));
+
+        let rsp = Command::decode(&n_action_rsp(5, &class, None, None, 0x0213, Some("big")))
+            .expect("decodes");
+        assert_eq!(rsp.command_field, field::N_ACTION_RSP);
+        assert_eq!(rsp.message_id_being_responded_to, Some(5));
+        assert_eq!((rsp.status, rsp.has_data_set), (Some(0x0213), false));
+        assert_eq!(
+            (rsp.sop_instance.as_ref(), rsp.action_type_id),
+            (None, None)
+        );
+        assert_eq!(rsp.error_comment.as_deref(), Some("big"));
+
+        let rq = Command::decode(&n_event_report_rq(9, &class, &instance, 2)).expect("decodes");
+        assert_eq!(
+            (rq.command_field, rq.message_id, rq.has_data_set),
+            (field::N_EVENT_REPORT_RQ, 9, true)
+        );
+        assert_eq!(rq.sop_class.as_ref(), Some(&class));
+        assert_eq!(rq.sop_instance.as_ref(), Some(&instance));
+        assert_eq!(rq.event_type_id, Some(2));
+
+        let rsp = Command::decode(&n_event_report_rsp(
+            9,
+            &class,
+            Some(&instance),
+            Some(2),
+            0,
+            None,
+        ))
+        .expect("decodes");
+        assert_eq!(rsp.command_field, field::N_EVENT_REPORT_RSP);
+        assert_eq!((rsp.message_id, rsp.status), (9, Some(0)));
+        assert_eq!(rsp.event_type_id, Some(2));
+
+        let longest = u(&format!("1.{}", "2".repeat(62)));
+        let comment = "é".repeat(100);
+        for rsp in [
+            n_action_rsp(1, &longest, Some(&longest), Some(1), 0x0110, Some(&comment)),
+            n_event_report_rsp(1, &longest, Some(&longest), Some(1), 0x0110, Some(&comment)),
+        ] {
+            assert!(rsp.len() <= COMMAND_CAPACITY);
+        }
     }
 
     #[test]

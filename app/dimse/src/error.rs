@@ -74,6 +74,11 @@ pub enum ProtocolViolation {
     /// no response we could give that the requester expects).
     #[error("unsupported DIMSE command 0x{0:04X}")]
     UnsupportedCommand(u16),
+    /// A request in the same PDU as the end of an N-ACTION or
+    /// N-EVENT-REPORT (or C-FIND, C-GET, C-MOVE) not yet answered: no
+    /// asynchronous operations are negotiated.
+    #[error("request 0x{0:04X} before the previous one was answered")]
+    RequestBeforeResponse(u16),
     /// A data set fragment with no command announcing it.
     #[error("data set fragment without a command")]
     DataWithoutCommand,
@@ -104,6 +109,7 @@ impl ProtocolViolation {
             | ProtocolViolation::WrongResponse { .. }
             | ProtocolViolation::ResponseWithoutStatus
             | ProtocolViolation::UnsupportedCommand(_)
+            | ProtocolViolation::RequestBeforeResponse(_)
             | ProtocolViolation::DataWithoutCommand
             | ProtocolViolation::DataContextSwitch => AbortReason::UnexpectedPduParameter,
         }

@@ -16,18 +16,23 @@
 //!   well-known UIDs and SOP class families.
 //! - [`ae`]: AE titles.
 //! - [`command`]: DIMSE command sets, decoded and encoded in fixed buffers.
+//! - [`commitment`]: the Storage Commitment data sets (which instances to
+//!   commit, which were), as typed values.
 //! - [`negotiation`]: which A-ASSOCIATE-RQ and presentation contexts to
 //!   accept.
 //! - [`error`]: how an association can go wrong, and the one mapping from a
 //!   protocol error to an A-ABORT reason.
 //! - [`scp`]: one accepted association, from A-ASSOCIATE-AC to release or
-//!   abort, driving a [`scp::Service`].
+//!   abort, driving a [`scp::Service`] (C-ECHO, C-STORE, C-FIND, C-GET,
+//!   C-MOVE, and N-ACTION and N-EVENT-REPORT for Storage Commitment).
 //! - [`retrieve`]: the counts, statuses and failed-instance list of a
 //!   C-GET or C-MOVE.
-//! - [`scu`]: the requesting side (C-ECHO, streaming C-STORE).
+//! - [`scu`]: the requesting side (C-ECHO, streaming C-STORE, Storage
+//!   Commitment's N-ACTION and N-EVENT-REPORT, role selection).
 
 pub mod ae;
 pub mod command;
+pub mod commitment;
 pub mod error;
 pub mod negotiation;
 pub mod pdu;

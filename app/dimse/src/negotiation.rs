@@ -13,6 +13,14 @@
 //! role is granted (and answered in the A-ASSOCIATE-AC), and the contexts of
 //! those classes are marked: C-GET sub-operations go only to them. They
 //! stay usable for the peer's own C-STOREs as well.
+//!
+//! Storage Commitment Push Model (when enabled, for a peer that may store:
+//! it asks us to commit what it stored) is accepted in Implicit or
+//! Explicit VR Little Endian only, the syntaxes of
+//! [`commitment`](crate::commitment). A peer that asks for the SCP role
+//! for it is a Storage Commitment SCP opening an association to deliver
+//! its N-EVENT-REPORT to us: the role is granted and answered, and the
+//! context marked.
 
 use dicom_ul::pdu::{
     AssociationAC, AssociationRJ, AssociationRJResult, AssociationRJServiceProviderASCEReason,
@@ -42,6 +50,8 @@ pub enum ServiceClass {
     /// a Query/Retrieve MOVE information model, Patient Root or Study Root
     /// (C-MOVE)
     Move,
+    /// Storage Commitment Push Model (N-ACTION, N-EVENT-REPORT)
+    Commitment,
 }
 
 /// A presentation context accepted for the life of an association.
@@ -56,9 +66,11 @@ pub struct AcceptedContext {
     /// the service it was accepted for
     pub service: ServiceClass,
     /// the peer (the association requestor) was granted the SCP role for
-    /// this abstract syntax by SCP/SCU Role Selection: C-GET sub-operations
-    /// (our C-STORE-RQs) are sent on this context. False without a role
-    /// selection, when the default roles hold (the peer is SCU only).
+    /// this abstract syntax by SCP/SCU Role Selection: on a storage
+    /// context, C-GET sub-operations (our C-STORE-RQs) are sent on it; on
+    /// the Storage Commitment context, the peer is a commitment SCP that
+    /// came to deliver N-EVENT-REPORTs. False without a role selection,
+    /// when the default roles hold (the peer is SCU only).
     pub peer_scp_role: bool,
     /// the peer may send C-STOREs on this context (a storage context of a
     /// peer granted `store`); false for a storage context accepted only so
@@ -94,6 +106,11 @@ pub struct AcceptPolicy {
     /// SCP role for storage SOP classes that a C-GET requester asks for;
     /// off, the models are refused at negotiation and no role is granted
     pub retrieve: bool,
+    /// accept Storage Commitment Push Model (the application answers
+    /// N-ACTION and N-EVENT-REPORT) from peers that may store, and grant
+    /// the SCP role for it to a peer that asks (a commitment SCP
+    /// delivering a result); off, it is refused at negotiation
+    pub commitment: bool,
 }
 
 /// One entry of the calling AE title allowlist.
@@ -116,7 +133,8 @@ pub struct Allowed {
 /// not do, and a request on it cannot reach the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grants {
-    /// C-STORE into us
+    /// C-STORE into us, and Storage Commitment (asking us to commit what
+    /// it stored, or delivering the result of what we asked it to)
     pub store: bool,
     /// C-FIND
     pub find: bool,
@@ -154,7 +172,7 @@ impl Grants {
     fn permits(self, service: ServiceClass) -> bool {
         match service {
             ServiceClass::Verification => true,
-            ServiceClass::Storage => self.store,
+            ServiceClass::Storage | ServiceClass::Commitment => self.store,
             ServiceClass::Find => self.find,
             ServiceClass::Get => self.get,
             ServiceClass::Move => self.r#move,
@@ -315,6 +333,11 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
     } else {
         Vec::new()
     };
+    let commitment_role = if policy.commitment {
+        commitment_role(rq)
+    } else {
+        None
+    };
     let mut contexts = Box::new(ContextTable::new());
     let mut results = Vec::with_capacity(rq.presentation_contexts.len());
     for pc in &rq.presentation_contexts {
@@ -328,6 +351,8 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
             Some(ServiceClass::Get)
         } else if policy.retrieve && uid::is_move_sop_class(abstract_syntax) {
             Some(ServiceClass::Move)
+        } else if policy.commitment && abstract_syntax == uid::STORAGE_COMMITMENT_PUSH_MODEL {
+            Some(ServiceClass::Commitment)
         } else if uid::is_storage_sop_class(abstract_syntax, policy.accept_private_sop_classes) {
             Some(ServiceClass::Storage)
         } else {
@@ -348,11 +373,16 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 .cloned()
         } else if matches!(
             service,
-            Some(ServiceClass::Find | ServiceClass::Get | ServiceClass::Move)
+            Some(
+                ServiceClass::Find
+                    | ServiceClass::Get
+                    | ServiceClass::Move
+                    | ServiceClass::Commitment
+            )
         ) {
-            // Identifiers are read and written by the application: only
-            // the two uncompressed little-endian syntaxes, the SCU's
-            // preference first.
+            // Identifiers and commitment data sets are read and written
+            // by the application: only the two uncompressed little-endian
+            // syntaxes, the SCU's preference first.
             proposed
                 .into_iter()
                 .find(|ts| matches!(ts.as_str(), uid::IMPLICIT_VR_LE | uid::EXPLICIT_VR_LE))
@@ -362,8 +392,11 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
         let service = service.filter(|_| valid_id);
         // A storage context of a peer that may not store is still taken
         // for C-GET's sub-operations when it asked for the SCP role.
-        let peer_scp_role = service == Some(ServiceClass::Storage)
-            && roles.iter().any(|(class, _)| *class == abstract_syntax);
+        let peer_scp_role = match service {
+            Some(ServiceClass::Storage) => roles.iter().any(|(class, _)| *class == abstract_syntax),
+            Some(ServiceClass::Commitment) => commitment_role.is_some(),
+            _ => false,
+        };
         let refused = service.is_some_and(|s| !grants.permits(s))
             && !(service == Some(ServiceClass::Storage) && peer_scp_role);
         let (reason, ts) = match (service, chosen, Uid::new(abstract_syntax)) {
@@ -439,6 +472,21 @@ pub fn negotiate(rq: &AssociationRQ, policy: &AcceptPolicy, peer: &PeerFacts<'_>
                 )
             }),
     );
+    // The commitment role, when its context was accepted.
+    user_variables.extend(
+        commitment_role
+            .filter(|_| {
+                contexts
+                    .iter()
+                    .any(|c| c.peer_scp_role && c.service == ServiceClass::Commitment)
+            })
+            .map(|scu| {
+                UserVariableItem::ScuScpRoleSelectionSubItem(
+                    uid::STORAGE_COMMITMENT_PUSH_MODEL.to_string(),
+                    RequestorRoles { scu, scp: true },
+                )
+            }),
+    );
     let ac = AssociationAC {
         protocol_version: 1,
         calling_ae_title: rq.calling_ae_title.clone(),
@@ -486,6 +534,24 @@ fn granted_roles<'a>(
     granted
 }
 
+/// The role item for Storage Commitment Push Model in which the requestor
+/// asks for the SCP role, if there is one: granted, with the SCU role as
+/// proposed (the first such item counts). This is how a commitment SCP
+/// (Orthanc, pynetdicom, dcmtk-based archives) opens an association to
+/// deliver its N-EVENT-REPORT to the SCU that asked. An item that asks
+/// for the SCU role only gets no answer: the default roles.
+fn commitment_role(rq: &AssociationRQ) -> Option<bool> {
+    rq.user_variables.iter().find_map(|item| match item {
+        UserVariableItem::ScuScpRoleSelectionSubItem(class, roles)
+            if roles.scp
+                && class.trim_end_matches(['\0', ' ']) == uid::STORAGE_COMMITMENT_PUSH_MODEL =>
+        {
+            Some(roles.scu)
+        }
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -499,6 +565,7 @@ mod tests {
             allow: Vec::new(),
             find: false,
             retrieve: false,
+            commitment: false,
         }
     }
 
@@ -816,6 +883,115 @@ mod tests {
         assert_eq!(contexts.len(), 1);
         assert!(!contexts[0].peer_scp_role);
         assert_eq!(ac.user_variables.len(), 3);
+    }
+
+    #[test]
+    fn commitment_is_accepted_when_enabled_and_its_scp_role_granted_when_asked() {
+        const COMMIT: &str = uid::STORAGE_COMMITMENT_PUSH_MODEL;
+        let request = |roles: &[(&str, bool, bool)]| {
+            let mut request = rq(
+                "MINIPACS",
+                vec![
+                    pc(1, COMMIT, &[uid::EXPLICIT_VR_BE, uid::EXPLICIT_VR_LE]),
+                    pc(3, COMMIT, &["1.2.840.10008.1.2.4.50"]),
+                    pc(5, "1.2.840.10008.5.1.4.1.1.2", &[uid::IMPLICIT_VR_LE]),
+                ],
+            );
+            request
+                .user_variables
+                .extend(roles.iter().map(|(class, scu, scp)| {
+                    UserVariableItem::ScuScpRoleSelectionSubItem(
+                        class.to_string(),
+                        RequestorRoles {
+                            scu: *scu,
+                            scp: *scp,
+                        },
+                    )
+                }));
+            request
+        };
+        let outcome = |request: &AssociationRQ, p: &AcceptPolicy| match negotiate(request, p, &PEER)
+        {
+            Negotiated::Accept { ac, contexts, .. } => {
+                let reasons: Vec<_> = ac
+                    .presentation_contexts
+                    .iter()
+                    .map(|r| r.reason.clone())
+                    .collect();
+                let roles: Vec<_> = ac
+                    .user_variables
+                    .iter()
+                    .filter_map(|v| match v {
+                        UserVariableItem::ScuScpRoleSelectionSubItem(class, roles) => {
+                            Some((class.clone(), roles.scu, roles.scp))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let marked: Vec<_> = contexts
+                    .iter()
+                    .map(|c| (c.id, c.service, c.peer_scp_role))
+                    .collect();
+                (reasons, roles, marked)
+            }
+            Negotiated::Reject(..) => panic!("rejected"),
+        };
+        let mut p = policy();
+        p.commitment = true;
+        use PresentationContextResultReason::*;
+
+        // A commitment SCP delivering a result: SCU role 0, SCP role 1.
+        let (reasons, roles, marked) = outcome(&request(&[(COMMIT, false, true)]), &p);
+        assert_eq!(
+            reasons,
+            vec![Acceptance, TransferSyntaxesNotSupported, Acceptance]
+        );
+        assert_eq!(roles, vec![(COMMIT.to_string(), false, true)]);
+        assert_eq!(
+            marked,
+            vec![
+                (1, ServiceClass::Commitment, true),
+                (5, ServiceClass::Storage, false)
+            ]
+        );
+
+        // A modality asking for commitment: no role item, no answer; an
+        // item asking for the SCU role only, no answer either; a role for
+        // a storage class while retrieve is off, none.
+        for roles in [
+            &[][..],
+            &[(COMMIT, true, false)],
+            &[("1.2.840.10008.5.1.4.1.1.2", true, true)],
+        ] {
+            let (reasons, answered, marked) = outcome(&request(roles), &p);
+            assert_eq!(reasons[0], Acceptance);
+            assert_eq!(answered, vec![], "{roles:?}");
+            assert_eq!(marked[0], (1, ServiceClass::Commitment, false));
+        }
+
+        // Off: refused at negotiation, and no role answered.
+        let (reasons, roles, _) = outcome(&request(&[(COMMIT, false, true)]), &policy());
+        assert_eq!(reasons[0], AbstractSyntaxNotSupported);
+        assert_eq!(roles, vec![]);
+
+        // A peer that may not store may not commit either.
+        p.allow = vec![Allowed {
+            aetitle: ae("SCU"),
+            host: None,
+            cert_name: None,
+            grants: Grants {
+                find: true,
+                ..Grants::NONE
+            },
+        }];
+        p.find = true;
+        let mut with_find = request(&[(COMMIT, false, true)]);
+        with_find
+            .presentation_contexts
+            .push(pc(7, uid::STUDY_ROOT_FIND, &[uid::IMPLICIT_VR_LE]));
+        let (reasons, roles, _) = outcome(&with_find, &p);
+        assert_eq!(reasons[0], UserRejection);
+        assert_eq!(roles, vec![]);
     }
 
     #[test]

@@ -34,6 +34,20 @@
 //! (PS3.4 C.4.2, C.4.3); the counts are this crate's, the lookups,
 //! files and peers the application's.
 //!
+//! Storage Commitment (PS3.4 Annex J) comes as an N-ACTION-RQ whose Action
+//! Information is assembled like an identifier (capped at
+//! [`MAX_INFORMATION`]) and handed to [`Service::n_action`]. Its
+//! [`ActionAnswer`] is sent as the N-ACTION-RSP at once, followed, when
+//! the application has the result already, by an N-EVENT-REPORT-RQ on the
+//! same association ([`EventReport`]). The association goes on meanwhile:
+//! the peer's N-EVENT-REPORT-RSP is matched to it whenever it comes (even
+//! amid a C-FIND), and the application learns through a oneshot channel
+//! whether the report was delivered, or was not (the peer released or
+//! aborted first, or did not answer within the DIMSE timeout), in which
+//! case it sends it on an association of its own. A commitment SCP that
+//! delivers a result to us sends an N-EVENT-REPORT-RQ, handed to
+//! [`Service::n_event_report`] and answered with its status.
+//!
 //! Accepting or rejecting the request is the caller's, with the helpers
 //! [`read_associate_rq`], [`negotiation::negotiate`](crate::negotiation::negotiate),
 //! [`send_pdu`] and [`send_abort`]: it knows which bounds apply (association
@@ -46,6 +60,7 @@ use std::time::{Duration, Instant};
 
 use dicom_ul::pdu::{AssociationRQ, Pdu};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
 
 use crate::ae::AeTitle;
 use crate::command::{self, field, status, Command, MoveOriginator};
@@ -54,7 +69,7 @@ use crate::negotiation::{find_context, AcceptedContext, ContextTable, ServiceCla
 use crate::pdu::{self, AbortReason, AbortSource, FramingError, PduReader, PduType, StreamError};
 use crate::retrieve::{self, Tally};
 use crate::scu::{ScuAssociation, ScuError, ScuOptions};
-use crate::uid::Uid;
+use crate::uid::{self, Uid};
 
 /// The largest A-ASSOCIATE-RQ we read: 128 presentation contexts with a
 /// dozen transfer syntaxes each fit with room to spare.
@@ -67,6 +82,15 @@ pub const MAX_COMMAND: usize = 16 * 1024;
 /// (well under 4 KiB); a larger one is read and dropped, and answered with
 /// a failure status, not an abort.
 pub const MAX_IDENTIFIER: usize = 64 * 1024;
+/// The largest Action Information (N-ACTION) or Event Information
+/// (N-EVENT-REPORT) we take: a Storage Commitment data set, decoded whole
+/// by the application, so bounded as [`crate::commitment::MAX_DATA_SET`]
+/// (1 MiB, some 10,000 references). A larger one is read and dropped, and
+/// answered with 0213 (resource limitation), not an abort.
+pub const MAX_INFORMATION: usize = crate::commitment::MAX_DATA_SET;
+/// How many of our N-EVENT-REPORT-RQs may await their response on one
+/// association; a report beyond them is not sent (not delivered).
+pub const MAX_PENDING_REPORTS: usize = 8;
 
 /// A DIMSE failure status with its Error Comment (0000,0902): what a
 /// service answers when it cannot or will not do what was asked.
@@ -275,6 +299,134 @@ pub struct Retrieval {
     pub objects: Outgoings,
 }
 
+/// One N-ACTION-RQ with its whole Action Information, as the service sees
+/// it. Only a Storage Commitment "Request Storage Commitment" reaches the
+/// service: the SOP class, the well-known instance and the Action Type ID
+/// are checked before.
+#[derive(Debug, Clone, Copy)]
+pub struct ActionRequest<'a> {
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0003) Requested SOP Class UID (the context's abstract syntax)
+    pub sop_class: &'a Uid,
+    /// (0000,1001) Requested SOP Instance UID (the well-known instance)
+    pub sop_instance: &'a Uid,
+    /// (0000,1008) Action Type ID
+    pub action_type_id: u16,
+    /// the transfer syntax of the presentation context: the data set's,
+    /// and the one an [`EventReport`] on this association is encoded in
+    pub transfer_syntax: &'a Uid,
+    /// the Action Information (at most [`MAX_INFORMATION`] bytes; empty if
+    /// the request had none)
+    pub data_set: &'a [u8],
+}
+
+/// Whether an N-EVENT-REPORT-RQ we sent was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReportDelivery {
+    /// the peer answered with this N-EVENT-REPORT-RSP status (0000: it
+    /// took the result) and Error Comment
+    Delivered {
+        /// the response's status
+        status: u16,
+        /// the response's Error Comment, if any
+        comment: Option<String>,
+    },
+    /// the peer did not answer: it released or aborted the association, or
+    /// did not answer within the DIMSE timeout, or the report was not sent
+    /// at all. The application sends it again on an association it opens.
+    NotDelivered {
+        /// what happened, for the logs
+        reason: String,
+    },
+}
+
+/// An N-EVENT-REPORT-RQ to send on the association an N-ACTION came on,
+/// right after its N-ACTION-RSP (PS3.4 J.3.3: the Storage Commitment SCP
+/// may report on the same association).
+#[derive(Debug)]
+pub struct EventReport {
+    /// (0000,0002) Affected SOP Class UID (Storage Commitment Push Model)
+    pub sop_class: Uid,
+    /// (0000,1000) Affected SOP Instance UID (its well-known instance)
+    pub sop_instance: Uid,
+    /// (0000,1002) Event Type ID (1: all committed, 2: failures exist)
+    pub event_type_id: u16,
+    /// the Event Information, encoded by the application (with
+    /// [`commitment`](crate::commitment)) in the request's transfer syntax
+    pub data_set: Vec<u8>,
+    /// told whether the report was delivered; `None` when nobody asks. A
+    /// sender dropped without a value (the association failing while the
+    /// N-ACTION-RSP was sent) means not delivered too.
+    pub delivery: Option<oneshot::Sender<ReportDelivery>>,
+}
+
+impl EventReport {
+    /// Tells the application the report was not delivered, and why.
+    fn not_delivered(mut self, reason: impl Into<String>) {
+        if let Some(tx) = self.delivery.take() {
+            let _ = tx.send(ReportDelivery::NotDelivered {
+                reason: reason.into(),
+            });
+        }
+    }
+}
+
+/// What a service answers an N-ACTION with.
+#[derive(Debug)]
+pub struct ActionAnswer {
+    /// the N-ACTION-RSP status (success or a warning), or the failure to
+    /// answer
+    pub result: Result<u16, Failure>,
+    /// the report to send right after a successful N-ACTION-RSP, when the
+    /// result is known already (ignored, and not delivered, after a
+    /// failure)
+    pub report: Option<EventReport>,
+}
+
+impl ActionAnswer {
+    /// Success, followed by `report` when given.
+    pub fn success(report: Option<EventReport>) -> Self {
+        ActionAnswer {
+            result: Ok(command::status::SUCCESS),
+            report,
+        }
+    }
+
+    /// A failure, and no report.
+    pub fn failed(failure: Failure) -> Self {
+        ActionAnswer {
+            result: Err(failure),
+            report: None,
+        }
+    }
+}
+
+/// One N-EVENT-REPORT-RQ with its whole Event Information, as the service
+/// sees it: a Storage Commitment SCP delivering the result of a request we
+/// made. The SOP class, the well-known instance and the Event Type ID (1
+/// or 2) are checked before.
+#[derive(Debug, Clone, Copy)]
+pub struct EventReportRequest<'a> {
+    /// (0000,0110) Message ID
+    pub message_id: u16,
+    /// (0000,0002) Affected SOP Class UID (the context's abstract syntax)
+    pub sop_class: &'a Uid,
+    /// (0000,1000) Affected SOP Instance UID (the well-known instance)
+    pub sop_instance: &'a Uid,
+    /// (0000,1002) Event Type ID
+    pub event_type_id: u16,
+    /// the transfer syntax of the presentation context: the data set's
+    pub transfer_syntax: &'a Uid,
+    /// the Event Information (at most [`MAX_INFORMATION`] bytes; empty if
+    /// the request had none)
+    pub data_set: &'a [u8],
+    /// the peer took the SCP role for Storage Commitment at negotiation,
+    /// as a commitment SCP opening an association to report should. (Not
+    /// required here: some do not ask, and the report is still theirs.)
+    pub peer_scp_role: bool,
+}
+
 /// A connection to a C-MOVE destination, already established (TCP, or
 /// TLS over it): anything that reads and writes bytes.
 pub trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
@@ -317,8 +469,9 @@ pub struct MoveRetrieval {
 /// by fragment, and committed when the last fragment has arrived, and only
 /// then answered; C-FIND is answered from [`Service::find`]'s stream of
 /// matches; C-GET and C-MOVE from [`Service::get`]'s and
-/// [`Service::move_`]'s stream of objects. (N-ACTION comes here next, as
-/// a method with a default that refuses.)
+/// [`Service::move_`]'s stream of objects; N-ACTION and N-EVENT-REPORT
+/// (Storage Commitment) from [`Service::n_action`] and
+/// [`Service::n_event_report`].
 pub trait Service: Send + Sync {
     /// An object being received.
     type Object: IncomingObject;
@@ -388,6 +541,46 @@ pub trait Service: Send + Sync {
             Err(Failure::new(
                 status::SOP_CLASS_NOT_SUPPORTED,
                 "C-MOVE not supported",
+            ))
+        }
+    }
+
+    /// Answers an N-ACTION-RQ (Request Storage Commitment): the
+    /// N-ACTION-RSP status, sent at once, and the result as an
+    /// [`EventReport`] to send after it on this association when it is
+    /// known already. Whether the instances are here is the application's
+    /// to decide (and quickly: the requester waits for the N-ACTION-RSP);
+    /// a result it cannot give at once, or that was not delivered, it
+    /// sends on an association it opens. By default N-ACTION is refused
+    /// (0122, SOP class not supported).
+    fn n_action(
+        &self,
+        association: &AssociationInfo,
+        request: &ActionRequest<'_>,
+    ) -> impl Future<Output = ActionAnswer> + Send {
+        let _ = (association, request);
+        async {
+            ActionAnswer::failed(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "N-ACTION not supported",
+            ))
+        }
+    }
+
+    /// Takes an N-EVENT-REPORT-RQ (the result of a Storage Commitment we
+    /// asked for, delivered on an association the commitment SCP opened):
+    /// the N-EVENT-REPORT-RSP status, or the failure to answer. By default
+    /// refused (0122, SOP class not supported).
+    fn n_event_report(
+        &self,
+        association: &AssociationInfo,
+        request: &EventReportRequest<'_>,
+    ) -> impl Future<Output = Result<u16, Failure>> + Send {
+        let _ = (association, request);
+        async {
+            Err(Failure::new(
+                status::SOP_CLASS_NOT_SUPPORTED,
+                "N-EVENT-REPORT not supported",
             ))
         }
     }
@@ -525,6 +718,49 @@ pub struct RetrieveOutcome<'a> {
     pub elapsed: Duration,
 }
 
+/// How one N-ACTION ended, for the observer.
+#[derive(Debug)]
+pub struct ActionOutcome<'a> {
+    /// the Requested SOP Class UID (the context's when the request named
+    /// none usable)
+    pub sop_class: &'a Uid,
+    /// the Action Type ID, when the request had one
+    pub action_type_id: Option<u16>,
+    /// the data set's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the Action Information as received (empty when over the cap)
+    pub data_set: &'a [u8],
+    /// the N-ACTION-RSP status
+    pub status: u16,
+    /// the failure's comment, when the status is one
+    pub comment: Option<&'a str>,
+    /// an N-EVENT-REPORT-RQ followed on this association (its delivery is
+    /// told through [`EventReport::delivery`])
+    pub report_sent: bool,
+    /// from the last data set fragment to the N-ACTION-RSP
+    pub elapsed: Duration,
+}
+
+/// How one incoming N-EVENT-REPORT ended, for the observer.
+#[derive(Debug)]
+pub struct EventReportOutcome<'a> {
+    /// the Affected SOP Class UID (the context's when the request named
+    /// none usable)
+    pub sop_class: &'a Uid,
+    /// the Event Type ID, when the request had one
+    pub event_type_id: Option<u16>,
+    /// the data set's transfer syntax
+    pub transfer_syntax: &'a Uid,
+    /// the Event Information as received (empty when over the cap)
+    pub data_set: &'a [u8],
+    /// the N-EVENT-REPORT-RSP status
+    pub status: u16,
+    /// the failure's comment, when the status is one
+    pub comment: Option<&'a str>,
+    /// from the last data set fragment to the N-EVENT-REPORT-RSP
+    pub elapsed: Duration,
+}
+
 /// What the application records of an association's messages: audit
 /// trails, counters, an activity LED. Every method has a default that does
 /// nothing.
@@ -551,6 +787,16 @@ pub trait Observer<R>: Send + Sync {
 
     /// A C-GET or C-MOVE was answered with its final response.
     fn retrieved(&self, association: &AssociationInfo, outcome: &RetrieveOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// An N-ACTION was answered (and its report sent, when there was one).
+    fn actioned(&self, association: &AssociationInfo, outcome: &ActionOutcome<'_>) {
+        let _ = (association, outcome);
+    }
+
+    /// An N-EVENT-REPORT from the peer was answered.
+    fn event_reported(&self, association: &AssociationInfo, outcome: &EventReportOutcome<'_>) {
         let _ = (association, outcome);
     }
 
@@ -586,6 +832,11 @@ pub struct AssociationSummary {
     pub sent: u64,
     /// data set bytes of the objects in `sent`
     pub sent_bytes: u64,
+    /// N-ACTION requests answered (whatever their status)
+    pub actions: u64,
+    /// N-EVENT-REPORT requests from the peer answered (whatever their
+    /// status)
+    pub event_reports: u64,
 }
 
 /// How an association ended, with what it did.
@@ -692,8 +943,21 @@ where
         send_buf: Vec::new(),
         next_message_id: 1,
         summary: AssociationSummary::default(),
+        n_request: None,
+        n_ready: None,
+        reports: Vec::new(),
     };
     let result = handler.run(&mut reader, shutdown).await;
+    // Reports still awaiting their response were not delivered.
+    let reason = match &result {
+        Ok(()) => "the peer released the association without answering".to_string(),
+        Err(e) => format!("the association ended without an answer: {e}"),
+    };
+    for report in handler.reports.drain(..) {
+        report.resolve(ReportDelivery::NotDelivered {
+            reason: reason.clone(),
+        });
+    }
     if let Err(e) = &result {
         if let Some(reason) = e.abort_reason() {
             send_abort(&mut handler.writer, reason).await;
@@ -762,6 +1026,71 @@ struct RetrieveEvents {
     cancelled: bool,
     /// the C-STORE-RSP awaited: its status and Error Comment
     store_rsp: Option<(u16, Option<String>)>,
+}
+
+/// Which DIMSE-N request a data set is arriving for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NOperation {
+    Action,
+    EventReport,
+}
+
+/// The N-ACTION or N-EVENT-REPORT whose data set is arriving (or has
+/// arrived).
+struct NInFlight {
+    operation: NOperation,
+    context_id: u8,
+    message_id: u16,
+    /// the Requested (N-ACTION) or Affected (N-EVENT-REPORT) SOP Class
+    /// UID, or the context's when the request named none usable
+    sop_class: Uid,
+    /// the Requested or Affected SOP Instance UID, when usable
+    sop_instance: Option<Uid>,
+    /// the Action or Event Type ID
+    type_id: Option<u16>,
+    transfer_syntax: Uid,
+    peer_scp_role: bool,
+    /// the data set so far, at most [`MAX_INFORMATION`] bytes
+    data_set: Vec<u8>,
+    /// why it will be answered with a failure without asking the service
+    refusal: Option<Failure>,
+}
+
+/// One of our N-EVENT-REPORT-RQs awaiting its response.
+struct PendingReport {
+    message_id: u16,
+    /// when it counts as not delivered
+    deadline: tokio::time::Instant,
+    delivery: Option<oneshot::Sender<ReportDelivery>>,
+}
+
+impl PendingReport {
+    /// Tells the application how it went.
+    fn resolve(mut self, outcome: ReportDelivery) {
+        if let Some(tx) = self.delivery.take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+impl Drop for PendingReport {
+    /// A report dropped unresolved (a path that forgot it) was not
+    /// delivered: the application must never wait for ever.
+    fn drop(&mut self) {
+        if let Some(tx) = self.delivery.take() {
+            let _ = tx.send(ReportDelivery::NotDelivered {
+                reason: "the association ended without an answer".into(),
+            });
+        }
+    }
+}
+
+/// Resolves at `deadline`, or never without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// How one sub-operation went.
@@ -834,9 +1163,18 @@ struct Handler<'a, W, Sv: Service, Ob> {
     /// the buffer C-GET sub-operations are sent from (allocated at the
     /// first C-GET, of the peer's PDU size, kept for the association)
     send_buf: Vec<u8>,
-    /// the Message ID of our next C-STORE-RQ (C-GET sub-operations)
+    /// the Message ID of our next request (C-GET sub-operations'
+    /// C-STORE-RQs, N-EVENT-REPORT-RQs)
     next_message_id: u16,
     summary: AssociationSummary,
+    /// the N-ACTION or N-EVENT-REPORT whose data set is arriving
+    n_request: Option<NInFlight>,
+    /// one whose data set is complete, performed once the PDU that
+    /// completed it has been read to its end
+    n_ready: Option<NInFlight>,
+    /// our N-EVENT-REPORT-RQs awaiting their response (at most
+    /// [`MAX_PENDING_REPORTS`]; no allocation until the first)
+    reports: Vec<PendingReport>,
 }
 
 impl<W, Sv, Ob> Handler<'_, W, Sv, Ob>
@@ -847,7 +1185,10 @@ where
 {
     /// True between messages: nothing would be lost by stopping now.
     fn idle(&self) -> bool {
-        self.in_flight.is_none() && self.command_context.is_none() && self.query.is_none()
+        self.in_flight.is_none()
+            && self.command_context.is_none()
+            && self.query.is_none()
+            && self.n_request.is_none()
     }
 
     async fn run<R: AsyncRead + Unpin>(
@@ -860,9 +1201,14 @@ where
         tokio::pin!(shutdown);
         loop {
             let idle = self.idle();
+            let deadline = self.reports.iter().map(|r| r.deadline).min();
             let header = tokio::select! {
                 biased;
                 _ = &mut shutdown, if idle => return Err(AssociationError::Stopped),
+                _ = until(deadline) => {
+                    self.expire_reports();
+                    continue;
+                }
                 read = tokio::time::timeout(timeout, reader.read_header()) => match read {
                     Err(_) => return Err(AssociationError::Timeout(timeout.as_secs())),
                     Ok(Ok(Some(h))) => h,
@@ -912,6 +1258,11 @@ where
                     if pdv.is_last {
                         self.query_ready = self.query.take();
                     }
+                } else if let Some(n) = self.n_request.as_mut() {
+                    information_fragment(n, pdv.context_id, pdv.data)?;
+                    if pdv.is_last {
+                        self.n_ready = self.n_request.take();
+                    }
                 } else {
                     Self::data_fragment(&mut self.in_flight, pdv.context_id, pdv.data)?;
                     if pdv.is_last {
@@ -936,7 +1287,237 @@ where
                     }
                 }
             }
+            if let Some(n) = self.n_ready.take() {
+                match n.operation {
+                    NOperation::Action => self.serve_action(n).await?,
+                    NOperation::EventReport => self.serve_event_report(n).await?,
+                }
+            }
         }
+    }
+
+    /// Our next Message ID (never 0).
+    fn take_message_id(&mut self) -> u16 {
+        let id = self.next_message_id;
+        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        id
+    }
+
+    /// Sends a command and, when given, its data set, within the DIMSE
+    /// timeout.
+    async fn send_message(
+        &mut self,
+        context_id: u8,
+        command: &[u8],
+        data_set: Option<&[u8]>,
+    ) -> Result<(), AssociationError> {
+        let timeout = self.association.dimse_timeout;
+        let send = async {
+            pdu::write_pdata(&mut self.writer, context_id, true, true, command).await?;
+            if let Some(data_set) = data_set {
+                pdu::write_data_set(
+                    &mut self.writer,
+                    context_id,
+                    data_set,
+                    self.association.peer_max_pdu,
+                )
+                .await?;
+            }
+            self.writer.flush().await
+        };
+        match tokio::time::timeout(timeout, send).await {
+            Err(_) => Err(AssociationError::Timeout(timeout.as_secs())),
+            Ok(sent) => Ok(sent?),
+        }
+    }
+
+    /// Answers an N-ACTION whose Action Information has arrived: the
+    /// service's status as the N-ACTION-RSP, then its report, if any, as
+    /// an N-EVENT-REPORT-RQ whose response is awaited while the
+    /// association goes on.
+    async fn serve_action(&mut self, n: NInFlight) -> Result<(), AssociationError> {
+        let started = Instant::now();
+        let answer = match (&n.refusal, &n.sop_instance, n.type_id) {
+            (None, Some(sop_instance), Some(action_type_id)) => {
+                let request = ActionRequest {
+                    message_id: n.message_id,
+                    sop_class: &n.sop_class,
+                    sop_instance,
+                    action_type_id,
+                    transfer_syntax: &n.transfer_syntax,
+                    data_set: &n.data_set,
+                };
+                self.service.n_action(self.association, &request).await
+            }
+            (refusal, _, _) => ActionAnswer::failed(refusal.clone().unwrap_or_else(|| {
+                Failure::new(status::PROCESSING_FAILURE, "N-ACTION not understood")
+            })),
+        };
+        let ActionAnswer { result, report } = answer;
+        let (code, comment) = match &result {
+            Ok(code) => (*code, None),
+            Err(f) => (f.status, Some(f.comment.as_str())),
+        };
+        let rsp = command::n_action_rsp(
+            n.message_id,
+            &n.sop_class,
+            n.sop_instance.as_ref(),
+            n.type_id,
+            code,
+            comment,
+        );
+        if let Err(e) = self.send_message(n.context_id, &rsp, None).await {
+            if let Some(report) = report {
+                report.not_delivered(format!("the N-ACTION-RSP could not be sent: {e}"));
+            }
+            return Err(e);
+        }
+        self.summary.actions += 1;
+        let report_sent = match report {
+            None => false,
+            Some(report) if result.is_err() => {
+                report.not_delivered("the N-ACTION was answered with a failure");
+                false
+            }
+            Some(report) => self.send_report(n.context_id, report).await?,
+        };
+        self.observer.actioned(
+            self.association,
+            &ActionOutcome {
+                sop_class: &n.sop_class,
+                action_type_id: n.type_id,
+                transfer_syntax: &n.transfer_syntax,
+                data_set: &n.data_set,
+                status: code,
+                comment,
+                report_sent,
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Sends an N-EVENT-REPORT-RQ on `context_id` and notes it as awaiting
+    /// its response; false when too many await one already (then it is not
+    /// delivered).
+    async fn send_report(
+        &mut self,
+        context_id: u8,
+        report: EventReport,
+    ) -> Result<bool, AssociationError> {
+        if self.reports.len() >= MAX_PENDING_REPORTS {
+            report.not_delivered(format!(
+                "{MAX_PENDING_REPORTS} event reports await an answer on this association"
+            ));
+            return Ok(false);
+        }
+        let message_id = self.take_message_id();
+        let rq = command::n_event_report_rq(
+            message_id,
+            &report.sop_class,
+            &report.sop_instance,
+            report.event_type_id,
+        );
+        let EventReport {
+            data_set, delivery, ..
+        } = report;
+        // Noted first: if sending fails, the association's end resolves it.
+        self.reports.push(PendingReport {
+            message_id,
+            deadline: tokio::time::Instant::now() + self.association.dimse_timeout,
+            delivery,
+        });
+        self.send_message(context_id, &rq, Some(&data_set)).await?;
+        Ok(true)
+    }
+
+    /// Matches an N-EVENT-REPORT-RSP to the report it answers. One that
+    /// answers none (it came after the report timed out) is ignored.
+    fn report_answered(&mut self, cmd: &Command) -> Result<(), AssociationError> {
+        let Some(at) = self
+            .reports
+            .iter()
+            .position(|r| r.message_id == cmd.message_id)
+        else {
+            tracing::debug!(
+                message_id = cmd.message_id,
+                "N-EVENT-REPORT-RSP for no report awaiting one, ignored"
+            );
+            return Ok(());
+        };
+        let code = cmd.status.ok_or(ProtocolViolation::ResponseWithoutStatus)?;
+        let comment = cmd.error_comment.as_ref().map(|c| c.as_str().to_string());
+        self.reports.remove(at).resolve(ReportDelivery::Delivered {
+            status: code,
+            comment,
+        });
+        Ok(())
+    }
+
+    /// Reports whose response did not come within the DIMSE timeout were
+    /// not delivered; the association goes on.
+    fn expire_reports(&mut self) {
+        let now = tokio::time::Instant::now();
+        let secs = self.association.dimse_timeout.as_secs();
+        while let Some(at) = self.reports.iter().position(|r| r.deadline <= now) {
+            self.reports
+                .remove(at)
+                .resolve(ReportDelivery::NotDelivered {
+                    reason: format!("no N-EVENT-REPORT-RSP within {secs} s"),
+                });
+        }
+    }
+
+    /// Answers an N-EVENT-REPORT from the peer whose Event Information has
+    /// arrived, with the service's status.
+    async fn serve_event_report(&mut self, n: NInFlight) -> Result<(), AssociationError> {
+        let started = Instant::now();
+        let result = match (&n.refusal, &n.sop_instance, n.type_id) {
+            (None, Some(sop_instance), Some(event_type_id)) => {
+                let request = EventReportRequest {
+                    message_id: n.message_id,
+                    sop_class: &n.sop_class,
+                    sop_instance,
+                    event_type_id,
+                    transfer_syntax: &n.transfer_syntax,
+                    data_set: &n.data_set,
+                    peer_scp_role: n.peer_scp_role,
+                };
+                self.service
+                    .n_event_report(self.association, &request)
+                    .await
+            }
+            (refusal, _, _) => Err(refusal.clone().unwrap_or_else(|| {
+                Failure::new(status::PROCESSING_FAILURE, "N-EVENT-REPORT not understood")
+            })),
+        };
+        let (code, comment) = match &result {
+            Ok(code) => (*code, None),
+            Err(f) => (f.status, Some(f.comment.as_str())),
+        };
+        let rsp = command::n_event_report_rsp(
+            n.message_id,
+            &n.sop_class,
+            n.sop_instance.as_ref(),
+            n.type_id,
+            code,
+            comment,
+        );
+        self.send_message(n.context_id, &rsp, None).await?;
+        self.summary.event_reports += 1;
+        self.observer.event_reported(
+            self.association,
+            &EventReportOutcome {
+                sop_class: &n.sop_class,
+                event_type_id: n.type_id,
+                transfer_syntax: &n.transfer_syntax,
+                data_set: &n.data_set,
+                status: code,
+                comment,
+                elapsed: started.elapsed(),
+            },
+        );
+        Ok(())
     }
 
     /// Adds a command fragment; on the last one, decodes and performs the
@@ -947,7 +1528,7 @@ where
         data: &[u8],
         is_last: bool,
     ) -> Result<(), AssociationError> {
-        if self.in_flight.is_some() || self.query.is_some() {
+        if self.in_flight.is_some() || self.query.is_some() || self.n_request.is_some() {
             return Err(ProtocolViolation::CommandInsideDataSet.into());
         }
         match self.command_context {
@@ -967,6 +1548,16 @@ where
         let decoded = Command::decode(&self.command);
         self.command.clear();
         let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+        if self.n_ready.is_some()
+            && !matches!(
+                cmd.command_field,
+                field::N_EVENT_REPORT_RSP | field::C_CANCEL_RQ
+            )
+        {
+            // A request before the N-ACTION or N-EVENT-REPORT completed in
+            // this PDU is answered: no asynchronous operations.
+            return Err(ProtocolViolation::RequestBeforeResponse(cmd.command_field).into());
+        }
         match cmd.command_field {
             field::C_ECHO_RQ => {
                 if cmd.has_data_set {
@@ -1024,6 +1615,23 @@ where
                     self.cancel_seen = Some(cmd.message_id);
                 }
             }
+            field::N_ACTION_RQ | field::N_EVENT_REPORT_RQ => {
+                if self.query_ready.is_some() {
+                    return Err(ProtocolViolation::RequestBeforeResponse(cmd.command_field).into());
+                }
+                let operation = if cmd.command_field == field::N_ACTION_RQ {
+                    NOperation::Action
+                } else {
+                    NOperation::EventReport
+                };
+                let n = begin_n(operation, context, &cmd);
+                if cmd.has_data_set {
+                    self.n_request = Some(n);
+                } else {
+                    self.n_ready = Some(n);
+                }
+            }
+            field::N_EVENT_REPORT_RSP => self.report_answered(&cmd)?,
             other => return Err(ProtocolViolation::UnsupportedCommand(other).into()),
         }
         Ok(())
@@ -1450,8 +2058,7 @@ where
             )));
         };
         let context_id = context.id;
-        let message_id = self.next_message_id;
-        self.next_message_id = self.next_message_id.wrapping_add(1).max(1);
+        let message_id = self.take_message_id();
         let rq = command::store_rq_with(
             message_id,
             &object.sop_class,
@@ -1699,6 +2306,7 @@ where
                     let comment = cmd.error_comment.map(|c| c.as_str().to_string());
                     events.store_rsp = Some((code, comment));
                 }
+                (field::N_EVENT_REPORT_RSP, _) => self.report_answered(&cmd)?,
                 (other, _) => return Err(ProtocolViolation::CommandDuringRetrieve(other).into()),
             }
         }
@@ -1750,6 +2358,11 @@ where
             let decoded = Command::decode(&self.command);
             self.command.clear();
             let cmd = decoded.map_err(ProtocolViolation::BadCommand)?;
+            if cmd.command_field == field::N_EVENT_REPORT_RSP {
+                // The answer to a report sent before this C-FIND.
+                self.report_answered(&cmd)?;
+                continue;
+            }
             if cmd.command_field != field::C_CANCEL_RQ {
                 return Err(ProtocolViolation::CommandDuringFind(cmd.command_field).into());
             }
@@ -1907,6 +2520,109 @@ fn identifier_fragment(
         return Ok(());
     }
     find.identifier.extend_from_slice(data);
+    Ok(())
+}
+
+/// Begins an N-ACTION-RQ or N-EVENT-REPORT-RQ: its data set is collected,
+/// to be answered by the service, or with a failure when the context is not
+/// Storage Commitment's, or the request names another SOP class, another
+/// instance than the well-known one, or an action or event type that
+/// Storage Commitment does not have.
+fn begin_n(operation: NOperation, context: &AcceptedContext, cmd: &Command) -> NInFlight {
+    let (sop_class, sop_instance, type_id, name) = match operation {
+        NOperation::Action => (
+            cmd.requested_sop_class.clone(),
+            cmd.requested_sop_instance.clone(),
+            cmd.action_type_id,
+            "N-ACTION",
+        ),
+        NOperation::EventReport => (
+            cmd.sop_class.clone(),
+            cmd.sop_instance.clone(),
+            cmd.event_type_id,
+            "N-EVENT-REPORT",
+        ),
+    };
+    let known_type = match operation {
+        NOperation::Action => type_id == Some(crate::commitment::ACTION_REQUEST_COMMITMENT),
+        NOperation::EventReport => matches!(
+            type_id,
+            Some(crate::commitment::EVENT_SUCCESSFUL | crate::commitment::EVENT_FAILURES_EXIST)
+        ),
+    };
+    let refusal = if context.service != ServiceClass::Commitment {
+        Some(Failure::new(
+            status::SOP_CLASS_NOT_SUPPORTED,
+            format!("{name} on a presentation context not accepted for Storage Commitment"),
+        ))
+    } else if sop_class.as_ref() != Some(&context.abstract_syntax) {
+        Some(Failure::new(
+            status::NO_SUCH_SOP_CLASS,
+            "SOP class differs from the presentation context",
+        ))
+    } else if sop_instance.is_none() {
+        Some(Failure::new(
+            status::INVALID_OBJECT_INSTANCE,
+            "SOP Instance UID missing or not a valid UID",
+        ))
+    } else if sop_instance.as_ref().map(Uid::as_str)
+        != Some(uid::STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE)
+    {
+        Some(Failure::new(
+            status::NO_SUCH_SOP_INSTANCE,
+            "not the Storage Commitment Push Model SOP Instance",
+        ))
+    } else if !known_type {
+        Some(match operation {
+            NOperation::Action => Failure::new(
+                status::NO_SUCH_ACTION,
+                "Action Type ID missing or not 1 (Request Storage Commitment)",
+            ),
+            NOperation::EventReport => Failure::new(
+                status::NO_SUCH_EVENT_TYPE,
+                "Event Type ID missing or not 1 or 2",
+            ),
+        })
+    } else {
+        None
+    };
+    NInFlight {
+        operation,
+        context_id: context.id,
+        message_id: cmd.message_id,
+        sop_class: sop_class.unwrap_or_else(|| context.abstract_syntax.clone()),
+        sop_instance,
+        type_id,
+        transfer_syntax: context.transfer_syntax.clone(),
+        peer_scp_role: context.peer_scp_role,
+        data_set: Vec::new(),
+        refusal,
+    }
+}
+
+/// Adds one Action or Event Information fragment; past [`MAX_INFORMATION`]
+/// the data set is dropped (the rest is read and discarded) and the
+/// request will fail with 0213.
+fn information_fragment(
+    n: &mut NInFlight,
+    context_id: u8,
+    data: &[u8],
+) -> Result<(), AssociationError> {
+    if n.context_id != context_id {
+        return Err(ProtocolViolation::DataContextSwitch.into());
+    }
+    if n.refusal.is_some() {
+        return Ok(());
+    }
+    if n.data_set.len() + data.len() > MAX_INFORMATION {
+        n.data_set = Vec::new();
+        n.refusal = Some(Failure::new(
+            status::RESOURCE_LIMITATION,
+            format!("data set longer than {} KiB", MAX_INFORMATION / 1024),
+        ));
+        return Ok(());
+    }
+    n.data_set.extend_from_slice(data);
     Ok(())
 }
 

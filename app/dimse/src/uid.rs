@@ -73,6 +73,15 @@ pub const STUDY_ROOT_MOVE: &str = "1.2.840.10008.5.1.4.1.2.2.2";
 /// Study Root Query/Retrieve Information Model - GET
 pub const STUDY_ROOT_GET: &str = "1.2.840.10008.5.1.4.1.2.2.3";
 
+/// Storage Commitment Push Model SOP Class (PS3.4 Annex J): a modality
+/// asks (N-ACTION) whether an archive has taken responsibility for the
+/// instances it sent, and the archive answers later (N-EVENT-REPORT).
+pub const STORAGE_COMMITMENT_PUSH_MODEL: &str = "1.2.840.10008.1.20.1";
+/// The well-known SOP Instance of the Storage Commitment Push Model
+/// (PS3.4 J.3.5): every N-ACTION-RQ and N-EVENT-REPORT-RQ of the service
+/// names this instance, there being no other.
+pub const STORAGE_COMMITMENT_PUSH_MODEL_INSTANCE: &str = "1.2.840.10008.1.20.1.1";
+
 /// True for the C-FIND information models this crate can accept.
 pub fn is_find_sop_class(uid: &str) -> bool {
     uid == PATIENT_ROOT_FIND || uid == STUDY_ROOT_FIND

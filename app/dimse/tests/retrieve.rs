@@ -376,6 +376,7 @@ fn policy(name: &str, retrieve: bool) -> AcceptPolicy {
         allow: Vec::new(),
         find: false,
         retrieve,
+        commitment: false,
     }
 }
 

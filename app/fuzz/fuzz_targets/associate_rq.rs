@@ -32,6 +32,7 @@ fuzz_target!(|data: &[u8]| {
         allow: Vec::new(),
         find: true,
         retrieve: true,
+        commitment: false,
     };
     let peer = PeerFacts {
         addr: std::net::IpAddr::from([127, 0, 0, 1]),

@@ -567,6 +567,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             find: true,
             // C-MOVE and C-GET likewise.
             retrieve: true,
+            // storage commitment: wired by the app later
+            commitment: false,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
