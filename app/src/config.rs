@@ -142,6 +142,9 @@ pub struct Config {
     /// for which `[[peer]]`. Applied without a restart.
     #[serde(default)]
     pub forward: Vec<ForwardRule>,
+    /// Seconds a storage commitment request (`[[forward]]` with `commit =
+    /// true`) waits for its report before it is asked again.
+    pub commitment_timeout: u64,
     /// Retention (`[retention]`): deleting delivered studies to keep the
     /// card from filling. Off when absent. Applied without a restart.
     #[serde(default)]
@@ -350,6 +353,8 @@ pub struct LiveConfig {
     pub forward: Vec<ForwardRule>,
     /// `retention`
     pub retention: Option<RetentionConfig>,
+    /// `commitment_timeout`
+    pub commitment_timeout: u64,
     /// `dimse_timeout`
     pub dimse_timeout: u64,
     /// `acse_timeout`
@@ -585,6 +590,7 @@ impl Config {
             allow,
             peer,
             forward,
+            commitment_timeout,
             retention,
         } = self.clone();
         let live = LiveConfig {
@@ -597,6 +603,7 @@ impl Config {
             peer,
             forward,
             retention,
+            commitment_timeout,
             dimse_timeout,
             acse_timeout,
             max_associations,
@@ -784,6 +791,12 @@ impl Config {
                     );
                 }
             }
+        }
+        if !(10..=86_400).contains(&self.commitment_timeout) {
+            bad(
+                "commitment_timeout",
+                format!("{} s is outside 10 to 86400", self.commitment_timeout),
+            );
         }
         if let Some(retention) = &self.retention {
             if retention.keep_free_percent == 0 || retention.keep_free_percent > 90 {

@@ -8,6 +8,7 @@
 //! model, `send` the SCU commands.
 
 pub mod ca;
+pub mod commitment;
 pub mod config;
 pub mod dirfd;
 pub mod drop;

@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use dimse::command::status;
 use dimse::scp::{
-    AssociationInfo, Failure, FindOutcome, FindRequest, IncomingObject, Matches, MoveRetrieval,
-    ObjectOutcome, Observer, Retrieval, RetrieveOperation, RetrieveOutcome, RetrieveRequest,
-    Service, StoreRequest, SubOperationOutcome, SubOperationResult,
+    ActionAnswer, ActionRequest, AssociationInfo, EventReportRequest, Failure, FindOutcome,
+    FindRequest, IncomingObject, Matches, MoveRetrieval, ObjectOutcome, Observer, Retrieval,
+    RetrieveOperation, RetrieveOutcome, RetrieveRequest, Service, StoreRequest,
+    SubOperationOutcome, SubOperationResult,
 };
 use dimse::uid::Uid;
 use tracing::{info, warn};
@@ -108,6 +109,8 @@ pub struct Receiver {
     pub peers: Arc<crate::retrieve::Peers>,
     /// how long a C-MOVE's destination gets to answer each step
     pub dimse_timeout: std::time::Duration,
+    /// storage commitment, both ways (with the index)
+    pub commitments: Option<Arc<crate::commitment::Commitments>>,
 }
 
 impl Receiver {
@@ -223,6 +226,34 @@ impl Service for Receiver {
             request,
         )
         .await
+    }
+
+    async fn n_action(
+        &self,
+        association: &AssociationInfo,
+        request: &ActionRequest<'_>,
+    ) -> ActionAnswer {
+        match &self.commitments {
+            Some(commitments) => commitments.requested(association, request).await,
+            None => ActionAnswer::failed(Failure::new(
+                status::UNABLE_TO_PROCESS,
+                "the index is unavailable",
+            )),
+        }
+    }
+
+    async fn n_event_report(
+        &self,
+        association: &AssociationInfo,
+        request: &EventReportRequest<'_>,
+    ) -> Result<u16, Failure> {
+        match &self.commitments {
+            Some(commitments) => commitments.reported(association, request).await,
+            None => Err(Failure::new(
+                status::UNABLE_TO_PROCESS,
+                "the index is unavailable",
+            )),
+        }
     }
 }
 

@@ -48,6 +48,9 @@ struct Shared {
     calling_ae: Mutex<String>,
     /// how long a destination gets for each step
     timeout: Mutex<Duration>,
+    /// destinations a rule asks storage commitment of, and how long a
+    /// request waits for its report before it is asked again (seconds)
+    commit: Mutex<(std::collections::HashSet<String>, i64)>,
     states: Mutex<HashMap<String, DestinationState>>,
 }
 
@@ -61,6 +64,13 @@ impl Shared {
 
     fn timeout(&self) -> Duration {
         *self.timeout.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a rule asks `destination` for storage commitment, and the
+    /// timeout for its reports.
+    fn commit_of(&self, destination: &str) -> Option<i64> {
+        let commit = self.commit.lock().unwrap_or_else(PoisonError::into_inner);
+        commit.0.contains(destination).then_some(commit.1)
     }
 
     fn update(&self, destination: &str, change: impl FnOnce(&mut DestinationState)) {
@@ -97,6 +107,7 @@ impl Forwarder {
                 audit,
                 calling_ae: Mutex::new(calling_ae),
                 timeout: Mutex::new(timeout),
+                commit: Mutex::default(),
                 states: Mutex::default(),
             }),
             shutdown,
@@ -107,8 +118,26 @@ impl Forwarder {
     /// Takes the rules (at start and on every live change): the index
     /// queues by them from now on, and every destination that a rule names
     /// or that has entries waiting gets its worker.
-    pub fn apply(&self, rules: Vec<Rule>, calling_ae: String, timeout: Duration) {
+    pub fn apply(
+        &self,
+        rules: Vec<Rule>,
+        calling_ae: String,
+        timeout: Duration,
+        commitment_timeout: Duration,
+    ) {
         let mut destinations: Vec<String> = rules.iter().map(|r| r.destination.clone()).collect();
+        *self
+            .shared
+            .commit
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = (
+            rules
+                .iter()
+                .filter(|r| r.commit)
+                .map(|r| r.destination.clone())
+                .collect(),
+            commitment_timeout.as_secs() as i64,
+        );
         self.shared.index.set_forward_rules(rules);
         *self
             .shared

@@ -43,6 +43,16 @@ const POLL: Duration = Duration::from_secs(5);
 const FLUSH_EVERY: usize = 32;
 /// Medium priority (PS3.7 9.1.1.1).
 const MEDIUM: u16 = 0x0000;
+/// While the queue is not drained, storage commitment is asked once this
+/// many delivered objects wait for it.
+const COMMIT_AT_LEAST: usize = 512;
+/// Objects named in one storage commitment request at most (well within
+/// the 1 MiB a request may take: about 100 bytes each).
+const COMMIT_AT_MOST: usize = 2000;
+/// How long the worker waits for a report on its own association after a
+/// request, before it goes on (the destination may open one to our port
+/// instead, as Orthanc does).
+const COMMIT_WAIT: Duration = Duration::from_secs(2);
 
 type Association = ScuAssociation<Box<dyn dimse::scp::Transport>>;
 
@@ -85,7 +95,20 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
                 continue;
             }
         };
-        if batch.is_empty() {
+        let commit = shared.commit_of(&destination);
+        let to_ask = match commit {
+            Some(timeout_s) if batch.is_empty() => {
+                let index = Arc::clone(&shared.index);
+                let name = destination.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::commitment::waiting(&index, &name, timeout_s, 1)
+                })
+                .await
+                .unwrap_or(0)
+            }
+            _ => 0,
+        };
+        if batch.is_empty() && to_ask == 0 {
             if let Some(idle) = open.take() {
                 release(idle).await;
             }
@@ -106,10 +129,13 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
             }
         }
         if open.is_none() {
-            match associate(&shared, &destination, pairs).await {
+            match associate(&shared, &destination, pairs, commit.is_some()).await {
                 Ok(new) => open = Some(new),
                 Err(why) => {
-                    transient(&shared, &destination, &batch[0], &why).await;
+                    match batch.first() {
+                        Some(oldest) => transient(&shared, &destination, oldest, &why).await,
+                        None => mark_retrying(&shared, &destination, &why),
+                    }
                     if pause(backoff.failed(), &stop).await {
                         break;
                     }
@@ -120,15 +146,48 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
         let Some(current) = open.as_mut() else {
             continue;
         };
-        match send_batch(
-            &shared,
-            &destination,
-            &mut current.association,
-            &batch,
-            &stop,
-        )
-        .await
-        {
+        let sent = if batch.is_empty() {
+            BatchEnd::Done
+        } else {
+            send_batch(
+                &shared,
+                &destination,
+                &mut current.association,
+                &batch,
+                &stop,
+            )
+            .await
+        };
+        let sent = match (sent, commit) {
+            (BatchEnd::Done, Some(timeout_s)) => {
+                // Ask about what was delivered once the queue is drained
+                // (or many wait): one request for many objects.
+                let how = crate::commitment::Asking {
+                    timeout_s,
+                    at_least: if batch.len() < BATCH {
+                        1
+                    } else {
+                        COMMIT_AT_LEAST
+                    },
+                    at_most: COMMIT_AT_MOST,
+                    wait: COMMIT_WAIT,
+                };
+                match crate::commitment::ask(
+                    &shared.index,
+                    shared.audit.as_ref(),
+                    &mut current.association,
+                    &destination,
+                    &how,
+                )
+                .await
+                {
+                    Ok(_) => BatchEnd::Done,
+                    Err(why) => BatchEnd::Transient { why, broken: true },
+                }
+            }
+            (sent, _) => sent,
+        };
+        match sent {
             BatchEnd::Done => {
                 if backoff.is_failing() {
                     info!(destination, "forward destination back: sending again");
@@ -171,11 +230,13 @@ async fn next_batch(shared: &Arc<Shared>, destination: &str) -> anyhow::Result<V
     Ok(tokio::task::spawn_blocking(move || index.next_to_forward(&destination, BATCH)).await??)
 }
 
-/// Opens an association to `destination` proposing `pairs`.
+/// Opens an association to `destination` proposing `pairs`, and storage
+/// commitment with `commit`.
 async fn associate(
     shared: &Shared,
     destination: &str,
     pairs: HashSet<(String, String)>,
+    commit: bool,
 ) -> Result<Open, String> {
     let peer = shared
         .peers
@@ -190,7 +251,10 @@ async fn associate(
         called_ae: peer.aetitle.clone(),
         timeout,
     };
-    let proposals: Vec<(String, String)> = pairs.iter().cloned().collect();
+    let mut proposals: Vec<(String, String)> = pairs.iter().cloned().collect();
+    if commit {
+        proposals.extend(crate::commitment::proposals());
+    }
     let association = ScuAssociation::request(transport, &options, &proposals)
         .await
         .map_err(|e| e.to_string())?;

@@ -222,7 +222,7 @@ impl Index {
                    AND i.sop_instance_uid = ?2 AND i.sop_class_uid = ?3",
             )?;
             let mut update = tx.prepare_cached(
-                "UPDATE forward SET state = ?2, status = ?3, reason = ?4, updated = ?5
+                "UPDATE forward SET state = ?2, status = coalesce(?3, status), reason = ?4, updated = ?5
                  WHERE id = ?1",
             )?;
             let all = committed

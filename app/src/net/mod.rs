@@ -208,6 +208,17 @@ impl Service {
         let led = sockets
             .led
             .map(|f| Arc::new(crate::service::ActivityLed::new(f)));
+        let peers = Arc::new(crate::retrieve::Peers::new(config.peer.clone()));
+        let commitments = index.as_ref().map(|index| {
+            Arc::new(crate::commitment::Commitments::new(
+                Arc::clone(index),
+                recorder.clone(),
+                Arc::clone(&peers),
+                audit.clone(),
+                config.aetitle.clone(),
+                Duration::from_secs(config.dimse_timeout),
+            ))
+        });
         let receiver = Arc::new(Receiver {
             store: Arc::clone(&store),
             stats: Arc::clone(&stats),
@@ -217,8 +228,9 @@ impl Service {
             recorder,
             stop: shutdown.token(),
             max_find_results: std::sync::atomic::AtomicUsize::new(config.max_find_results),
-            peers: Arc::new(crate::retrieve::Peers::new(config.peer.clone())),
+            peers,
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
+            commitments: commitments.clone(),
         });
         // Store and forward: a worker per destination, from the index's
         // queue (which the catch-up above has already filled for files it
@@ -332,6 +344,7 @@ impl Service {
                 forward_rules(config),
                 config.aetitle.clone(),
                 Duration::from_secs(config.dimse_timeout),
+                Duration::from_secs(config.commitment_timeout),
             );
         }
         // Retention: off unless [retention] is set (its task idles then, so
@@ -347,6 +360,12 @@ impl Service {
         if let Some(retention) = &retention {
             shutdown.spawn(crate::retention::run(
                 Arc::clone(retention),
+                shutdown.token(),
+            ));
+        }
+        if let Some(commitments) = &commitments {
+            shutdown.spawn(crate::commitment::deliver_reports(
+                Arc::clone(commitments),
                 shutdown.token(),
             ));
         }
@@ -371,6 +390,12 @@ impl Service {
                 Some(new) = config_updates.recv() => {
                     let _ = events.send(ServiceEvent::Reloading).await;
                     apply_live(&new, &live, &bounds, &store, forwarder.as_deref());
+                    if let Some(commitments) = &commitments {
+                        commitments.set_calling(
+                            new.aetitle.clone(),
+                            Duration::from_secs(new.dimse_timeout),
+                        );
+                    }
                     if let Some(retention) = &retention {
                         retention.set_policy(new.retention.clone());
                     }
@@ -532,7 +557,8 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
         allow,
         peer,
         forward,
-        retention: _, // applied by the service (see `Service::run`)
+        retention: _,          // applied by the service (see `Service::run`)
+        commitment_timeout: _, // read with `forward`
         dimse_timeout,
         acse_timeout,
         max_associations,
@@ -567,8 +593,9 @@ fn applied(config: &Config) -> anyhow::Result<Applied> {
             find: true,
             // C-MOVE and C-GET likewise.
             retrieve: true,
-            // storage commitment: wired by the app later
-            commitment: false,
+            // Storage commitment, both ways (answered from the index, like
+            // C-FIND: without one an N-ACTION fails with a status).
+            commitment: true,
         },
         dimse_timeout: Duration::from_secs(dimse_timeout),
     });
@@ -653,6 +680,7 @@ fn apply_live(
             forward,
             new.aetitle.clone(),
             Duration::from_secs(new.dimse_timeout),
+            Duration::from_secs(new.commitment_timeout),
         );
     }
     if let Err(e) = store.set_options(options) {
