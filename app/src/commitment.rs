@@ -136,7 +136,7 @@ impl Commitments {
             let id = this
                 .index
                 .commitment_received(&requester, &transaction, &references)?;
-            let result = this.result_of(&transaction, &references)?;
+            let result = result_of(&this.index, &transaction, &references)?;
             Ok::<_, crate::index::IndexError>((id, result))
         })
         .await;
@@ -175,27 +175,6 @@ impl Commitments {
             delivery: Some(tx),
         };
         ActionAnswer::success(Some(report))
-    }
-
-    /// What we answer for a request: each reference committed when the
-    /// index holds it (SOP class included), failed otherwise. Blocking.
-    fn result_of(
-        &self,
-        transaction: &str,
-        references: &[rows::Reference],
-    ) -> Result<CommitmentResult, crate::index::IndexError> {
-        let (held, missing) = self.index.committed(references)?;
-        let transaction_uid = Uid::new(transaction)
-            .ok_or_else(|| crate::index::IndexError::Unusable("a kept Transaction UID".into()))?;
-        Ok(CommitmentResult {
-            transaction_uid,
-            committed: held.iter().filter_map(reference_of).collect(),
-            failed: missing
-                .iter()
-                .filter_map(reference_of)
-                .map(|r| (r, failure_reason::NO_SUCH_OBJECT_INSTANCE))
-                .collect(),
-        })
     }
 
     /// How the offer on the request's own association ended.
@@ -254,6 +233,27 @@ impl Commitments {
             .map_err(|e| Failure::new(PROCESSING_FAILURE, e.to_string()))?;
         Ok(0)
     }
+}
+
+/// What we answer for a request: each reference committed when the
+/// index holds it (SOP class included), failed otherwise. Blocking.
+fn result_of(
+    index: &Index,
+    transaction: &str,
+    references: &[rows::Reference],
+) -> Result<CommitmentResult, crate::index::IndexError> {
+    let (held, missing) = index.committed(references)?;
+    let transaction_uid = Uid::new(transaction)
+        .ok_or_else(|| crate::index::IndexError::Unusable("a kept Transaction UID".into()))?;
+    Ok(CommitmentResult {
+        transaction_uid,
+        committed: held.iter().filter_map(reference_of).collect(),
+        failed: missing
+            .iter()
+            .filter_map(reference_of)
+            .map(|r| (r, failure_reason::NO_SUCH_OBJECT_INSTANCE))
+            .collect(),
+    })
 }
 
 /// Records a destination's report: its entries done or failed, an audit
@@ -527,25 +527,11 @@ impl Commitments {
         // What we hold now (a report that waited may say more than then).
         let index = Arc::clone(&self.index);
         let (transaction, references) = (report.transaction_uid.clone(), report.references.clone());
-        let this_result = tokio::task::spawn_blocking(move || {
-            let (held, missing) = index.committed(&references)?;
-            Ok::<_, crate::index::IndexError>((held, missing))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-        let transaction_uid = Uid::new(&transaction)
-            .ok_or_else(|| "the kept Transaction UID is not valid".to_string())?;
-        let result = CommitmentResult {
-            transaction_uid,
-            committed: this_result.0.iter().filter_map(reference_of).collect(),
-            failed: this_result
-                .1
-                .iter()
-                .filter_map(reference_of)
-                .map(|r| (r, failure_reason::NO_SUCH_OBJECT_INSTANCE))
-                .collect(),
-        };
+        let result =
+            tokio::task::spawn_blocking(move || result_of(&index, &transaction, &references))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
         let transport = crate::retrieve::connect(&peer, &self.peers, timeout)
             .await
             .map_err(|e| format!("{e:#}"))?;
