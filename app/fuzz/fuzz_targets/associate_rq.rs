@@ -1,7 +1,9 @@
 //! A-ASSOCIATE-RQ decoding and negotiation: whatever the bytes, reading
 //! the request and deciding on it never panics, and an acceptance names
 //! only odd, distinct, accepted context IDs, grants the SCP role only on
-//! storage contexts, and answers a role selection only for those.
+//! storage contexts (for C-GET) and Storage Commitment contexts (a
+//! commitment SCP delivering its report), and answers a role selection only
+//! for those. The policy is the service's: find, retrieve and commitment on.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -32,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         allow: Vec::new(),
         find: true,
         retrieve: true,
-        commitment: false,
+        commitment: true,
     };
     let peer = PeerFacts {
         addr: std::net::IpAddr::from([127, 0, 0, 1]),
@@ -43,7 +45,11 @@ fuzz_target!(|data: &[u8]| {
         for (i, c) in contexts.iter().enumerate() {
             assert_eq!(c.id % 2, 1);
             assert!(contexts[..i].iter().all(|d| d.id != c.id));
-            assert!(!c.peer_scp_role || c.service == ServiceClass::Storage);
+            assert!(
+                !c.peer_scp_role
+                    || c.service == ServiceClass::Storage
+                    || c.service == ServiceClass::Commitment
+            );
         }
         for item in &ac.user_variables {
             if let UserVariableItem::ScuScpRoleSelectionSubItem(class, roles) = item {
