@@ -39,6 +39,10 @@ pub struct Stats {
     pub objects_failed: AtomicU64,
     /// data set bytes stored since start
     pub bytes_stored: AtomicU64,
+    /// data set bytes received since start, counted as each fragment
+    /// arrives (stored or not): the forwarder watches it to give way to
+    /// receiving (see `crate::forward`)
+    pub bytes_received: AtomicU64,
     /// the last failure, for status reports
     pub last_error: std::sync::Mutex<String>,
 }
@@ -154,6 +158,7 @@ impl Service for Receiver {
         match self.store.begin(&info) {
             Ok(incoming) => Ok(StoreObject {
                 incoming,
+                stats: Arc::clone(&self.stats),
                 sop_instance: request.sop_instance.clone(),
                 recorder: self
                     .recorder
@@ -260,6 +265,7 @@ impl Service for Receiver {
 /// A C-STORE's data set on its way into the store.
 pub struct StoreObject {
     incoming: Incoming,
+    stats: Arc<Stats>,
     sop_instance: Uid,
     /// the index's writer to queue it to, and the store whose root its
     /// path is relative to
@@ -270,6 +276,9 @@ impl IncomingObject for StoreObject {
     type Receipt = PathBuf;
 
     fn write(&mut self, fragment: &[u8]) -> Result<(), Failure> {
+        self.stats
+            .bytes_received
+            .fetch_add(fragment.len() as u64, Ordering::Relaxed);
         self.incoming.write(fragment).map_err(|e| {
             warn!(sop_instance = %self.sop_instance, error = %e, "write failed; object dropped");
             Failure::new(status::OUT_OF_RESOURCES, e.to_string())

@@ -293,6 +293,7 @@ async fn send_batch(
         };
         next = batch.get(i + 1).map(|e| open_file(shared, e));
         let started = Instant::now();
+        let received_before = shared.received();
         let Some(context) = association.context_for(&entry.sop_class, &entry.transfer_syntax)
         else {
             let reason = format!(
@@ -395,6 +396,15 @@ async fn send_batch(
                 ));
                 end = BatchEnd::Transient { why, broken: true };
                 break;
+            }
+        }
+        // Receiving comes first: objects arrived during this send, so the
+        // next one waits (see `super::GIVE_WAY`).
+        if shared.received() != received_before {
+            let pause = started.elapsed() * super::GIVE_WAY;
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => {}
             }
         }
         if outcomes.len() >= FLUSH_EVERY {

@@ -236,18 +236,22 @@ impl Service {
         // queue (which the catch-up above has already filled for files it
         // found).
         let forwarder = match (&receiver.index, store.root().try_clone()) {
-            (Some(index), Ok(root)) => {
-                let forwarder = Arc::new(crate::forward::Forwarder::new(
-                    Arc::clone(index),
-                    Arc::new(root),
-                    Arc::clone(&receiver.peers),
-                    audit.clone(),
-                    config.aetitle.clone(),
-                    Duration::from_secs(config.dimse_timeout),
-                    shutdown.clone(),
-                ));
-                Some(forwarder)
-            }
+            (Some(index), Ok(root)) => match crate::forward::Forwarder::new(
+                Arc::clone(&stats),
+                Arc::clone(index),
+                Arc::new(root),
+                Arc::clone(&receiver.peers),
+                audit.clone(),
+                config.aetitle.clone(),
+                Duration::from_secs(config.dimse_timeout),
+                shutdown.clone(),
+            ) {
+                Ok(forwarder) => Some(Arc::new(forwarder)),
+                Err(e) => {
+                    tracing::error!(error = %e, "forwarder thread: nothing is forwarded until a restart");
+                    None
+                }
+            },
             (Some(_), Err(e)) => {
                 tracing::error!(error = %e, "store folder: forwarding unavailable until a restart");
                 None
