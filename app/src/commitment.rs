@@ -326,7 +326,11 @@ pub fn waiting(index: &Index, destination: &str, timeout_s: i64, limit: usize) -
 /// waits for the report on the same association (a destination may
 /// instead open one to our port). Returns how many it asked about, or why
 /// it could not ask.
+///
+/// Index writes go to `service`'s blocking threads (the caller's runtime
+/// may run at a low priority: see `crate::forward`).
 pub async fn ask<S>(
+    service: &tokio::runtime::Handle,
     index: &Arc<Index>,
     audit: Option<&Arc<Audit>>,
     association: &mut ScuAssociation<S>,
@@ -375,7 +379,8 @@ where
     let ids: Vec<i64> = entries.iter().map(|e| e.id).collect();
     let asked = Arc::clone(index);
     let transaction = transaction_uid.to_string();
-    tokio::task::spawn_blocking(move || asked.commitment_asked(&ids, &transaction))
+    service
+        .spawn_blocking(move || asked.commitment_asked(&ids, &transaction))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -393,10 +398,9 @@ where
                 Ok(result) => {
                     let index = Arc::clone(index);
                     let audit = audit.cloned();
-                    let settled = tokio::task::spawn_blocking(move || {
-                        settle(&index, audit.as_deref(), &result)
-                    })
-                    .await;
+                    let settled = service
+                        .spawn_blocking(move || settle(&index, audit.as_deref(), &result))
+                        .await;
                     if matches!(settled, Ok(Ok(()))) {
                         0
                     } else {

@@ -52,6 +52,10 @@ pub struct DestinationState {
 
 /// What every worker shares.
 struct Shared {
+    /// the service's runtime: index writes run on its blocking threads, at
+    /// the service's priority, so that a low-priority thread never holds
+    /// the index's write lock while the receive path's writer waits for it
+    service: tokio::runtime::Handle,
     /// data set bytes received so far (`Stats::bytes_received`): when it
     /// moves during a send, objects are arriving
     inbound: Arc<crate::services::Stats>,
@@ -160,7 +164,8 @@ fn start_lane(
 impl Forwarder {
     /// A forwarder over `index`, reading files in `root`, sending to
     /// `peers` as `calling_ae`; its workers run on a thread of their own
-    /// and end with `shutdown`, which waits for them.
+    /// and end with `shutdown`, which waits for them. Called on the
+    /// service's runtime.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         inbound: Arc<crate::services::Stats>,
@@ -184,6 +189,7 @@ impl Forwarder {
         });
         Ok(Forwarder {
             shared: Arc::new(Shared {
+                service: tokio::runtime::Handle::current(),
                 inbound,
                 index,
                 root,

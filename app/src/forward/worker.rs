@@ -173,6 +173,7 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
                     wait: COMMIT_WAIT,
                 };
                 match crate::commitment::ask(
+                    &shared.service,
                     &shared.index,
                     shared.audit.as_ref(),
                     &mut current.association,
@@ -452,9 +453,10 @@ fn flush(
     destination: &str,
     outcomes: Vec<(Pending, Outcome)>,
 ) -> JoinHandle<()> {
+    let service = shared.service.clone();
     let shared = Arc::clone(shared);
     let destination = destination.to_string();
-    tokio::task::spawn_blocking(move || {
+    service.spawn_blocking(move || {
         let ids: Vec<(i64, Outcome)> = outcomes
             .iter()
             .map(|(entry, outcome)| (entry.id, outcome.clone()))
