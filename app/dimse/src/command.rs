@@ -613,14 +613,13 @@ pub fn n_action_rq(
     sop_instance: &Uid,
     action_type_id: u16,
 ) -> EncodedCommand {
-    let mut e = Encoder::new();
-    e.uid(TAG_REQUESTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::N_ACTION_RQ);
-    e.us(TAG_MESSAGE_ID, message_id);
-    e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.uid(TAG_REQUESTED_SOP_INSTANCE, sop_instance);
-    e.us(TAG_ACTION_TYPE_ID, action_type_id);
-    e.finish()
+    let request = NRequest {
+        command_field: field::N_ACTION_RQ,
+        class_tag: TAG_REQUESTED_SOP_CLASS,
+        instance_tag: TAG_REQUESTED_SOP_INSTANCE,
+        type_tag: TAG_ACTION_TYPE_ID,
+    };
+    request.encode(message_id, sop_class, sop_instance, action_type_id)
 }
 
 /// Encodes an N-ACTION-RSP (PS3.7 10.3.4) without an Action Reply. The
@@ -635,22 +634,16 @@ pub fn n_action_rsp(
     status_code: u16,
     comment: Option<&str>,
 ) -> EncodedCommand {
-    let mut e = Encoder::new();
-    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::N_ACTION_RSP);
-    e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
-    e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
-    e.us(TAG_STATUS, status_code);
-    if let Some(comment) = comment {
-        e.element(TAG_ERROR_COMMENT, fit_comment(comment).as_bytes());
-    }
-    if let Some(instance) = sop_instance {
-        e.uid(TAG_AFFECTED_SOP_INSTANCE, instance);
-    }
-    if let Some(action_type_id) = action_type_id {
-        e.us(TAG_ACTION_TYPE_ID, action_type_id);
-    }
-    e.finish()
+    n_response(
+        field::N_ACTION_RSP,
+        TAG_ACTION_TYPE_ID,
+        message_id,
+        sop_class,
+        sop_instance,
+        action_type_id,
+        status_code,
+        comment,
+    )
 }
 
 /// Encodes an N-EVENT-REPORT-RQ (PS3.7 10.3.1): the event
@@ -662,14 +655,13 @@ pub fn n_event_report_rq(
     sop_instance: &Uid,
     event_type_id: u16,
 ) -> EncodedCommand {
-    let mut e = Encoder::new();
-    e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::N_EVENT_REPORT_RQ);
-    e.us(TAG_MESSAGE_ID, message_id);
-    e.us(TAG_DATA_SET_TYPE, 0x0000);
-    e.uid(TAG_AFFECTED_SOP_INSTANCE, sop_instance);
-    e.us(TAG_EVENT_TYPE_ID, event_type_id);
-    e.finish()
+    let request = NRequest {
+        command_field: field::N_EVENT_REPORT_RQ,
+        class_tag: TAG_AFFECTED_SOP_CLASS,
+        instance_tag: TAG_AFFECTED_SOP_INSTANCE,
+        type_tag: TAG_EVENT_TYPE_ID,
+    };
+    request.encode(message_id, sop_class, sop_instance, event_type_id)
 }
 
 /// Encodes an N-EVENT-REPORT-RSP (PS3.7 10.3.1) without an Event Reply.
@@ -684,9 +676,64 @@ pub fn n_event_report_rsp(
     status_code: u16,
     comment: Option<&str>,
 ) -> EncodedCommand {
+    n_response(
+        field::N_EVENT_REPORT_RSP,
+        TAG_EVENT_TYPE_ID,
+        message_id,
+        sop_class,
+        sop_instance,
+        event_type_id,
+        status_code,
+        comment,
+    )
+}
+
+/// What tells the DIMSE-N requests with a data set apart: N-ACTION names
+/// the Requested SOP Class and Instance and an Action Type, N-EVENT-REPORT
+/// the Affected ones and an Event Type, in the same places.
+struct NRequest {
+    command_field: u16,
+    class_tag: u32,
+    instance_tag: u32,
+    type_tag: u32,
+}
+
+impl NRequest {
+    fn encode(
+        &self,
+        message_id: u16,
+        sop_class: &Uid,
+        sop_instance: &Uid,
+        type_id: u16,
+    ) -> EncodedCommand {
+        let mut e = Encoder::new();
+        e.uid(self.class_tag, sop_class);
+        e.us(TAG_COMMAND_FIELD, self.command_field);
+        e.us(TAG_MESSAGE_ID, message_id);
+        // a data set follows
+        e.us(TAG_DATA_SET_TYPE, 0x0000);
+        e.uid(self.instance_tag, sop_instance);
+        e.us(self.type_tag, type_id);
+        e.finish()
+    }
+}
+
+/// An N-ACTION-RSP or N-EVENT-REPORT-RSP without a reply data set; the
+/// Action or Event Type ID goes under `type_tag`.
+#[allow(clippy::too_many_arguments)]
+fn n_response(
+    command_field: u16,
+    type_tag: u32,
+    message_id: u16,
+    sop_class: &Uid,
+    sop_instance: Option<&Uid>,
+    type_id: Option<u16>,
+    status_code: u16,
+    comment: Option<&str>,
+) -> EncodedCommand {
     let mut e = Encoder::new();
     e.uid(TAG_AFFECTED_SOP_CLASS, sop_class);
-    e.us(TAG_COMMAND_FIELD, field::N_EVENT_REPORT_RSP);
+    e.us(TAG_COMMAND_FIELD, command_field);
     e.us(TAG_MESSAGE_ID_RESPONDED, message_id);
     e.us(TAG_DATA_SET_TYPE, NO_DATA_SET);
     e.us(TAG_STATUS, status_code);
@@ -696,8 +743,8 @@ pub fn n_event_report_rsp(
     if let Some(instance) = sop_instance {
         e.uid(TAG_AFFECTED_SOP_INSTANCE, instance);
     }
-    if let Some(event_type_id) = event_type_id {
-        e.us(TAG_EVENT_TYPE_ID, event_type_id);
+    if let Some(type_id) = type_id {
+        e.us(type_tag, type_id);
     }
     e.finish()
 }
