@@ -1,7 +1,9 @@
 //! Retention: deleting whole studies so that the card never fills, and
 //! never a study with anything not yet delivered.
 //!
-//! Off unless `[retention]` is set. Four times a second the store's free space is
+//! Off unless `[retention]` is set. Four times a second, and at once when
+//! an object begins or grows while free space is short (the store checks
+//! it then anyway, for its reserve), the store's free space is
 //! read (one statvfs); below `keep_free_percent`, studies are deleted least
 //! recently received first until it is above again, and with
 //! `max_age_days`, every study last received longer ago than that. What
@@ -54,6 +56,7 @@ impl Retention {
         audit: Option<Arc<Audit>>,
         policy: Option<RetentionConfig>,
     ) -> Retention {
+        store.watch_free_space(policy.as_ref().map_or(0, |p| p.keep_free_percent));
         Retention {
             index,
             store,
@@ -65,6 +68,8 @@ impl Retention {
 
     /// Takes a new policy (a live configuration change).
     pub fn set_policy(&self, policy: Option<RetentionConfig>) {
+        self.store
+            .watch_free_space(policy.as_ref().map_or(0, |p| p.keep_free_percent));
         *self.policy.lock().unwrap_or_else(PoisonError::into_inner) = policy;
     }
 
@@ -240,9 +245,18 @@ pub async fn run(retention: Arc<Retention>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        // The store's signal wakes a sweep at once, unless the last one
+        // found nothing it may delete: then the next tick is soon enough
+        // (each new object would otherwise cost a look at every study).
+        let blocked = retention
+            .blocked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+            _ = retention.store.low_space().notified(), if !blocked => {}
         }
         let sweeper = Arc::clone(&retention);
         if tokio::task::spawn_blocking(move || sweeper.sweep())

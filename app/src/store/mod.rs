@@ -22,6 +22,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use nix::fcntl::{Flock, FlockArg, OFlag};
@@ -95,6 +96,11 @@ pub struct Store {
     root: Folder,
     incoming: Folder,
     _lock: Flock<File>,
+    /// Free space (percent) under which [`Store::low_space`] is signalled
+    /// as objects begin and grow (0: never): retention's threshold, so that
+    /// it makes room at once rather than at its next look.
+    low_water: std::sync::atomic::AtomicU8,
+    low_space: tokio::sync::Notify,
 }
 
 /// What the store needs to know about an object before its data set arrives.
@@ -165,6 +171,8 @@ impl Store {
                 root,
                 incoming,
                 _lock: lock,
+                low_water: std::sync::atomic::AtomicU8::new(0),
+                low_space: tokio::sync::Notify::new(),
             },
             swept,
         ))
@@ -217,11 +225,28 @@ impl Store {
         Ok((avail, percent))
     }
 
+    /// Signals [`Store::low_space`] whenever an object begins or grows
+    /// while free space is below `percent` (0: never).
+    pub fn watch_free_space(&self, percent: u8) {
+        self.low_water.store(percent, Ordering::Relaxed);
+    }
+
+    /// Signalled when free space is below the [`Store::watch_free_space`]
+    /// threshold as an object begins or grows (a permit is kept when nobody
+    /// waits).
+    pub fn low_space(&self) -> &tokio::sync::Notify {
+        &self.low_space
+    }
+
     fn check_reserve(&self, reserve_percent: u8) -> Result<(), StoreError> {
-        if reserve_percent == 0 {
+        let low_water = self.low_water.load(Ordering::Relaxed);
+        if reserve_percent == 0 && low_water == 0 {
             return Ok(());
         }
         let (_, percent) = self.free_space().map_err(StoreError::io("statvfs"))?;
+        if percent < f64::from(low_water) {
+            self.low_space.notify_one();
+        }
         if percent < f64::from(reserve_percent) {
             return Err(StoreError::BelowReserve { reserve_percent });
         }
