@@ -6,6 +6,7 @@ absolute path: pip's pynetdicom installs its own `storescu`/`storescp` shims
 earlier on PATH.
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -14,6 +15,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.request
 
 import pytest
 
@@ -211,6 +213,173 @@ def server_factory(minipacs, tmp_path):
 @pytest.fixture
 def server(server_factory):
     return server_factory()
+
+
+def wait_until(what, timeout, every=0.05, why=""):
+    """Polls `what` every `every` seconds until it is true; fails after
+    `timeout` seconds with `why` (a string, or a function that makes one)."""
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, why() if callable(why) else why
+        time.sleep(every)
+
+
+# --- minipacs on a configuration file --------------------------------------
+
+def config_text(root, peers=None, forwards=(), more="", store=None):
+    """A configuration: the store in `store` (default `root`/store), logs in
+    `root`/logs, `more` top-level keys or tables, a [[peer]] per {AE: port}
+    and a [[forward]] per dict of rule keys."""
+    text = (f'output_directory = "{store or root / "store"}"\n'
+            f'log_directory = "{root / "logs"}"\n{more}')
+    for ae, port in (peers or {}).items():
+        text += f'[[peer]]\naetitle = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
+    for rule in forwards:
+        text += "[[forward]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
+    return text
+
+
+def write_config(root, peers=None, forwards=(), more="", store=None):
+    """config_text() written to `root`/minipacs.toml; returns its path."""
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = root / "minipacs.toml"
+    cfg.write_text(config_text(root, peers, forwards, more, store))
+    return cfg
+
+
+def serve(start, root, peers=None, forwards=(), more="", port=None, store=None):
+    """Starts minipacs (with `start`: server_factory, or a Server-making
+    function such as start_unmanaged's) on write_config()'s file under
+    `root`. The server knows its configuration (`cfg`), audit trail
+    (`audit_path`) and status line (`status_path`)."""
+    cfg = write_config(root, peers, forwards, more, store)
+    kwargs = {"port": port} if port else {}
+    srv = start(["--config", str(cfg)], store=store or root / "store", **kwargs)
+    srv.cfg = cfg
+    srv.audit_path = root / "logs" / "audit.jsonl"
+    srv.status_path = root / "logs" / "status.txt"
+    return srv
+
+
+def start_unmanaged(minipacs, port=None):
+    """A Server-making function for tests that stop theirs themselves."""
+    def start(extra, store, **kwargs):
+        return Server(minipacs, store, extra, port=port, **kwargs).start()
+    return start
+
+
+def kill_9(srv):
+    """Kills a server's keeper and worker with SIGKILL (the worker first)
+    and waits until the worker is gone; srv.stop() still closes its log."""
+    worker = srv.worker_pid()
+    os.kill(worker, signal.SIGKILL)
+    srv.proc.kill()
+    srv.proc.wait()
+    wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 10, why="the worker outlived its keeper")
+
+
+def audit(srv, event):
+    """The lines of the server's audit trail of one event, e.g. "forward"."""
+    try:
+        text = srv.audit_path.read_text()
+    except FileNotFoundError:
+        return []
+    return [line for line in map(json.loads, text.splitlines()) if line.get("event") == event]
+
+
+def queue(srv, *args, code=0):
+    """Runs `minipacs queue -c CONFIG ARGS`; returns its standard output."""
+    r = subprocess.run([srv.binary, "queue", "-c", str(srv.cfg), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == code, f"queue {args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
+    return r.stdout
+
+
+def queue_list(srv, *args):
+    """`minipacs queue list --json` as a list of dicts."""
+    return [json.loads(line) for line in queue(srv, "list", "--json", "--limit", "100000", *args).splitlines()]
+
+
+# --- Orthanc ---------------------------------------------------------------
+
+class Orthanc:
+    """Debian's Orthanc, run by hand under `root` (its configuration,
+    database and log there) on a free HTTP port and `dicom_port` (default a
+    free one). Started at once; it can be stopped and started again on the
+    same ports and folders.
+
+    `modalities`: {name: (AE title, port)}, the peers it knows on loopback
+    (to query, retrieve from, ask for or report storage commitment), with
+    a 30 s timeout as SCU. `sync`: Orthanc's SyncStorageArea (off, it takes
+    hundreds of objects a second; on, its default, some 20 to 50).
+    `check_called_aet`: whether it refuses associations to another AE title
+    than `aetitle`. `verbose`: its --verbose log. `http_timeout`: how long a
+    REST call may take."""
+
+    def __init__(self, root, aetitle="ORTHANC", dicom_port=None, modalities=None, sync=True,
+                 check_called_aet=True, verbose=False, http_timeout=120):
+        self.root = pathlib.Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.http = free_port()
+        self.dicom = dicom_port or free_port()
+        self.aetitle = aetitle
+        self.verbose = verbose
+        self.http_timeout = http_timeout
+        config = {
+            "Name": "minipacs-test",
+            "StorageDirectory": str(self.root / "db"),
+            "IndexDirectory": str(self.root / "db"),
+            "HttpPort": self.http,
+            "DicomPort": self.dicom,
+            "DicomAet": aetitle,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "Plugins": [],
+            "DicomCheckCalledAet": check_called_aet,
+            "DicomAlwaysAllowStore": True,
+            "SyncStorageArea": sync,
+        }
+        if modalities:
+            config["DicomModalities"] = {n: [ae, "127.0.0.1", port] for n, (ae, port) in modalities.items()}
+            config["DicomScuTimeout"] = 30
+        (self.root / "orthanc.json").write_text(json.dumps(config))
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.log = open(self.root / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", *(["--verbose"] if self.verbose else []),
+                                      str(self.root / "orthanc.json")],
+                                     stdout=self.log, stderr=self.log, cwd=self.root, env=dcmtk_env())
+        wait_port(self.http, self.proc, timeout=60)
+        wait_port(self.dicom, self.proc, timeout=60)
+        return self
+
+    def rest(self, method, path, body=None, raw=False):
+        """A call to its REST API: the answer as JSON (None when empty), or
+        as bytes with `raw`."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method)
+        with urllib.request.urlopen(req, timeout=self.http_timeout) as r:
+            answer = r.read()
+        return answer if raw else json.loads(answer or b"null")
+
+    def count(self):
+        """How many instances it holds."""
+        return self.rest("GET", "/statistics")["CountInstances"]
+
+    def instances(self):
+        """{SOP Instance UID: Orthanc id}."""
+        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.rest("GET", "/instances?expand")}
+
+    def logs(self):
+        return (self.root / "orthanc.log").read_text(errors="replace")
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+        self.log.close()
 
 
 def meta_elements(data):

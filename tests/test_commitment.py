@@ -14,14 +14,11 @@ other side.
 """
 
 import json
-import os
 import pathlib
-import signal
 import sqlite3
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -29,7 +26,19 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
 
-from conftest import Server, dcmtk, dcmtk_env, free_port, make_ct, wait_port
+from conftest import (
+    Orthanc,
+    audit,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    kill_9,
+    make_ct,
+    queue_list,
+    serve,
+    start_unmanaged,
+    wait_until,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -39,13 +48,6 @@ ROOT_UID = "1.2.826.0.1.3680043.10.141"
 
 
 # --- helpers ---------------------------------------------------------------
-
-def wait_until(what, timeout, every=0.05, why=""):
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, why() if callable(why) else why
-        time.sleep(every)
-
 
 def corpus(folder, n, tag, size=2048):
     """n small CT objects in one study; returns [(path, SOP Instance UID)]."""
@@ -62,47 +64,6 @@ def storescu(port, files, aet="STORESCU"):
     r = subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", "MINIPACS", "127.0.0.1", str(port),
                         *(str(f) for f in files)], capture_output=True, text=True, env=dcmtk_env(), timeout=120)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-
-
-def write_config(root, peers=None, forwards=(), more=""):
-    """A configuration file under `root` (store and logs there too), with a
-    [[peer]] per {AE: port} and a [[forward]] per dict of rule keys."""
-    root.mkdir(parents=True, exist_ok=True)
-    text = (f'output_directory = "{root / "store"}"\n'
-            f'log_directory = "{root / "logs"}"\n{more}')
-    for ae, port in (peers or {}).items():
-        text += f'[[peer]]\naetitle = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
-    for rule in forwards:
-        text += "[[forward]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
-    cfg = root / "minipacs.toml"
-    cfg.write_text(text)
-    return cfg
-
-
-def serve(start, root, port=None, **config):
-    """minipacs on a configuration under `root`, started by `start`
-    (server_factory or a Server-making function)."""
-    cfg = write_config(root, **config)
-    kwargs = {"port": port} if port else {}
-    srv = start(["--config", str(cfg)], store=root / "store", **kwargs)
-    srv.cfg = cfg
-    srv.audit_path = root / "logs" / "audit.jsonl"
-    return srv
-
-
-def audit(srv, event):
-    try:
-        text = srv.audit_path.read_text()
-    except FileNotFoundError:
-        return []
-    return [line for line in map(json.loads, text.splitlines()) if line.get("event") == event]
-
-
-def queue_list(srv):
-    r = subprocess.run([srv.binary, "queue", "-c", str(srv.cfg), "list", "--json", "--limit", "100000"],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return [json.loads(line) for line in r.stdout.splitlines()]
 
 
 def pending_commitments(store):
@@ -227,70 +188,6 @@ def check_report(report, transaction, committed, failed):
         assert item.FailureReason == NO_SUCH_OBJECT_INSTANCE, hex(item.FailureReason)
 
 
-def start_unmanaged(minipacs, port=None):
-    """A Server-making function for tests that stop theirs themselves."""
-    def start(extra, store, **kwargs):
-        return Server(minipacs, store, extra, port=port, **kwargs).start()
-    return start
-
-
-# --- Orthanc ---------------------------------------------------------------
-
-class Orthanc:
-    """Debian's Orthanc on its own ports and folders, knowing minipacs (on
-    `minipacs_port`) as the modality `minipacs`, which it needs to send a
-    storage commitment report to and to ask one from."""
-
-    def __init__(self, root, minipacs_port, aetitle="ORTHANC"):
-        self.root = pathlib.Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.http = free_port()
-        self.dicom = free_port()
-        self.aetitle = aetitle
-        config = {
-            "Name": "minipacs-commitment-test",
-            "StorageDirectory": str(self.root / "db"),
-            "IndexDirectory": str(self.root / "db"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": aetitle,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "Plugins": [],
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True,
-            "SyncStorageArea": False,
-            "DicomModalities": {"minipacs": ["MINIPACS", "127.0.0.1", minipacs_port]},
-            "DicomScuTimeout": 30,
-        }
-        (self.root / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", "--verbose", str(self.root / "orthanc.json")],
-                                     stdout=self.log, stderr=self.log, cwd=self.root, env=dcmtk_env())
-        wait_port(self.http, self.proc, timeout=60)
-        wait_port(self.dicom, self.proc, timeout=60)
-
-    def rest(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method)
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read() or b"null")
-
-    def instances(self):
-        """{SOP Instance UID: Orthanc id}."""
-        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.rest("GET", "/instances?expand")}
-
-    def logs(self):
-        return (self.root / "orthanc.log").read_text(errors="replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.log.close()
-
-
 # --- minipacs as storage commitment SCU ------------------------------------
 
 def test_forwarded_objects_are_committed_by_orthanc(server_factory, tmp_path):
@@ -299,7 +196,7 @@ def test_forwarded_objects_are_committed_by_orthanc(server_factory, tmp_path):
     association) every queue entry is `done`, each with a `delivered` then
     a `committed` audit line."""
     port = free_port()
-    orthanc = Orthanc(tmp_path / "orthanc", port)
+    orthanc = Orthanc(tmp_path / "orthanc", modalities={"minipacs": ("MINIPACS", port)}, sync=False, verbose=True)
     try:
         srv = serve(server_factory, tmp_path / "mp", port=port, peers={"ORTHANC": orthanc.dicom},
                     forwards=[{"to": "ORTHANC", "commit": True}])
@@ -419,7 +316,7 @@ def test_orthanc_asks_for_commitment_through_its_rest_api(server_factory, tmp_pa
     orthanc_root = tmp_path / "orthanc"
     # minipacs must know Orthanc (for the report on a new association)
     # before Orthanc starts, and Orthanc minipacs: fix both ports first.
-    orthanc = Orthanc(orthanc_root, port)
+    orthanc = Orthanc(orthanc_root, modalities={"minipacs": ("MINIPACS", port)}, sync=False, verbose=True)
     try:
         srv = serve(server_factory, tmp_path / "mp", port=port, peers={"ORTHANC": orthanc.dicom})
         files = corpus(tmp_path / "src", 3, "4")
@@ -472,11 +369,7 @@ def test_a_pending_report_survives_a_restart(minipacs, tmp_path):
         pending = pending_commitments(srv.store)
         assert [(r, t) for r, t, _a, _why in pending] == [("MODALITY", transaction)], pending
         print(f"\nbefore the kill: {pending}")
-        worker = srv.worker_pid()
-        os.kill(worker, signal.SIGKILL)
-        srv.proc.kill()
-        srv.proc.wait()
-        wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 10, why="the worker outlived its keeper")
+        kill_9(srv)
     finally:
         srv.stop()
     reports = Reports()

@@ -9,21 +9,33 @@ what arrived at the destination (byte-exact where it says so), at the
 queue through `minipacs queue` and the index, and at the audit trail.
 """
 
-import json
-import os
 import pathlib
-import signal
 import sqlite3
 import subprocess
 import threading
 import time
-import urllib.request
 
 import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from conftest import Server, data_set_offset, dataset_bytes, dcmtk, dcmtk_env, free_port, make_ct, wait_port
+from conftest import (
+    Orthanc,
+    audit,
+    config_text,
+    data_set_offset,
+    dataset_bytes,
+    dcmtk,
+    dcmtk_env,
+    free_port,
+    kill_9,
+    make_ct,
+    queue,
+    queue_list,
+    serve,
+    start_unmanaged,
+    wait_until,
+)
 from test_retrieve import Storescp
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -62,52 +74,7 @@ def data_set_of(part10):
     return part10[data_set_offset(None, part10):]
 
 
-def wait_until(what, timeout, every=0.05, why=""):
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, why() if callable(why) else why
-        time.sleep(every)
-
-
 # --- minipacs with forwarding rules ----------------------------------------
-
-def config_text(root, peers, forwards, more=""):
-    """A configuration: store and logs under `root`, `more` top-level keys,
-    a [[peer]] per {AE: port} and a [[forward]] per dict of rule keys."""
-    text = (f'output_directory = "{root / "store"}"\n'
-            f'log_directory = "{root / "logs"}"\n{more}')
-    for ae, port in peers.items():
-        text += f'[[peer]]\naetitle = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
-    for rule in forwards:
-        text += "[[forward]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
-    return text
-
-
-def serve(start, root, peers, forwards, more="", port=None):
-    """Starts minipacs (with `start`: server_factory, or a Server-making
-    function) on a configuration file under `root`."""
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = root / "minipacs.toml"
-    cfg.write_text(config_text(root, peers, forwards, more))
-    kwargs = {"port": port} if port else {}
-    srv = start(["--config", str(cfg)], store=root / "store", **kwargs)
-    srv.cfg = cfg
-    srv.audit_path = root / "logs" / "audit.jsonl"
-    srv.status_path = root / "logs" / "status.txt"
-    return srv
-
-
-def queue(srv, *args, code=0):
-    """Runs `minipacs queue -c CONFIG ARGS`; returns its standard output."""
-    r = subprocess.run([srv.binary, "queue", "-c", str(srv.cfg), *args], capture_output=True, text=True, timeout=60)
-    assert r.returncode == code, f"queue {args} exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
-    return r.stdout
-
-
-def queue_list(srv, *args):
-    """`minipacs queue list --json` as a list of dicts."""
-    return [json.loads(line) for line in queue(srv, "list", "--json", "--limit", "100000", *args).splitlines()]
-
 
 def queue_status(srv):
     """`minipacs queue status` as {destination: (queued, sent, done, failed)}."""
@@ -128,19 +95,10 @@ def counts(srv):
         db.close()
 
 
-def forwards_audited(srv):
-    """The audit trail's forward lines."""
-    try:
-        text = srv.audit_path.read_text()
-    except FileNotFoundError:
-        return []
-    return [line for line in map(json.loads, text.splitlines()) if line.get("event") == "forward"]
-
-
 def wait_audited(srv, n, timeout=20):
-    wait_until(lambda: len(forwards_audited(srv)) >= n, timeout,
-               why=lambda: f"{len(forwards_audited(srv))} forward audit lines, wanted {n}")
-    return forwards_audited(srv)
+    wait_until(lambda: len(audit(srv, "forward")) >= n, timeout,
+               why=lambda: f"{len(audit(srv, 'forward'))} forward audit lines, wanted {n}")
+    return audit(srv, "forward")
 
 
 def stored_data_sets(srv):
@@ -148,71 +106,7 @@ def stored_data_sets(srv):
     return {p.name.split(".", 1)[1]: dataset_bytes(p) for p in srv.stored_files()}
 
 
-def start_unmanaged(minipacs, root, port=None):
-    """A Server-making function for tests that kill theirs themselves."""
-    def start(extra, store, **kwargs):
-        return Server(minipacs, store, extra, port=port, **kwargs).start()
-    return start
-
-
 # --- destinations ----------------------------------------------------------
-
-class Orthanc:
-    """Debian's Orthanc as the hospital PACS, on its own ports and folders;
-    it can be stopped and started again on the same ones."""
-
-    def __init__(self, root, aetitle="PACS", sync=False):
-        self.root = pathlib.Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.http = free_port()
-        self.dicom = free_port()
-        self.aetitle = aetitle
-        config = {
-            "Name": "minipacs-forward-test",
-            "StorageDirectory": str(self.root / "db"),
-            "IndexDirectory": str(self.root / "db"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": aetitle,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "Plugins": [],
-            "DicomCheckCalledAet": True,
-            "DicomAlwaysAllowStore": True,
-            # Off, Orthanc takes hundreds of objects a second; on (its
-            # default), some 20 to 50.
-            "SyncStorageArea": sync,
-        }
-        (self.root / "orthanc.json").write_text(json.dumps(config))
-        self.proc = None
-        self.start()
-
-    def start(self):
-        self.log = open(self.root / "orthanc.log", "ab")
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(self.root / "orthanc.json")],
-                                     stdout=self.log, stderr=self.log, cwd=self.root, env=dcmtk_env())
-        wait_port(self.http, self.proc, timeout=60)
-        wait_port(self.dicom, self.proc, timeout=60)
-
-    def get(self, path, raw=False):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=60) as r:
-            data = r.read()
-        return data if raw else json.loads(data)
-
-    def count(self):
-        return self.get("/statistics")["CountInstances"]
-
-    def instances(self):
-        """{SOP Instance UID: Orthanc id}."""
-        return {i["MainDicomTags"]["SOPInstanceUID"]: i["ID"] for i in self.get("/instances?expand")}
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-        self.log.close()
-
 
 class Scp:
     """A pynetdicom storage SCP that records what it receives (SOP Instance
@@ -254,7 +148,7 @@ class Scp:
 # --- the tests -------------------------------------------------------------
 
 def test_300_objects_forwarded_to_orthanc_byte_identical(server_factory, tmp_path):
-    orthanc = Orthanc(tmp_path / "orthanc")
+    orthanc = Orthanc(tmp_path / "orthanc", aetitle="PACS", sync=False, http_timeout=60)
     try:
         srv = serve(server_factory, tmp_path / "mp", {"PACS": orthanc.dicom}, [{"to": "PACS"}])
         files = corpus(tmp_path / "src", 300, "1", studies=4)
@@ -285,7 +179,7 @@ def test_300_objects_forwarded_to_orthanc_byte_identical(server_factory, tmp_pat
         at_orthanc = orthanc.instances()
         assert sorted(at_orthanc) == sorted(stored)
         for uid, oid in at_orthanc.items():
-            assert data_set_of(orthanc.get(f"/instances/{oid}/file", raw=True)) == stored[uid], uid
+            assert data_set_of(orthanc.rest("GET", f"/instances/{oid}/file", raw=True)) == stored[uid], uid
 
         lines = wait_audited(srv, 300)
         assert len(lines) == 300, lines[-3:]
@@ -308,7 +202,7 @@ def test_orthanc_stopped_mid_stream_gets_everything_when_back(server_factory, tm
     growing pauses (2, 4, 8, 16 s less jitter), not in a loop. Every object
     arrives, each is delivered once as far as minipacs knows, and the status
     line and the log say what happened."""
-    orthanc = Orthanc(tmp_path / "orthanc", sync=True)
+    orthanc = Orthanc(tmp_path / "orthanc", aetitle="PACS", sync=True, http_timeout=60)
     down_for = 20
     total = 200
     try:
@@ -382,22 +276,18 @@ def test_kill_9_mid_forward_then_restart_delivers_everything(minipacs, tmp_path)
     root = tmp_path / "mp"
     try:
         files = corpus(tmp_path / "src", 200, "4", studies=2)
-        srv = serve(start_unmanaged(minipacs, root), root, {"SLOWPACS": dest.port}, [{"to": "SLOWPACS"}])
+        srv = serve(start_unmanaged(minipacs), root, {"SLOWPACS": dest.port}, [{"to": "SLOWPACS"}])
         try:
             storescu(srv.port, [f for f, _ in files])
             stored = stored_data_sets(srv)
             wait_until(lambda: len(dest.uids()) >= 40, 30, why=lambda: srv.logs()[-3000:])
-            worker = srv.worker_pid()
-            os.kill(worker, signal.SIGKILL)
-            srv.proc.kill()
-            srv.proc.wait()
-            wait_until(lambda: not os.path.exists(f"/proc/{worker}"), 10, why="the worker outlived its keeper")
+            kill_9(srv)
         finally:
             srv.stop()
         before = len(dest.uids())
         print(f"\nkilled after {before} of 200 objects had arrived")
         assert before < 200, "everything was sent before the kill"
-        again = serve(start_unmanaged(minipacs, root, port=srv.port), root, {"SLOWPACS": dest.port},
+        again = serve(start_unmanaged(minipacs, port=srv.port), root, {"SLOWPACS": dest.port},
                       [{"to": "SLOWPACS"}])
         try:
             wait_until(lambda: counts(again).get(("SLOWPACS", "done"), 0) == 200, 60,

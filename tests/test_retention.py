@@ -12,7 +12,6 @@ the reserve refuses with A700 and the log and status say why. With no
 """
 
 import datetime
-import json
 import os
 import subprocess
 import threading
@@ -22,7 +21,8 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, StoragePresentationContexts, evt
 
-from conftest import free_port, make_ct
+import conftest
+from conftest import audit, free_port, make_ct, wait_until, write_config
 
 ROOT_UID = "1.2.826.0.1.3680043.10.142"
 FS_MIB = 48
@@ -38,13 +38,6 @@ RATE = 16
 
 
 # --- helpers ---------------------------------------------------------------
-
-def wait_until(what, timeout, every=0.05, why=""):
-    deadline = time.monotonic() + timeout
-    while not what():
-        assert time.monotonic() < deadline, why() if callable(why) else why
-        time.sleep(every)
-
 
 @pytest.fixture
 def small_fs(tmp_path):
@@ -105,36 +98,15 @@ def make_studies(folder, n, tag):
     return out
 
 
-def write_config(root, store, peers=None, forwards=(), retention=True):
-    text = (f'output_directory = "{store}"\n'
-            f'log_directory = "{root / "logs"}"\n')
-    if retention:
-        text += f"[retention]\nkeep_free_percent = {KEEP_FREE}\n"
-    for ae, port in (peers or {}).items():
-        text += f'[[peer]]\naetitle = "{ae}"\nhost = "127.0.0.1"\nport = {port}\n'
-    for rule in forwards:
-        text += "[[forward]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
-    cfg = root / "minipacs.toml"
-    cfg.write_text(text)
-    return cfg
+RETENTION = f"[retention]\nkeep_free_percent = {KEEP_FREE}\n"
 
 
 def serve(server_factory, tmp_path, store_fs, peers=None, forwards=()):
-    cfg = write_config(tmp_path, store_fs / "store", peers, forwards)
-    srv = server_factory(["--config", str(cfg)], store=store_fs / "store")
-    srv.cfg = cfg
+    """minipacs with [retention] on, its store on `store_fs`, its
+    configuration and logs in `tmp_path`."""
+    srv = conftest.serve(server_factory, tmp_path, peers, forwards, more=RETENTION, store=store_fs / "store")
     srv.fs = store_fs
-    srv.audit_path = tmp_path / "logs" / "audit.jsonl"
-    srv.status_path = tmp_path / "logs" / "status.txt"
     return srv
-
-
-def audit(srv, event):
-    try:
-        text = srv.audit_path.read_text()
-    except FileNotFoundError:
-        return []
-    return [line for line in map(json.loads, text.splitlines()) if line.get("event") == event]
 
 
 def parse_time(text):
@@ -302,7 +274,7 @@ def test_without_forward_rules_the_oldest_studies_go(small_fs, server_factory, t
     """No [[forward]] rule: `config check` says retention deletes outright,
     and it does, oldest first, with nothing refused."""
     (tmp_path / "probe").mkdir()
-    probe = write_config(tmp_path / "probe", tmp_path / "probe" / "store")
+    probe = write_config(tmp_path / "probe", more=RETENTION)
     r = subprocess.run([minipacs, "config", "check", str(probe)], capture_output=True, text=True)
     out = r.stdout + r.stderr
     print(f"\nconfig check: {out.strip()}")

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove as STUDY_ROOT_MOVE,
 )
 
-from conftest import Server, dataset_bytes, dcmtk, dcmtk_env, free_port, open_for_other_user, wait_port
+from conftest import Orthanc, Server, dataset_bytes, dcmtk, dcmtk_env, free_port, open_for_other_user, wait_port
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -409,52 +409,10 @@ def test_each_retrieve_is_audited(pacs):
     assert last["status"] == "0000"
 
 
-class Orthanc:
-    """Debian's Orthanc, run by hand with its own ports and folders."""
-
-    def __init__(self, root, dicom_port, minipacs_port):
-        self.root = pathlib.Path(root)
-        self.http = free_port()
-        self.dicom = dicom_port
-        self.aetitle = "ORTHANC"
-        config = {
-            "Name": "minipacs-test",
-            "StorageDirectory": str(self.root / "db"),
-            "IndexDirectory": str(self.root / "db"),
-            "HttpPort": self.http,
-            "DicomPort": self.dicom,
-            "DicomAet": self.aetitle,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "Plugins": [],
-            "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomModalities": {"minipacs": ["MINIPACS", "127.0.0.1", minipacs_port]},
-            "DicomScuTimeout": 30,
-        }
-        self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "orthanc.json").write_text(json.dumps(config))
-        self.log = open(self.root / "orthanc.log", "wb")
-        self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(self.root / "orthanc.json")],
-                                     stdout=self.log, stderr=self.log, cwd=self.root, env=dcmtk_env())
-        wait_port(self.http, self.proc, timeout=60)
-        wait_port(self.dicom, self.proc, timeout=60)
-
-    def rest(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, method=method)
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read() or b"null")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-
-
 def test_orthanc_queries_minipacs_and_pulls_a_study_with_c_move(pacs, tmp_path):
     srv, records, stored, _dest = pacs
-    orthanc = Orthanc(tmp_path / "orthanc", srv.orthanc_port, srv.port)
+    orthanc = Orthanc(tmp_path / "orthanc", dicom_port=srv.orthanc_port,
+                      modalities={"minipacs": ("MINIPACS", srv.port)}, check_called_aet=False)
     try:
         assert orthanc.rest("POST", "/modalities/minipacs/echo", {}) == {}
         study = records[0]["study"]
