@@ -23,7 +23,7 @@ Set-up
     (default down 60 s every 300 s), then started again.
   * The sender: --rate studies a second (default 1), each 1 to 4 CT objects
     of 256 KiB to 1 MiB of random pixels, each study sent by one dcmtk
-    storescu -v (TCP_NODELAY=1). Its log says the status of each object in
+    storescu -v -nh (TCP_NODELAY=1; -nh: go on after a refusal). Its log says the status of each object in
     order: an object is acknowledged when it got success. Object files
     are deleted once sent; only their data set SHA-256 is kept.
 
@@ -319,7 +319,7 @@ class Soak:
             sent.append(SentObject(ds.SOPInstanceUID, study, data_set_sha256(path), 0.0))
         log = self.workdir / "storescu.log"
         started = time.time()
-        done = subprocess.run([STORESCU, "-v", "-aet", "SOAKSCU", "-aec", AE, "127.0.0.1",
+        done = subprocess.run([STORESCU, "-v", "-nh", "-aet", "SOAKSCU", "-aec", AE, "127.0.0.1",
                                str(self.port), *map(str, files)], env=dcmtk_env(),
                               capture_output=True, text=True, timeout=SEND_TIMEOUT_S)
         output = done.stdout + done.stderr  # dcmtk logs to stderr
@@ -581,6 +581,16 @@ class Soak:
         ]
         for name, value in rows:
             print(f"  {name:<34} {value}")
+        for down, up in self.dest_state.windows:
+            during = [o.sent_at for o in self.objects if not o.acknowledged
+                      and down <= o.sent_at < (up or float("inf"))]
+            after = [o.sent_at - up for o in self.objects if not o.acknowledged
+                     and up is not None and o.sent_at >= up]
+            after = [a for a in after if a < args.dest_period - args.dest_down]
+            print(f"  DEST down {time.strftime('%H:%M:%S', time.localtime(down))} for "
+                  f"{(up or down) - down:.0f} s: {len(during)} refused while down, "
+                  f"{len(after)} after it was back"
+                  + (f", the last {max(after):.0f} s after" if after else ""))
         print(f"\nFlatness (warm-up: the first {warmup:.0f} s; limit = warm-up max x "
               f"{FLAT_FACTOR} + constant)")
         print(f"  {'':<18} {'warm-up max':>12} {'later max':>10} {'last':>10} {'limit':>10}")
