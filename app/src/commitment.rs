@@ -37,7 +37,7 @@ use dimse::uid::{self, Uid};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::forward::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::index::commitment as rows;
 use crate::index::writer::Recorder;
 use crate::index::Index;

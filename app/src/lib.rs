@@ -7,6 +7,7 @@
 //! writer, `net` the listener and its bounds, `config` the configuration
 //! model, `send` the SCU commands.
 
+pub mod backoff;
 pub mod ca;
 pub mod commitment;
 pub mod config;

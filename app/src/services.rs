@@ -41,8 +41,8 @@ pub struct Stats {
     pub bytes_stored: AtomicU64,
     /// data set bytes received since start, counted as each fragment
     /// arrives (stored or not): the forwarder watches it to give way to
-    /// receiving (see `crate::forward`)
-    pub bytes_received: AtomicU64,
+    /// receiving (see `crate::forward`), which holds this counter too
+    pub bytes_received: Arc<AtomicU64>,
     /// the last failure, for status reports
     pub last_error: std::sync::Mutex<String>,
 }

@@ -6,7 +6,7 @@
 //! its queue oldest first, many objects per association, each data set
 //! streamed from its file with its bytes as stored, and records every
 //! outcome in the index: delivered, failed for good (kept and shown), or
-//! to be tried again after a pause that grows ([`backoff`]). Delivery is
+//! to be tried again after a pause that grows ([`crate::backoff`]). Delivery is
 //! at least once: an object the destination stored and the process died
 //! before recording is sent again, never lost.
 //!
@@ -22,7 +22,6 @@
 //! took alone while the workers shared the service's threads at full
 //! pace; the low priority alone brought that to 1.20-1.28x and 1.44-1.76x.
 
-pub mod backoff;
 mod worker;
 
 use std::collections::HashMap;
@@ -56,9 +55,9 @@ struct Shared {
     /// the service's priority, so that a low-priority thread never holds
     /// the index's write lock while the receive path's writer waits for it
     service: tokio::runtime::Handle,
-    /// data set bytes received so far (`Stats::bytes_received`): when it
+    /// data set bytes received so far (the service's counter): when it
     /// moves during a send, objects are arriving
-    inbound: Arc<crate::services::Stats>,
+    inbound: Arc<std::sync::atomic::AtomicU64>,
     index: Arc<Index>,
     root: Arc<Folder>,
     peers: Arc<Peers>,
@@ -94,9 +93,7 @@ impl Shared {
 
     /// Data set bytes received by the service so far.
     fn received(&self) -> u64 {
-        self.inbound
-            .bytes_received
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.inbound.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn update(&self, destination: &str, change: impl FnOnce(&mut DestinationState)) {
@@ -168,7 +165,7 @@ impl Forwarder {
     /// service's runtime.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        inbound: Arc<crate::services::Stats>,
+        inbound: Arc<std::sync::atomic::AtomicU64>,
         index: Arc<Index>,
         root: Arc<Folder>,
         peers: Arc<Peers>,

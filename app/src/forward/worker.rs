@@ -12,7 +12,7 @@
 //! A failure is either the destination's for now (refused or lost
 //! connection, A-ASSOCIATE-RJ, A-ABORT, a timeout, an A7xx "out of
 //! resources" status): the entry stays queued and the worker pauses
-//! ([`super::backoff`]) before it tries again; or the object's for good (the
+//! ([`crate::backoff`]) before it tries again; or the object's for good (the
 //! destination does not take its SOP class or transfer syntax, answers a
 //! failure status the standard calls permanent, or the file cannot be
 //! read): the entry is marked failed, shown, and not tried again.
@@ -27,8 +27,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::backoff::Backoff;
 use super::Shared;
+use crate::backoff::Backoff;
 use crate::index::queue::{Outcome, Pending};
 use crate::index::retrieve::Stored;
 use crate::logs::ForwardRecord;

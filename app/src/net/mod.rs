@@ -237,7 +237,7 @@ impl Service {
         // found).
         let forwarder = match (&receiver.index, store.root().try_clone()) {
             (Some(index), Ok(root)) => match crate::forward::Forwarder::new(
-                Arc::clone(&stats),
+                Arc::clone(&stats.bytes_received),
                 Arc::clone(index),
                 Arc::new(root),
                 Arc::clone(&receiver.peers),

@@ -1,7 +1,7 @@
-//! How long a destination's worker waits before trying again after a
-//! transient failure: exponential, from [`FIRST`] doubling to [`CAP`], with
-//! jitter so that devices that lost the same PACS do not all come back in
-//! the same second.
+//! How long to wait before trying a peer again after a transient failure
+//! (a forward destination, a storage commitment requester): exponential,
+//! from [`FIRST`] doubling to [`CAP`], with jitter so that devices that lost
+//! the same PACS do not all come back in the same second.
 
 use std::time::Duration;
 
