@@ -23,7 +23,8 @@ included):
     ACSE timeout and the oldest pending ones beyond max_pending_connections
     (that is expected), and each one dropped is opened again 1 s later
     (--reopen-delay), so the pending set stays full and churning. The
-    point is that no real sender is ever turned away because of them;
+    point is that no real sender is ever turned away because of them
+    (--max-pending N sets max_pending_connections, to compare);
   * a viewer: one association (the raw C-FIND SCU of qr.py, in a child
     process so that no other thread here delays it) asking a C-FIND every
     second for the instances of a reference series of 20 objects stored
