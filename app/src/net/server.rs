@@ -255,9 +255,10 @@ impl Listener {
         // failed handshake.
         let mut first = [0u8; 1];
         let peeked = tokio::select! {
+            biased;
+            r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
             _ = &mut evicted => return self.dropped_to_make_room(addr),
             _ = shutdown.cancelled() => return info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ"),
-            r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
         };
         match peeked {
             Ok(Ok(1..)) if first[0] == 0x01 => {
@@ -342,13 +343,18 @@ impl Listener {
         } = pending;
         let started = Instant::now();
         let limits = self.bounds.limits();
+        // Biased towards the request: a connection whose A-ASSOCIATE-RQ has
+        // arrived is a sender, not a silent one, and is not dropped to make
+        // room when both are ready (a burst of silent connections evicted
+        // such a sender now and then in the load benchmark).
         let rq = tokio::select! {
+            biased;
+            rq = tokio::time::timeout_at(deadline, scp::read_associate_rq(&mut stream)) => rq,
             _ = &mut evicted => return self.dropped_to_make_room(addr),
             _ = shutdown.cancelled() => {
                 info!(peer = %addr, "stopping: dropped a connection without A-ASSOCIATE-RQ");
                 return;
             }
-            rq = tokio::time::timeout_at(deadline, scp::read_associate_rq(&mut stream)) => rq,
         };
         drop(ticket);
         let rq = match rq {
