@@ -38,6 +38,43 @@ const TICK: Duration = Duration::from_millis(250);
 /// Candidates read per query.
 const CANDIDATES: usize = 32;
 
+/// Whether retention needs the queue to move: set while free space is
+/// short and nothing may be deleted because everything waits for
+/// forwarding. The forwarder's workers then pause at most [`URGENT_PAUSE`]
+/// between attempts instead of up to five minutes, and are woken when it
+/// is set, so that a destination that comes back is found within seconds
+/// while the store refuses objects.
+#[derive(Default)]
+pub struct RoomWanted {
+    wanted: std::sync::atomic::AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+/// The longest pause between a forward worker's attempts while
+/// [`RoomWanted`] is set.
+pub const URGENT_PAUSE: Duration = Duration::from_secs(5);
+
+impl RoomWanted {
+    /// Whether room is wanted now.
+    pub fn is_wanted(&self) -> bool {
+        self.wanted.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Signalled when room becomes wanted.
+    pub fn changed(&self) -> &tokio::sync::Notify {
+        &self.changed
+    }
+
+    fn set(&self, wanted: bool) {
+        let was = self
+            .wanted
+            .swap(wanted, std::sync::atomic::Ordering::Relaxed);
+        if wanted && !was {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
 /// Retention for one store.
 pub struct Retention {
     index: Arc<Index>,
@@ -46,6 +83,8 @@ pub struct Retention {
     policy: Mutex<Option<RetentionConfig>>,
     /// why the last sweep could not make room, for the status line
     blocked: Mutex<Option<String>>,
+    /// told whether the queue must move for room to be made
+    room: Arc<RoomWanted>,
 }
 
 impl Retention {
@@ -55,6 +94,7 @@ impl Retention {
         store: Arc<Store>,
         audit: Option<Arc<Audit>>,
         policy: Option<RetentionConfig>,
+        room: Arc<RoomWanted>,
     ) -> Retention {
         store.watch_free_space(policy.as_ref().map_or(0, |p| p.keep_free_percent));
         Retention {
@@ -63,6 +103,7 @@ impl Retention {
             audit,
             policy: Mutex::new(policy),
             blocked: Mutex::default(),
+            room,
         }
     }
 
@@ -159,6 +200,7 @@ impl Retention {
                 "retention cannot make room"
             );
         }
+        self.room.set(why.is_some());
         *blocked = why;
     }
 

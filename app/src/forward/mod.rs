@@ -55,6 +55,9 @@ struct Shared {
     /// the service's priority, so that a low-priority thread never holds
     /// the index's write lock while the receive path's writer waits for it
     service: tokio::runtime::Handle,
+    /// retention's word that the store is short of room and waits for the
+    /// queue: pauses are kept short then
+    room: Arc<crate::retention::RoomWanted>,
     /// data set bytes received so far (the service's counter): when it
     /// moves during a send, objects are arriving
     inbound: Arc<std::sync::atomic::AtomicU64>,
@@ -165,6 +168,7 @@ impl Forwarder {
     /// service's runtime.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
+        room: Arc<crate::retention::RoomWanted>,
         inbound: Arc<std::sync::atomic::AtomicU64>,
         index: Arc<Index>,
         root: Arc<Folder>,
@@ -187,6 +191,7 @@ impl Forwarder {
         Ok(Forwarder {
             shared: Arc::new(Shared {
                 service: tokio::runtime::Handle::current(),
+                room,
                 inbound,
                 index,
                 root,

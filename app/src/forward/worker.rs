@@ -136,7 +136,7 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
                         Some(oldest) => transient(&shared, &destination, oldest, &why).await,
                         None => mark_retrying(&shared, &destination, &why),
                     }
-                    if pause(backoff.failed(), &stop).await {
+                    if retry_pause(&shared, backoff.failed(), &stop).await {
                         break;
                     }
                     continue;
@@ -205,7 +205,7 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
                     }
                 }
                 mark_retrying(&shared, &destination, &why);
-                if pause(backoff.failed(), &stop).await {
+                if retry_pause(&shared, backoff.failed(), &stop).await {
                     break;
                 }
             }
@@ -214,6 +214,22 @@ pub(super) async fn run(shared: Arc<Shared>, destination: String, stop: Cancella
     }
     if let Some(last) = open {
         release(last).await;
+    }
+}
+
+/// The pause before the next attempt after a transient failure: `d`, but
+/// at most [`crate::retention::URGENT_PAUSE`] while retention waits for
+/// the queue to make room (and cut short when it starts to). Returns
+/// whether `stop` came.
+async fn retry_pause(shared: &Shared, d: Duration, stop: &CancellationToken) -> bool {
+    let urgent = crate::retention::URGENT_PAUSE;
+    if shared.room.is_wanted() {
+        return pause(d.min(urgent), stop).await;
+    }
+    let wanted = shared.room.changed().notified();
+    tokio::select! {
+        stopped = pause(d, stop) => stopped,
+        _ = wanted => pause(urgent.min(d), stop).await,
     }
 }
 

@@ -232,11 +232,14 @@ impl Service {
             dimse_timeout: Duration::from_secs(config.dimse_timeout),
             commitments: commitments.clone(),
         });
+        // Retention tells the forwarder when the store waits for the queue.
+        let room = Arc::new(crate::retention::RoomWanted::default());
         // Store and forward: a worker per destination, from the index's
         // queue (which the catch-up above has already filled for files it
         // found).
         let forwarder = match (&receiver.index, store.root().try_clone()) {
             (Some(index), Ok(root)) => match crate::forward::Forwarder::new(
+                Arc::clone(&room),
                 Arc::clone(&stats.bytes_received),
                 Arc::clone(index),
                 Arc::new(root),
@@ -359,6 +362,7 @@ impl Service {
                 Arc::clone(&store),
                 audit.clone(),
                 config.retention.clone(),
+                Arc::clone(&room),
             ))
         });
         if let Some(retention) = &retention {
