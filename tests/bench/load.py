@@ -54,7 +54,6 @@ by the server and opened again.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing
 import os
@@ -69,13 +68,12 @@ import threading
 import time
 from pathlib import Path
 
-from procs import (BenchError, Children, cpu_seconds, dcmtk_env, proc_kib, process_tree, tail,
-                   wait_listening)
+from procs import (BenchError, Children, cpu_seconds, data_set_sha256, dcmtk_env, free_ports,
+                   proc_kib, process_tree, tail, wait_listening)
 from receive import MINIPACS, STORESCU, header_dataset, prepare_certificates, write_object
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # dul.py and conftest.py
-from conftest import data_set_offset  # noqa: E402
 from qr import STUDY_ROOT_FIND, Peer, Query, RawFind  # noqa: E402
 from pydicom.uid import generate_uid  # noqa: E402
 
@@ -98,25 +96,6 @@ COLUMNS = 128  # 256 bytes a row of 16-bit pixels
 # the start of a ClientHello: the server's TLS library waits for the rest.
 PARTIAL_CLIENT_HELLO = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xFC, 0x03, 0x03,
                               0x5A, 0x5A, 0x5A, 0x5A, 0x5A])
-
-
-def free_ports(count: int) -> list[int]:
-    found = []
-    for port in PORT_RANGE:
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == count:
-            return found
-    raise BenchError(f"not {count} free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
-
-
-def data_set_sha256(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha256(memoryview(data)[data_set_offset(path, data):]).hexdigest()
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -431,7 +410,7 @@ def run(args: argparse.Namespace, workdir: Path, children: Children) -> int:
     run_dir = workdir / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir()
-    plain, tls_port = free_ports(2)
+    plain, tls_port = free_ports(PORT_RANGE, 2)
     server_log = run_dir / "serve.log"
     server = children.start([MINIPACS, "serve", "--config",
                              config(run_dir, plain, tls_port, certs, args.senders,

@@ -4,8 +4,10 @@ time and memory from /proc. One copy, so that both measure alike."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -147,3 +149,28 @@ def proc_kib(path: str, key: str) -> int:
     except OSError:
         pass
     return 0
+
+
+def free_ports(port_range: range, count: int) -> list[int]:
+    """`count` ports of `port_range` nobody is bound to now."""
+    found = []
+    for port in port_range:
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        found.append(port)
+        if len(found) == count:
+            return found
+    raise BenchError(f"not {count} free ports in {port_range.start}-{port_range.stop - 1}")
+
+
+def data_set_sha256(path: Path) -> str:
+    """SHA-256 of a Part-10 file's data set (the bytes after its meta
+    group), as the tests compare stored objects."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/conftest.py
+    from conftest import data_set_offset
+    data = path.read_bytes()
+    return hashlib.sha256(memoryview(data)[data_set_offset(path, data):]).hexdigest()

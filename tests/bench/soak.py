@@ -71,7 +71,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -80,14 +79,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from procs import (BenchError, Children, dcmtk_env, proc_kib, process_tree, tail,
-                   wait_listening)
+from procs import (BenchError, Children, data_set_sha256, dcmtk_env, free_ports, proc_kib,
+                   process_tree, tail, wait_listening)
 from pydicom.uid import generate_uid
 from receive import MINIPACS, STORESCU, header_dataset, write_object
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))  # conftest.py
-from conftest import data_set_offset  # noqa: E402
 
 AE = "MINIPACS"
 DEST_AE = "DEST"
@@ -137,25 +135,6 @@ def destination(port: int, records: Path) -> None:
 # --------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    found = []
-    for port in PORT_RANGE:
-        with socket.socket() as s:
-            try:
-                s.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-        found.append(port)
-        if len(found) == count:
-            return found
-    raise BenchError(f"not {count} free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
-
-
-def data_set_sha256(path: Path) -> str:
-    data = path.read_bytes()
-    return hashlib.sha256(memoryview(data)[data_set_offset(path, data):]).hexdigest()
 
 
 def file_size(path: Path) -> int:
@@ -398,8 +377,7 @@ class Soak:
     # -- the run ------------------------------------------------------------
 
     def run(self) -> int:
-        args = self.args
-        self.port, self.dest_port = free_ports(2)
+        self.port, self.dest_port = free_ports(PORT_RANGE, 2)
         shutil.rmtree(self.outbox, ignore_errors=True)
         shutil.rmtree(self.logs, ignore_errors=True)
         for path in (self.records, self.workdir / "storescu.log", self.workdir / "dest.log"):
