@@ -149,6 +149,115 @@ pub struct Config {
     /// card from filling. Off when absent. Applied without a restart.
     #[serde(default)]
     pub retention: Option<RetentionConfig>,
+    /// The device's clock (`[time]`). Applied by the system
+    /// ([`crate::system`]), not by the service: a change neither restarts
+    /// nor reconfigures it.
+    #[serde(default)]
+    pub time: TimeConfig,
+    /// The device's network address (`[network]`). Applied by the system
+    /// ([`crate::system`]), which rolls a change back when it leaves the
+    /// device without a link.
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+/// `[time]`: where the device's clock comes from. A Pi has no real-time
+/// clock; without a reachable NTP server the clock only ever moves forward
+/// from its last saved value, and certificates issued since look "not yet
+/// valid".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeConfig {
+    /// NTP servers (host names or addresses), e.g. the hospital's own;
+    /// empty: the image's default (Debian's public pool)
+    #[serde(default)]
+    pub ntp: Vec<String>,
+}
+
+/// `[network]`: the wired interface's address. Unset `address`: DHCP.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// a static address with its prefix length (`192.0.2.10/24`); unset:
+    /// the address, gateway and DNS servers come from DHCP
+    #[serde(default)]
+    pub address: Option<InterfaceAddress>,
+    /// the default gateway (with a static address)
+    #[serde(default)]
+    pub gateway: Option<IpAddr>,
+    /// DNS servers (with DHCP: in addition to the ones it gives)
+    #[serde(default)]
+    pub dns: Vec<IpAddr>,
+    /// the device's host name; unset: `minipacs`
+    #[serde(default)]
+    pub hostname: Option<String>,
+}
+
+/// An interface address and its prefix length, written `192.0.2.10/24`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct InterfaceAddress {
+    /// the address
+    pub ip: IpAddr,
+    /// the prefix length (the netmask's bits)
+    pub prefix: u8,
+}
+
+impl InterfaceAddress {
+    /// Whether `other` is on this address's own network (the gateway must be).
+    pub fn contains(&self, other: IpAddr) -> bool {
+        let bits = u32::from(self.prefix);
+        match (self.ip, other) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                let mask = u32::MAX.checked_shl(32 - bits).unwrap_or(0);
+                u32::from(a) & mask == u32::from(b) & mask
+            }
+            (IpAddr::V6(a), IpAddr::V6(b)) => {
+                let mask = u128::MAX.checked_shl(128 - bits).unwrap_or(0);
+                u128::from(a) & mask == u128::from(b) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl TryFrom<String> for InterfaceAddress {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let wrong = || {
+            format!("{text:?} is not an address with its prefix length (e.g. \"192.0.2.10/24\")")
+        };
+        let (ip, prefix) = text.split_once('/').ok_or_else(wrong)?;
+        let ip: IpAddr = ip.trim().parse().map_err(|_| wrong())?;
+        let prefix: u8 = prefix.trim().parse().map_err(|_| wrong())?;
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        if prefix == 0 || prefix > max {
+            return Err(format!("{text:?}: the prefix length must be 1 to {max}"));
+        }
+        Ok(InterfaceAddress { ip, prefix })
+    }
+}
+
+impl From<InterfaceAddress> for String {
+    fn from(a: InterfaceAddress) -> String {
+        a.to_string()
+    }
+}
+
+impl fmt::Display for InterfaceAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.ip, self.prefix)
+    }
+}
+
+/// The keys applied by the system rather than the service
+/// ([`crate::system`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SystemConfig {
+    /// `[time]`
+    pub time: TimeConfig,
+    /// `[network]`
+    pub network: NetworkConfig,
 }
 
 /// One `[[forward]]` rule: stored objects it matches are queued for a
@@ -540,10 +649,16 @@ impl Config {
         (!changed.is_empty()).then(|| changed.join(", "))
     }
 
-    /// Every key, classified: applied while serving, or read at start-up.
-    /// The destructure names every field (no `..`), so a key added to
-    /// `Config` or `TlsConfig` does not compile until it is put here.
-    fn split(&self) -> (LiveConfig, RestartConfig) {
+    /// The keys the system applies (`[time]`, `[network]`).
+    pub fn system(&self) -> SystemConfig {
+        self.split().2
+    }
+
+    /// Every key, classified: applied while serving, read at start-up, or
+    /// applied by the system. The destructure names every field (no `..`),
+    /// so a key added to `Config` or `TlsConfig` does not compile until it
+    /// is put here.
+    fn split(&self) -> (LiveConfig, RestartConfig, SystemConfig) {
         let Config {
             // No effect of its own: the profile's values are in the other
             // keys (and the running configuration keeps the name for log
@@ -592,6 +707,8 @@ impl Config {
             forward,
             commitment_timeout,
             retention,
+            time,
+            network,
         } = self.clone();
         let live = LiveConfig {
             aetitle,
@@ -637,7 +754,7 @@ impl Config {
             tls_cipher_preference,
             tls_reload_check,
         };
-        (live, restart)
+        (live, restart, SystemConfig { time, network })
     }
 
     /// Every value problem, each with the key path it is about.
@@ -824,7 +941,66 @@ impl Config {
         if tls.reload_check == 0 || tls.reload_check > 3600 {
             bad("tls.reload_check", "must be 1 to 3600 s".into());
         }
+        for (i, server) in self.time.ntp.iter().enumerate() {
+            if let Err(m) = check_host_name(server) {
+                bad(&format!("time.ntp.{i}"), m);
+            }
+        }
+        let network = &self.network;
+        match (&network.address, network.gateway) {
+            (None, Some(_)) => bad(
+                "network.gateway",
+                "needs network.address: with DHCP the gateway comes from the DHCP server".into(),
+            ),
+            (Some(address), Some(gateway)) if !address.contains(gateway) => bad(
+                "network.gateway",
+                format!("{gateway} is not on {address}'s own network"),
+            ),
+            (Some(address), _)
+                if address.ip.is_loopback()
+                    || address.ip.is_multicast()
+                    || address.ip.is_unspecified() =>
+            {
+                bad(
+                    "network.address",
+                    format!("{} cannot be the device's address", address.ip),
+                )
+            }
+            _ => {}
+        }
+        if let Some(name) = &network.hostname {
+            let ok = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            if !ok {
+                bad(
+                    "network.hostname",
+                    format!("{name:?} is not a host name (letters, digits and inner hyphens, at most 63)"),
+                );
+            }
+        }
         problems
+    }
+}
+
+/// Checks a host name or address as a server's name (`[time] ntp`).
+fn check_host_name(name: &str) -> Result<(), String> {
+    if name.parse::<IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.len() <= 253 && name.split('.').all(label_ok) {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a host name or an address"))
     }
 }
 
@@ -1145,7 +1321,7 @@ const MAX_TYPE_PROBLEMS: usize = 64;
 /// The keys of `file` that no configuration has, each with its problem
 /// text: "unknown key", and the known key it most likely meant.
 fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
-    let tables: [(&str, &[&str]); 6] = [
+    let tables: [(&str, &[&str]); 8] = [
         (
             "",
             serde_aux::serde_introspection::serde_introspect::<Config>(),
@@ -1170,6 +1346,14 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
             "retention",
             serde_aux::serde_introspection::serde_introspect::<RetentionConfig>(),
         ),
+        (
+            "time",
+            serde_aux::serde_introspection::serde_introspect::<TimeConfig>(),
+        ),
+        (
+            "network",
+            serde_aux::serde_introspection::serde_introspect::<NetworkConfig>(),
+        ),
     ];
     let mut found = Vec::new();
     let mut check = |table: &toml::Table, at: Vec<Step>, name: &str| {
@@ -1186,7 +1370,7 @@ fn unknown_keys(file: &toml::Table) -> Vec<(Vec<Step>, String)> {
         }
     };
     check(file, Vec::new(), "");
-    for table in ["tls", "retention"] {
+    for table in ["tls", "retention", "time", "network"] {
         if let Some(toml::Value::Table(t)) = file.get(table) {
             check(t, steps(table), table);
         }
@@ -1223,7 +1407,7 @@ fn unknown_key_message(key: &str, table: &str, tables: &[(&str, &[&str])]) -> St
         Some(((distance, _), t, k)) if near_enough(distance) => {
             let section = match t {
                 "" => "the top, before any [section]".to_string(),
-                "tls" => "[tls]".to_string(),
+                "tls" | "retention" | "time" | "network" => format!("[{t}]"),
                 array => format!("[[{array}]]"),
             };
             let shown = if t.is_empty() {
@@ -1353,6 +1537,46 @@ mod tests {
         let empty = Config::from_toml("", "x.toml").expect("an empty file is the defaults");
         assert_eq!(empty, Config::default());
         assert_eq!(empty.port, 11112);
+    }
+
+    #[test]
+    fn time_and_network_are_checked_and_change_nothing_in_the_service() {
+        let text = "[time]\nntp = [\"ntp.hospital.example\", \"bad name\"]\n\
+                    [network]\naddress = \"192.0.2.10/33\"\ngatway = \"192.0.2.1\"\n";
+        let err = Config::from_toml(text, "x.toml").expect_err("invalid");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("line 2: time.ntp[1]: \"bad name\" is not a host name"),
+            "{shown}"
+        );
+        assert!(shown.contains("line 4: network.address"), "{shown}");
+        assert!(shown.contains("prefix length must be 1 to 32"), "{shown}");
+        assert!(
+            shown.contains("line 5: network.gatway: unknown key; did you mean gateway?"),
+            "{shown}"
+        );
+        let err = Config::from_toml("[network]\ngateway = \"192.0.2.1\"\n", "x.toml")
+            .expect_err("gateway without address");
+        assert!(err.to_string().contains("needs network.address"), "{err}");
+        let err = Config::from_toml(
+            "[network]\naddress = \"192.0.2.10/24\"\ngateway = \"198.51.100.1\"\nhostname = \"-x\"\n",
+            "x.toml",
+        )
+        .expect_err("gateway elsewhere");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("198.51.100.1 is not on 192.0.2.10/24's own network"),
+            "{shown}"
+        );
+        assert!(shown.contains("network.hostname"), "{shown}");
+        let fixed = Config::from_toml(
+            "[time]\nntp = [\"10.1.2.3\"]\n[network]\naddress = \"192.0.2.10/24\"\ngateway = \"192.0.2.1\"\n",
+            "x.toml",
+        )
+        .expect("valid");
+        assert_eq!(Config::default().restart_reason(&fixed), None);
+        assert_eq!(Config::default().live(), fixed.live());
+        assert_ne!(Config::default().system(), fixed.system());
     }
 
     #[test]

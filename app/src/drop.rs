@@ -148,13 +148,14 @@ fn handle(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
         return DropAction::None;
     }
     let _ = fs::remove_file(&dropped);
+    let system = system_note(running, &candidate);
     match running.restart_reason(&candidate) {
         None => {
             write_result(
                 &result_path,
                 "APPLIED",
                 &format!(
-                    "saved as {}; applied without a restart (associations in flight keep their settings)",
+                    "saved as {}; applied without a restart (associations in flight keep their settings){system}",
                     last_good.display()
                 ),
             );
@@ -166,13 +167,39 @@ fn handle(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
                 &result_path,
                 "APPLIED",
                 &format!(
-                    "saved as {}; the service restarts on it now ({why} changed; objects in flight finish first)",
+                    "saved as {}; the service restarts on it now ({why} changed; objects in flight finish first){system}",
                     last_good.display()
                 ),
             );
             info!(config = %last_good.display(), why, "new configuration from the drop folder; restarting");
             DropAction::Restart
         }
+    }
+}
+
+/// What the result file adds when `[time]` or `[network]` changed: the
+/// system applies those ([`crate::system`]), and may still roll a network
+/// change back.
+fn system_note(running: &Config, candidate: &Config) -> String {
+    let (old, new) = (running.system(), candidate.system());
+    let mut changed = Vec::new();
+    if old.time != new.time {
+        changed.push("[time]");
+    }
+    if old.network != new.network {
+        changed.push("[network]");
+    }
+    match changed.as_slice() {
+        [] => String::new(),
+        _ if old.network == new.network => {
+            format!("; {} applied by the system now", changed.join(" and "))
+        }
+        _ => format!(
+            "; {} applied by the system now: if the new network leaves the device without a \
+             link for {} s, the previous configuration comes back and this file says so",
+            changed.join(" and "),
+            crate::system::LINK_CHECK.as_secs()
+        ),
     }
 }
 
@@ -209,6 +236,14 @@ fn refuse(dropped: &Path, result_path: &Path, verdict: &str, why: &str) {
     let aside = dropped.with_extension("toml.rejected");
     let _ = fs::rename(dropped, aside);
     write_result(result_path, verdict, why);
+}
+
+/// Writes the configuration's result file in the drop folder `dir` from
+/// outside a drop's handling (a network change rolled back by
+/// [`crate::system`]), inside a write window of its own.
+pub fn report(dir: &Path, verdict: &str, detail: &str) {
+    let _window = crate::write_window::open();
+    write_result(&dir.join(format!("{CONFIG_DROP}.result")), verdict, detail);
 }
 
 fn write_result(path: &Path, verdict: &str, detail: &str) {

@@ -28,6 +28,7 @@ pub mod service;
 pub mod services;
 pub mod shutdown;
 pub mod store;
+pub mod system;
 pub mod timestamp;
 pub mod tls;
 pub mod write_window;

@@ -72,6 +72,24 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The device's own settings ([time], [network]), applied as root by
+    /// the image's minipacs-system.service.
+    System {
+        #[command(subcommand)]
+        command: SystemCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SystemCommand {
+    /// Write the NTP servers, the network and the host name the
+    /// configuration asks for, restart what reads them, and roll a network
+    /// change back when it leaves the device without a link.
+    Apply {
+        /// the configuration file (the last-good one)
+        #[arg(long, short = 'c', default_value = "/etc/minipacs/minipacs.toml")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -579,6 +597,9 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             let config = Config::load_with(store.config.as_deref(), top.0)?;
             queue_command(&config, command)
         }
+        Command::System {
+            command: SystemCommand::Apply { config },
+        } => system_apply(&config),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -595,6 +616,36 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// `minipacs system apply`: the outcome goes to the journal, and a
+/// roll-back also to the drop folder's result file, where the technician
+/// who dropped the configuration looks.
+fn system_apply(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use minipacs::system::{self, Outcome};
+    let report = system::apply(config, &system::Paths::device(), &mut system::Device)
+        .with_context(|| format!("applying [time] and [network] of {}", config.display()))?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    match report.outcome {
+        Outcome::Unchanged => println!("system settings already in force"),
+        Outcome::Applied(changed) => println!("system settings applied: {}", changed.join(", ")),
+        Outcome::RolledBack { why } => {
+            let detail = format!(
+                "the new [network] left the device without a link for {} s ({why}); the previous \
+                 configuration is back in force and saved again as {}",
+                system::LINK_CHECK.as_secs(),
+                config.display()
+            );
+            eprintln!("new network settings rolled back: {detail}");
+            match Config::load(config).ok().and_then(|c| c.drop_directory) {
+                Some(dir) => minipacs::drop::report(&dir, "ROLLED BACK", &detail),
+                None => eprintln!("no drop folder to write the result to"),
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Serves as one process (started as a normal user: no privilege
