@@ -366,3 +366,60 @@ def test_certificate_reload_under_load(server_factory, minipacs, pki, tmp_path):
     time.sleep(0.5)
     assert _served_serial(srv.tls_port, pki) == second
     assert srv.alive()
+
+
+def _valid_from_tomorrow(pki, name):
+    """A key and a certificate signed by the test CA that become valid
+    tomorrow: what a device whose clock is behind (no NTP since a power cut,
+    no real-time clock) makes of a certificate issued today."""
+    import datetime
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_key = serialization.load_pem_private_key((pki["ca"] / "private" / "cakey.pem").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(pki["cacert"].read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    tomorrow = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(tomorrow)
+        .not_valid_after(tomorrow + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key_path, cert_path = pki["root"] / f"{name}.key", pki["root"] / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path, tomorrow.strftime("%Y-%m-%dT")
+
+
+def test_a_client_certificate_from_the_future_is_blamed_on_the_clock(server_factory, pki, tmp_path):
+    srv = tls_server(server_factory, pki)
+    key, cert, day = _valid_from_tomorrow(pki, "futureclient")
+    src = make_ct(tmp_path / "f.dcm", "1.2.826.0.1.3680043.10.58.1")
+    r = storescu_tls(srv.tls_port, (key, cert), pki["cacert"], [src])
+    assert r.returncode != 0
+    logs = srv.wait_log("set [time] ntp")
+    line = next(l for l in logs.splitlines() if "set [time] ntp" in l)
+    assert "TLS handshake failed: the clock reads " in line, line
+    assert f"the client certificate is valid from {day}" in line, line
+    assert srv.stored_files() == []
+
+
+def test_a_server_certificate_from_the_future_is_blamed_on_the_clock(minipacs, pki, tmp_path):
+    key, cert, day = _valid_from_tomorrow(pki, "futureserver")
+    r = subprocess.run(
+        [minipacs, "serve", "--port", str(free_port()), "--tls", str(key), str(cert), "--tls-port", str(free_port()),
+         "--add-cert-file", str(pki["cacert"]), "--output-directory", str(tmp_path / "store"), "--log-directory", str(tmp_path / "logs")],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode != 0
+    assert f"{cert}: the clock reads " in r.stderr, r.stderr
+    assert f"the certificate is valid from {day}" in r.stderr and "set [time] ntp" in r.stderr, r.stderr

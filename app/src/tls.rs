@@ -71,6 +71,18 @@ pub enum TlsError {
         /// what is missing or wrong
         what: String,
     },
+    /// The certificate is not valid yet by this device's clock. On a
+    /// device without a real-time clock that is nearly always the clock
+    /// being behind (no NTP reached since a power cut), so it says so.
+    #[error("{path}: {}", clock_behind(clock, not_before, "the certificate"))]
+    ClockBehind {
+        /// the file
+        path: PathBuf,
+        /// the device's clock when it was checked
+        clock: String,
+        /// start of validity
+        not_before: String,
+    },
     /// The certificate is outside its validity period.
     #[error("{path}: certificate not valid now (valid {not_before} to {not_after})")]
     NotValidNow {
@@ -345,6 +357,48 @@ fn roots_of(cas: &[PemFile]) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// The words for a certificate that is not valid yet by this device's
+/// clock, wherever that is told (the log, the status line, a drop's
+/// result): what the clock reads, from when the certificate is valid, and
+/// the setting that fixes it.
+pub fn clock_behind(clock: &str, not_before: &str, which: &str) -> String {
+    format!(
+        "the clock reads {clock}, {which} is valid from {not_before}: set [time] ntp \
+         (the device's clock is behind)"
+    )
+}
+
+/// When a failed TLS handshake failed only because the peer's certificate
+/// is not valid yet by this device's clock, the words for it
+/// ([`clock_behind`]).
+pub fn handshake_clock_behind(error: &std::io::Error) -> Option<String> {
+    let inner = error.get_ref()?.downcast_ref::<rustls::Error>()?;
+    match inner {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYetContext {
+            time,
+            not_before,
+        }) => {
+            let at = |t: &rustls::pki_types::UnixTime| {
+                let secs = i64::try_from(t.as_secs()).unwrap_or(i64::MAX);
+                time::OffsetDateTime::from_unix_timestamp(secs)
+                    .map(|t| crate::timestamp::format(t, crate::timestamp::Precision::Seconds))
+                    .unwrap_or_else(|_| format!("{secs} s after 1970"))
+            };
+            Some(clock_behind(
+                &at(time),
+                &at(not_before),
+                "the client certificate",
+            ))
+        }
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidYet) => Some(
+            "the client certificate is not valid yet by the device's clock: set [time] ntp \
+             (the device's clock is behind)"
+                .into(),
+        ),
+        _ => None,
+    }
+}
+
 /// Describes a certificate and checks that it is valid now.
 pub fn check_leaf(path: &Path, der: &CertificateDer<'_>) -> Result<CertSummary, TlsError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| TlsError::Pem {
@@ -352,6 +406,20 @@ pub fn check_leaf(path: &Path, der: &CertificateDer<'_>) -> Result<CertSummary, 
         what: format!("unparsable certificate: {e}"),
     })?;
     let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < validity.not_before {
+        return Err(TlsError::ClockBehind {
+            path: path.to_path_buf(),
+            clock: crate::timestamp::format(
+                now.to_datetime(),
+                crate::timestamp::Precision::Seconds,
+            ),
+            not_before: crate::timestamp::format(
+                validity.not_before.to_datetime(),
+                crate::timestamp::Precision::Seconds,
+            ),
+        });
+    }
     if !validity.is_valid() {
         return Err(TlsError::NotValidNow {
             path: path.to_path_buf(),

@@ -295,6 +295,19 @@ impl Listener {
                 return;
             }
             Ok(Err(e)) => {
+                // A client certificate "not valid yet" on a device without
+                // a real-time clock: say it is the clock, where a
+                // technician looks (the status line too).
+                if let Some(words) = crate::tls::handshake_clock_behind(&e) {
+                    if let Ok(mut last) = self.shared.stats.last_error.lock() {
+                        last.clone_from(&words);
+                    }
+                    if self.bounds.record(addr) {
+                        self.audit_tls_failed(addr, &words);
+                        warn!(peer = %addr, "TLS handshake failed: {words}");
+                    }
+                    return;
+                }
                 if self.bounds.record(addr) {
                     self.audit_tls_failed(addr, &e);
                     warn!(peer = %addr, error = %e, "TLS handshake failed");
