@@ -343,6 +343,50 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_from_the_future_is_blamed_on_the_clock() {
+        let (dir, running, last_good) = setup();
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params =
+            rcgen::CertificateParams::new(vec!["pacs.example".into()]).expect("params");
+        params.not_before = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        params.not_after = params.not_before + time::Duration::days(30);
+        let cert = params.self_signed(&key).expect("certificate");
+        let (key_path, cert_path) = (dir.path().join("k.pem"), dir.path().join("c.pem"));
+        fs::write(&key_path, key.serialize_pem()).expect("key file");
+        fs::write(&cert_path, cert.pem()).expect("cert file");
+        let text = format!(
+            "output_directory = {:?}\n[tls]\nkey = {key_path:?}\ncert = {cert_path:?}\n",
+            running.output_directory
+        );
+        fs::write(dir.path().join(CONFIG_DROP), text).expect("write");
+        assert_eq!(look(dir.path(), &running, &last_good), DropAction::None);
+        let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
+        assert!(result.starts_with("ROLLED BACK\n"), "{result}");
+        assert!(result.contains("c.pem: the clock reads "), "{result}");
+        assert!(result.contains("set [time] ntp"), "{result}");
+    }
+
+    #[test]
+    fn a_network_change_says_the_system_applies_it() {
+        let (dir, running, last_good) = setup();
+        let text = format!(
+            "output_directory = {:?}\nlog_directory = {:?}\n[network]\naddress = \"192.0.2.10/24\"\n",
+            running.output_directory, running.log_directory
+        );
+        fs::write(dir.path().join(CONFIG_DROP), text).expect("write");
+        assert!(matches!(
+            look(dir.path(), &running, &last_good),
+            DropAction::Apply(_)
+        ));
+        let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
+        assert!(result.starts_with("APPLIED\n"), "{result}");
+        assert!(
+            result.contains("[network] applied by the system now: if the new network leaves"),
+            "{result}"
+        );
+    }
+
+    #[test]
     fn bundle_names_the_board_and_carries_its_profile() {
         let config = Config::from_toml("board = \"pi4\"\n", "test").expect("config");
         let inputs = bundle_inputs(&config);
