@@ -369,3 +369,45 @@ def test_activity_led_blinks_through_the_keeper(minipacs, minipacs_user, tmp_pat
         assert brightness.stat().st_uid == 0
     finally:
         assert srv.stop() == 0
+
+
+UNIT = ROOT / "hal-config" / "systemd" / "minipacs.service"
+TMPFILES = ROOT / "hal-config" / "tmpfiles.d" / "minipacs.conf"
+
+
+def unit_capabilities():
+    """The unit's CapabilityBoundingSet=, as setpriv names them."""
+    for line in UNIT.read_text().splitlines():
+        if line.startswith("CapabilityBoundingSet="):
+            return [c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split()]
+    raise AssertionError("the unit has no CapabilityBoundingSet=")
+
+
+def test_keeper_with_the_units_capabilities_serves_the_folders_tmpfiles_made(minipacs, minipacs_user, tmp_path):
+    """As on the image: the folders made by the package's tmpfiles.d (the
+    store the worker's, 0750), the keeper uid 0 but with only the unit's
+    capabilities (no CAP_DAC_OVERRIDE: it cannot write in the worker's
+    folders). It must still take the store's lock and hand it over (the
+    image's first boot failed here: "opening .../store/.lock: Permission
+    denied")."""
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group"):  # tmpfiles resolves owners in --root
+        shutil.copy(f"/etc/{name}", root / "etc" / name)
+    r = subprocess.run(["systemd-tmpfiles", f"--root={root}", "--create", str(TMPFILES)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    store = root / "var" / "lib" / "minipacs" / "store"
+    assert store.stat().st_uid == minipacs_user.pw_uid
+    caps = ",".join(["-all", *(f"+{c}" for c in unit_capabilities())])
+    srv = Server(minipacs, store, ["--user", "minipacs", "--log-directory", str(root / "var" / "log" / "minipacs")],
+                 prefix=["setpriv", f"--bounding-set={caps}", "--inh-caps=-all"])
+    srv.start()
+    try:
+        assert proc_status(srv.proc.pid)["CapEff"] != ["000001ffffffffff"]
+        src = make_ct(tmp_path / "a.dcm", "1.2.826.0.1.3680043.10.41.1")
+        r = subprocess.run([dcmtk("storescu"), "-aec", "MINIPACS", "127.0.0.1", str(srv.port), str(src)],
+                           capture_output=True, text=True, env=dcmtk_env())
+        assert r.returncode == 0, r.stderr + srv.logs()[-3000:]
+        assert (store / "CT.1.2.826.0.1.3680043.10.41.1").stat().st_uid == minipacs_user.pw_uid
+    finally:
+        assert srv.stop() == 0

@@ -86,13 +86,13 @@ def unit_directives(text):
 
 
 def tmpfiles_entries():
-    """{path: (mode, user, group)} of the directories in tmpfiles.d."""
+    """{path: (mode, user, group)} of the directories and files in tmpfiles.d."""
     out = {}
     for line in TMPFILES.read_text().splitlines():
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = line.split()
-        assert fields[0] == "d", f"only 'd' lines are expected: {line!r}"
+        assert fields[0] in ("d", "f"), f"only 'd' and 'f' lines are expected: {line!r}"
         out[fields[1]] = (int(fields[2], 8), fields[3], fields[4])
     return out
 
@@ -304,6 +304,8 @@ def test_tmpfiles_creates_the_directories(scratch_root):
     expected = {
         "/var/lib/minipacs": (0o750, "minipacs", "minipacs"),
         "/var/lib/minipacs/store": (0o750, "minipacs", "minipacs"),
+        "/var/lib/minipacs/store/.lock": (0o600, "minipacs", "minipacs"),
+        "/var/lib/minipacs/store/.incoming": (0o750, "minipacs", "minipacs"),
         "/var/lib/minipacs/drop": (0o770, "root", "minipacs"),
         "/var/log/minipacs": (0o1770, "root", "minipacs"),
         "/etc/minipacs": (0o755, "root", "root"),
@@ -311,7 +313,7 @@ def test_tmpfiles_creates_the_directories(scratch_root):
     assert tmpfiles_entries() == expected
     for path, (mode, user, group) in expected.items():
         st = (scratch_root / path.lstrip("/")).stat()
-        assert stat.S_ISDIR(st.st_mode), path
+        assert stat.S_ISREG(st.st_mode) if path.endswith(".lock") else stat.S_ISDIR(st.st_mode), path
         assert stat.S_IMODE(st.st_mode) == mode, f"{path}: {oct(st.st_mode)}"
         assert st.st_uid == (0 if user == "root" else ids[user][0]), path
         assert st.st_gid == (0 if group == "root" else ids[group][1]), path

@@ -289,9 +289,13 @@ impl Store {
 /// Opens (creating, mode 0600) the store's lock file.
 pub fn open_lock_file(root: &Folder) -> anyhow::Result<File> {
     use anyhow::Context;
+    // Read-only: flock(2) needs no write access, and the root keeper,
+    // which has no CAP_DAC_OVERRIDE (only CAP_DAC_READ_SEARCH), may open
+    // the worker's lock file (made by tmpfiles.d on the device) only for
+    // reading. O_CREAT on an existing file asks nothing of the folder.
     root.open_file(
         LOCK_FILE,
-        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
+        OFlag::O_RDONLY | OFlag::O_CREAT | OFlag::O_NOFOLLOW,
         0o600,
     )
     .with_context(|| format!("opening {}", root.display_path(LOCK_FILE).display()))
