@@ -30,4 +30,5 @@ pub mod shutdown;
 pub mod store;
 pub mod timestamp;
 pub mod tls;
+pub mod update;
 pub mod write_window;
