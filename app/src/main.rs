@@ -670,6 +670,7 @@ fn update_apply(args: UpdateArgs) -> anyhow::Result<ExitCode> {
         key_file: args.key,
         log_dir: config.log_directory.clone(),
         ready_timeout: Duration::from_secs(args.ready_timeout),
+        program: PathBuf::from(update::system::PROGRAM),
     };
     let system = Debian {
         config,

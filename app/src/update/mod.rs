@@ -30,8 +30,10 @@
 //!    taken again), the result file says INSTALLING; `dpkg -i`; then the
 //!    health check ([`health`]): the restarted service READY within a
 //!    bound, a C-ECHO to itself, the store readable by the new program,
-//!    its `--version`. Passed: the new package becomes the kept one.
-//!    Failed: the kept one is reinstalled and checked.
+//!    its `--version`. Passed: the new package becomes the kept one, and
+//!    its program the updater the image runs ([`UPDATER`]: a program that
+//!    cannot run never becomes the one that must roll it back). Failed:
+//!    the kept one is reinstalled and checked.
 //!
 //! The result file (`<package>.result`) has the drop folder's form
 //! ([`crate::drop::write_result`]: verdict, time, why) and is written in a
@@ -77,6 +79,11 @@ pub const REJECTED_SUFFIX: &str = ".rejected";
 pub const PREVIOUS: &str = "previous.deb";
 /// The signed bytes being installed.
 const CANDIDATE: &str = "candidate.deb";
+/// The updater the image's unit runs: a copy of the last installed program
+/// that passed its health check, so that a package that cannot even run
+/// (and a power cut before its rollback) never leaves the device without
+/// a working updater.
+pub const UPDATER: &str = "updater";
 /// Present while an update is between its start and its result.
 pub const PENDING: &str = "pending.json";
 /// Held while an update runs, so that two never overlap.
@@ -160,6 +167,9 @@ pub struct Settings {
     pub log_dir: PathBuf,
     /// how long the restarted service may take to be READY
     pub ready_timeout: Duration,
+    /// the installed program ([`system::PROGRAM`]), copied to [`UPDATER`]
+    /// once a new version has passed its health check
+    pub program: PathBuf,
 }
 
 /// Why an update run could not even look at the drop folder.
@@ -471,6 +481,9 @@ fn install(
                     })
                     .and_then(|()| durable::sync_dir(state))
             });
+            if let Err(e) = keep_updater(settings) {
+                warn!(error = %e, "cannot keep the new program as the updater; the previous one stays");
+            }
             let kept = match kept {
                 Ok(()) => format!("{version} is kept on the device for a rollback"),
                 Err(e) => {
@@ -631,6 +644,23 @@ pub fn health(system: &dyn System, bound: Duration) -> Result<String, String> {
         "READY after {} s, {echo}, {store}, `minipacs --version`: {version}",
         ready.as_secs()
     ))
+}
+
+/// Copies the installed program (which has just passed its health check)
+/// to [`UPDATER`] in the state folder, atomically.
+fn keep_updater(settings: &Settings) -> Result<(), durable::DurableError> {
+    let program = fs::read(&settings.program).map_err(|source| durable::DurableError::Io {
+        op: "reading",
+        path: settings.program.clone(),
+        source,
+    })?;
+    durable::write_atomically(
+        &settings.state_dir.join(UPDATER),
+        ".updater-",
+        &program,
+        Some(0o755),
+        Replace::Allowed,
+    )
 }
 
 fn result_path(settings: &Settings, name: &str) -> PathBuf {
@@ -818,7 +848,9 @@ mod tests {
             key_file: dir.path().join("update-key.pub"),
             log_dir: dir.path().join("logs"),
             ready_timeout: Duration::from_secs(5),
+            program: dir.path().join("usr-bin-minipacs"),
         };
+        fs::write(&settings.program, "#!/bin/sh\n").expect("program");
         for d in [&settings.drop_dir, &settings.state_dir, &settings.log_dir] {
             fs::create_dir_all(d).expect("mkdir");
         }
@@ -913,6 +945,11 @@ mod tests {
         assert_eq!(d.kept_version(), "0.1.0+update2");
         assert!(!d.settings.state_dir.join(PENDING).exists());
         assert!(!d.settings.state_dir.join(CANDIDATE).exists());
+        // The program that passed is the updater from now on.
+        assert_eq!(
+            fs::read(d.settings.state_dir.join(UPDATER)).expect("updater"),
+            fs::read(&d.settings.program).expect("program")
+        );
         let records = d.spooled();
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].outcome, "installed");
@@ -957,6 +994,10 @@ mod tests {
         );
         assert_eq!(d.kept_version(), "0.1.0");
         assert!(!d.settings.state_dir.join(PENDING).exists());
+        assert!(
+            !d.settings.state_dir.join(UPDATER).exists(),
+            "the failed program is not kept"
+        );
         assert_eq!(d.spooled()[0].outcome, "rolled_back");
     }
 
