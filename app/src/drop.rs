@@ -246,7 +246,11 @@ pub fn report(dir: &Path, verdict: &str, detail: &str) {
     write_result(&dir.join(format!("{CONFIG_DROP}.result")), verdict, detail);
 }
 
-fn write_result(path: &Path, verdict: &str, detail: &str) {
+/// Writes a result file of the drop folder: the verdict, the time, then
+/// why, one to a line, atomically. Shared with the updater
+/// ([`crate::update`]), so that every answer a technician reads has one
+/// form. Called inside a write window; a failure is logged.
+pub fn write_result(path: &Path, verdict: &str, detail: &str) {
     let now = crate::timestamp::rfc3339(std::time::SystemTime::now());
     let text = format!("{verdict}\n{now}\n{detail}\n");
     if let Err(e) = save_atomically(path, text.as_bytes()) {

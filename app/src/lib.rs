@@ -31,4 +31,5 @@ pub mod store;
 pub mod system;
 pub mod timestamp;
 pub mod tls;
+pub mod update;
 pub mod write_window;

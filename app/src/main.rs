@@ -1,5 +1,5 @@
 //! The `minipacs` command line: `serve`, `send`, `echo`, `dump`,
-//! `index rebuild` and `config check`. Option names follow dcmtk's long names where dcmtk has one.
+//! `index rebuild`, `config check` and `update apply`/`verify`. Option names follow dcmtk's long names where dcmtk has one.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +78,11 @@ enum Command {
         #[command(subcommand)]
         command: SystemCommand,
     },
+    /// Software updates: signed minipacs packages dropped on the device.
+    Update {
+        #[command(subcommand)]
+        command: UpdateCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -90,6 +95,43 @@ enum SystemCommand {
         #[arg(long, short = 'c', default_value = "/etc/minipacs/minipacs.toml")]
         config: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum UpdateCommand {
+    /// Install the signed, newer minipacs packages in the drop folder, check
+    /// the restarted service's health, and reinstall the previous package
+    /// if it fails; results beside each drop. Run as root, outside the
+    /// service (the image's minipacs-update.service does).
+    Apply(UpdateArgs),
+    /// Check a package's signature (PACKAGE.minisig beside it) with an
+    /// update key, as the device will.
+    Verify {
+        /// the package (.deb)
+        package: PathBuf,
+        /// the update key (minisign public key)
+        #[arg(long, default_value = minipacs::update::KEY_FILE)]
+        key: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct UpdateArgs {
+    /// The service's configuration (its port, AE title, store, logs and drop folder).
+    #[arg(long, short = 'c', default_value = "/etc/minipacs/minipacs.toml")]
+    config: PathBuf,
+    /// The drop folder [default: the configuration's drop_directory].
+    #[arg(long = "drop", value_name = "DIR")]
+    drop_dir: Option<PathBuf>,
+    /// The update key (minisign public key).
+    #[arg(long, default_value = minipacs::update::KEY_FILE)]
+    key: PathBuf,
+    /// The updater's folder (the package kept for a rollback).
+    #[arg(long, default_value = minipacs::update::STATE_DIR)]
+    state: PathBuf,
+    /// Seconds the restarted service may take to be READY.
+    #[arg(long, default_value_t = minipacs::update::DEFAULT_READY_TIMEOUT.as_secs())]
+    ready_timeout: u64,
 }
 
 #[derive(Subcommand)]
@@ -600,6 +642,21 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
         Command::System {
             command: SystemCommand::Apply { config },
         } => system_apply(&config),
+        Command::Update {
+            command: UpdateCommand::Apply(args),
+        } => update_apply(args),
+        Command::Update {
+            command: UpdateCommand::Verify { package, key },
+        } => match minipacs::update::verify_file(&package, &key) {
+            Ok(()) => {
+                println!("{}: good signature ({})", package.display(), key.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(refusal) => {
+                eprintln!("{}: {refusal}", package.display());
+                Ok(ExitCode::FAILURE)
+            }
+        },
         Command::Config {
             command: ConfigCommand::Check { file },
         } => match Config::load(&file) {
@@ -646,6 +703,39 @@ fn system_apply(config: &std::path::Path) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `minipacs update apply`: the updater, with the device's system (dpkg,
+/// systemctl) behind [`minipacs::update::system::Debian`]. Fails (exit 1)
+/// only when it could not run or an update could not even be rolled back.
+fn update_apply(args: UpdateArgs) -> anyhow::Result<ExitCode> {
+    use minipacs::update::{self, system::Debian, Settings, Verdict};
+    let config = Config::load(&args.config)?;
+    let drop_dir = args
+        .drop_dir
+        .or_else(|| config.drop_directory.clone())
+        .context("no drop folder: give --drop DIR, or set drop_directory in the configuration")?;
+    let settings = Settings {
+        drop_dir,
+        state_dir: args.state,
+        key_file: args.key,
+        log_dir: config.log_directory.clone(),
+        ready_timeout: Duration::from_secs(args.ready_timeout),
+        program: PathBuf::from(update::system::PROGRAM),
+    };
+    let system = Debian {
+        config,
+        config_file: args.config,
+    };
+    let outcomes = update::apply(&settings, &system)?;
+    for o in &outcomes {
+        println!("{}: {}: {}", o.package, o.verdict.word(), o.detail);
+    }
+    Ok(if outcomes.iter().any(|o| o.verdict == Verdict::Failed) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Serves as one process (started as a normal user: no privilege

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::rotation::{lock, Budget, RotatingFile, WriterStats};
 use super::{LogsError, AUDIT_FILE};
@@ -224,6 +224,30 @@ pub struct DeletionRecord<'a> {
     pub reason: &'a str,
 }
 
+/// A software update dropped on the device (`minipacs update apply`):
+/// installed, refused, rolled back, or failed even to roll back. Owned,
+/// because it reaches the service through the audit spool
+/// ([`super::spool`]): the updater runs outside the service and hands it
+/// the record, so that the service stays the trail's one writer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename = "update")]
+pub struct UpdateRecord {
+    /// When the outcome was decided (RFC 3339).
+    pub time: String,
+    /// "installed", "refused", "rolled_back" or "failed".
+    pub outcome: String,
+    /// The dropped file's name.
+    pub package: String,
+    /// The package's version, when it was read (null for an unsigned or
+    /// unreadable one).
+    pub version: Option<String>,
+    /// The version installed before.
+    pub installed_before: Option<String>,
+    /// What was checked, or why it was refused or rolled back (the result
+    /// file's words).
+    pub reason: String,
+}
+
 /// An association request turned away: answered with A-ASSOCIATE-RJ
 /// (called AE title wrong, calling AE title not allowed, association cap
 /// reached, ...) or refused before negotiation (a malformed request).
@@ -339,6 +363,12 @@ impl Audit {
     /// Records a study deleted by retention. Returns whether the line
     /// reached the file.
     pub fn deletion(&self, record: &DeletionRecord<'_>) -> bool {
+        self.append(record)
+    }
+
+    /// Records a software update's outcome (from the spool). Returns
+    /// whether the line reached the file.
+    pub fn update(&self, record: &UpdateRecord) -> bool {
         self.append(record)
     }
 

@@ -19,6 +19,8 @@
 //!   and status, plus a `MANIFEST.txt` saying what was cut.
 //! - [`redaction`]: the configuration as it goes into the bundle, secrets
 //!   replaced.
+//! - [`spool`]: audit records from outside the service (the updater),
+//!   handed over as files and written to the trail by the service.
 //! - [`init`]: process-wide set-up: stderr at once, the file log once the
 //!   configuration is known, and [`LogHealth`], the writers' counters for
 //!   the status line and the status file.
@@ -33,6 +35,7 @@ pub mod bundle;
 pub mod init;
 pub mod redaction;
 pub mod rotation;
+pub mod spool;
 pub mod writer;
 
 use std::io;
@@ -40,7 +43,7 @@ use std::path::{Path, PathBuf};
 
 pub use audit::{
     AssociationOutcome, AssociationRecord, Audit, DeletionRecord, FindRecord, ForwardRecord,
-    ObjectRecord, RejectedRecord, RetrieveRecord, TlsFailedRecord,
+    ObjectRecord, RejectedRecord, RetrieveRecord, TlsFailedRecord, UpdateRecord,
 };
 pub use bundle::{collect_bundle, BundleInputs, BundleSummary};
 pub use init::{

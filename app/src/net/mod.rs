@@ -737,10 +737,17 @@ async fn report_status(
     let mut last = String::new();
     let mut last_report = String::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    // Audit records the updater left for us (crate::logs::spool).
+    let spool = Arc::new(crate::logs::spool::Spool::default());
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let (Some(folder), Some(audit)) = (&log_folder, &audit) {
+            let (folder, audit, spool) =
+                (Arc::clone(folder), Arc::clone(audit), Arc::clone(&spool));
+            let _ = tokio::task::spawn_blocking(move || spool.drain(&folder, &audit)).await;
         }
         let free = store
             .free_space()
