@@ -71,8 +71,8 @@ pub fn look(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
     if !dir.join(LOGS_TRIGGER).exists() && !dir.join(CONFIG_DROP).exists() {
         return DropAction::None;
     }
-    let _window = crate::write_window::open();
-    handle(dir, running, last_good)
+    let window = crate::write_window::open();
+    handle(&window.folder(dir), running, last_good)
 }
 
 /// [`look`] once something was dropped and the folder is writable.
@@ -242,8 +242,12 @@ fn refuse(dropped: &Path, result_path: &Path, verdict: &str, why: &str) {
 /// outside a drop's handling (a network change rolled back by
 /// [`crate::system`]), inside a write window of its own.
 pub fn report(dir: &Path, verdict: &str, detail: &str) {
-    let _window = crate::write_window::open();
-    write_result(&dir.join(format!("{CONFIG_DROP}.result")), verdict, detail);
+    let window = crate::write_window::open();
+    write_result(
+        &window.folder(dir).join(format!("{CONFIG_DROP}.result")),
+        verdict,
+        detail,
+    );
 }
 
 /// Writes a result file of the drop folder: the verdict, the time, then

@@ -78,6 +78,23 @@ enum Command {
         #[command(subcommand)]
         command: SystemCommand,
     },
+    /// The image's write window on its read-only boot partition: one
+    /// connection on standard input (minipacs-bootfs@.service).
+    #[command(hide = true)]
+    BootfsWindow {
+        /// the boot partition's mount point
+        #[arg(long, default_value = "/boot/firmware")]
+        mount: PathBuf,
+        /// the drop folder on it, opened for the service
+        #[arg(long, default_value = "/boot/firmware/minipacs")]
+        folder: PathBuf,
+        /// the lock that windows share
+        #[arg(long, default_value = "/run/minipacs-bootfs.lock")]
+        lock: PathBuf,
+        /// seconds a window stays open at most
+        #[arg(long, default_value_t = 120)]
+        hold: u64,
+    },
     /// Software updates: signed minipacs packages dropped on the device.
     Update {
         #[command(subcommand)]
@@ -642,6 +659,27 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
         Command::System {
             command: SystemCommand::Apply { config },
         } => system_apply(&config),
+        Command::BootfsWindow {
+            mount,
+            folder,
+            lock,
+            hold,
+        } => {
+            use std::os::fd::AsFd;
+            let conn = std::io::stdin()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("the connection on standard input")?;
+            minipacs::write_window::serve(
+                std::os::unix::net::UnixStream::from(conn),
+                &mount,
+                &folder,
+                &lock,
+                Duration::from_secs(hold),
+            )
+            .context("write window")?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Update {
             command: UpdateCommand::Apply(args),
         } => update_apply(args),
