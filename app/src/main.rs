@@ -421,6 +421,7 @@ struct EchoArgs {
 }
 
 fn main() -> ExitCode {
+    bound_malloc_arenas();
     let cli = Cli::from_arg_matches(&command_line().get_matches()).unwrap_or_else(|e| e.exit());
     let file_log = logs::init_logging();
     let code = match run(cli, &file_log) {
@@ -712,6 +713,30 @@ fn run(cli: Cli, file_log: &logs::FileLogHandle) -> anyhow::Result<ExitCode> {
         },
     }
 }
+
+/// Bounds glibc's malloc to two arenas. By default it makes up to eight
+/// per core, one for each thread that meets contention, and each keeps its
+/// freed memory: with tokio's blocking threads coming and going, the
+/// worker's memory crept up for half an hour in the soak (PSS 20 to 23 MiB)
+/// before it levelled. The receive path allocates nothing per PDU, so two
+/// arenas cost no measurable contention. The environment's
+/// MALLOC_ARENA_MAX, when set, wins.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn bound_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; it is called
+        // first thing in main, before this process starts any thread, and
+        // its result (0 on a refusal) needs no handling: the default
+        // arenas are merely larger.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn bound_malloc_arenas() {}
 
 /// `minipacs system apply`: the outcome goes to the journal, and a
 /// roll-back also to the drop folder's result file, where the technician
