@@ -1106,11 +1106,8 @@ mod tests {
         assert!(d.result(&name).contains("no update key"));
     }
 
-    #[test]
-    fn an_interrupted_update_is_rolled_back_at_the_next_run() {
-        let d = device("0.1.0");
-        // The power was cut during dpkg: the new version half in place.
-        let fake = Fake::new("0.2.0");
+    /// The marker a power cut during the update from 0.1.0 to 0.2.0 leaves.
+    fn interrupted_update_of_0_2_0(d: &Device) {
         let pending = Pending {
             package: "minipacs_0.2.0_arm64.deb".into(),
             version: "0.2.0".into(),
@@ -1121,6 +1118,14 @@ mod tests {
             serde_json::to_vec(&pending).expect("json"),
         )
         .expect("pending");
+    }
+
+    #[test]
+    fn an_interrupted_update_is_rolled_back_at_the_next_run() {
+        let d = device("0.1.0");
+        // The power was cut during dpkg: the new version half in place.
+        let fake = Fake::new("0.2.0");
+        interrupted_update_of_0_2_0(&d);
         let outcomes = apply(&d.settings, &fake).expect("apply");
         assert_eq!(outcomes.len(), 1);
         assert_eq!(outcomes[0].verdict, Verdict::RolledBack);
@@ -1136,16 +1141,7 @@ mod tests {
         // The new package is already the kept one: only the report was lost.
         let d = device("0.2.0");
         let fake = Fake::new("0.2.0");
-        let pending = Pending {
-            package: "minipacs_0.2.0_arm64.deb".into(),
-            version: "0.2.0".into(),
-            installed_before: "0.1.0".into(),
-        };
-        fs::write(
-            d.settings.state_dir.join(PENDING),
-            serde_json::to_vec(&pending).expect("json"),
-        )
-        .expect("pending");
+        interrupted_update_of_0_2_0(&d);
         let outcomes = apply(&d.settings, &fake).expect("apply");
         assert_eq!(outcomes[0].verdict, Verdict::Installed);
         assert!(fake.calls().is_empty());
