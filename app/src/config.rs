@@ -1004,6 +1004,23 @@ fn check_host_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Saves a configuration file (the last-good one) durably and atomically,
+/// keeping the mode of the file it replaces (the package's 0644: a
+/// configuration holds no secret, only the paths of keys, and programs
+/// run as the worker's user, such as the updater's store check, read it).
+/// A new file gets 0644.
+pub fn save_file(path: &Path, bytes: &[u8]) -> Result<(), crate::durable::DurableError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    crate::durable::write_atomically(
+        path,
+        ".minipacs-save-",
+        bytes,
+        Some(mode),
+        crate::durable::Replace::Allowed,
+    )
+}
+
 /// The AE title of the plain or the TLS port: the TLS port's own, if set.
 fn port_aetitle<'a>(aetitle: &'a str, tls_aetitle: Option<&'a str>, tls: bool) -> &'a str {
     match tls_aetitle {

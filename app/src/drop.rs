@@ -135,7 +135,7 @@ fn handle(dir: &Path, running: &Config, last_good: &Path) -> DropAction {
         let _ = fs::remove_file(&dropped);
         return DropAction::None;
     }
-    if let Err(e) = save_atomically(last_good, text.as_bytes()) {
+    if let Err(e) = crate::config::save_file(last_good, text.as_bytes()) {
         refuse(
             &dropped,
             &result_path,
@@ -418,6 +418,14 @@ mod tests {
             matches!(look(dir.path(), &running, &last_good), DropAction::Apply(c) if c.aetitle == "BEDSIDE")
         );
         assert_eq!(fs::read_to_string(&last_good).expect("saved"), text);
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&last_good)
+                .expect("saved")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o644, "readable by the worker's user");
+        }
         assert!(!dir.path().join(CONFIG_DROP).exists());
         let result = fs::read_to_string(dir.path().join("minipacs.toml.result")).expect("result");
         assert!(result.starts_with("APPLIED\n"), "{result}");

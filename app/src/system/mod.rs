@@ -198,17 +198,7 @@ fn roll_back(
         source,
     })?;
     let system = Config::from_toml(&previous, &applied.display().to_string())?.system();
-    // The configuration file keeps its own mode (the package's).
-    let mode = fs::metadata(config)
-        .ok()
-        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
-    crate::durable::write_atomically(
-        config,
-        ".minipacs-system-",
-        previous.as_bytes(),
-        mode,
-        crate::durable::Replace::Allowed,
-    )?;
+    crate::config::save_file(config, previous.as_bytes())?;
     write_files(&system, paths, host, warnings)?;
     // The service runs on the file it was given: it must take the old one
     // again (its other keys went back too).
