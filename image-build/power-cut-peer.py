@@ -365,7 +365,7 @@ def spread(values):
 
 def summary(args):
     work = Path(args.workdir)
-    boots = jsonl(work / "boots.jsonl")
+    boots = sorted(jsonl(work / "boots.jsonl"), key=lambda b: b["boot"])
     checks = jsonl(work / "checks.jsonl")
     dest = json.loads((work / "destination.json").read_text()) if (work / "destination.json").exists() else None
     card_report = json.loads((work / "card.json").read_text()) if (work / "card.json").exists() else None
@@ -396,7 +396,7 @@ def summary(args):
     for b in boots:
         for key, n in (b.get("repairs") or {}).items():
             repairs[key] += n
-    config_states = collections.Counter(b.get("config") for b in boots if b.get("config"))
+    config_states = collections.Counter(b["config"] for b in boots if b.get("config", "-") != "-")
     nbd_dropped = sum((b.get("nbd") or {}).get("dropped_writes", 0) for b in cuts)
     nbd_dropped_bytes = sum((b.get("nbd") or {}).get("dropped_bytes", 0) for b in cuts)
     nbd_unflushed = sum((b.get("nbd") or {}).get("unflushed_writes", 0) for b in cuts)
