@@ -22,6 +22,17 @@ def test_image_build_scripts_parse(script):
     assert r.returncode == 0, r.stderr
 
 
+INITRAMFS_SCRIPTS = ["hooks/minipacs", "scripts/coldplug", "scripts/bootfs", "scripts/move-dev"]
+
+
+@pytest.mark.parametrize("script", INITRAMFS_SCRIPTS)
+def test_initramfs_scripts_parse_as_posix_sh(script):
+    """The initramfs runs them with klibc's sh (dash-like): no bashisms."""
+    r = subprocess.run(["dash", "-n", IMAGE_BUILD / "initramfs" / script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (IMAGE_BUILD / "initramfs" / script).stat().st_mode & 0o111, "not executable"
+
+
 def test_update_units_verify(tmp_path):
     """systemd-analyze verify on copies whose ExecStart runs a stub (the
     updater is not installed here)."""
